@@ -1,0 +1,29 @@
+"""nsiter: the numerics of network deconvolution (Ye et al., ICLR 2020).
+
+im2col, patch covariance, Newton–Schulz inverse square roots, whitening and the L2
+kernel-estimation solvers, on numpy arrays with Numba kernels; torch tensors are
+dispatched to an optional backend.
+"""
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version as _version
+
+from . import data
+from ._warnings import IllConditionedWarning, NewtonSchulzDivergenceWarning, NsiterWarning
+from .im2col import col2im, im2col, output_shape
+
+try:
+    __version__ = _version("nsiter")
+except PackageNotFoundError:  # running from a source tree without installation
+    __version__ = "0.0.0+unknown"
+
+__all__ = [
+    "__version__",
+    "data",
+    "im2col",
+    "col2im",
+    "output_shape",
+    "NsiterWarning",
+    "NewtonSchulzDivergenceWarning",
+    "IllConditionedWarning",
+]

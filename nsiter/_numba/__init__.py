@@ -1,0 +1,1 @@
+"""Private Numba kernels: contiguous float inputs, preallocated outputs, no validation."""

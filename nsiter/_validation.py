@@ -1,0 +1,181 @@
+"""Input validation shared by every public function.
+
+Each checker raises ``TypeError``/``ValueError`` whose message says what was
+expected, what arrived, and how to fix it.  Public functions call these first,
+then handle degenerate cases, then dispatch to one kernel; kernels never validate.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Iterable, Sequence
+
+import numpy as np
+
+__all__ = [
+    "result_float_dtype",
+    "as_float_array",
+    "check_finite",
+    "check_ndim",
+    "check_nonempty",
+    "as_pair",
+    "check_option",
+    "check_positive_int",
+    "check_positive_float",
+    "check_nonnegative_float",
+    "check_square",
+    "check_symmetric",
+]
+
+
+def result_float_dtype(dtype) -> np.dtype:
+    """The floating dtype nsiter computes in for input ``dtype``.
+
+    float32/float64 are kept, float16 promotes to float32, bool/integers promote
+    to float64.  Complex and non-numeric dtypes raise ``TypeError``.
+    """
+    dtype = np.dtype(dtype)
+    if dtype.kind == "c":
+        raise TypeError(
+            f"expected a real floating, integer or bool array, got complex dtype {dtype}; "
+            "pass the real part (x.real) or the magnitude (abs(x)) explicitly"
+        )
+    if dtype.kind == "f":
+        if dtype.itemsize <= 2:
+            return np.dtype(np.float32)
+        if dtype.itemsize == 4:
+            return np.dtype(np.float32)
+        return np.dtype(np.float64)
+    if dtype.kind in "biu":
+        return np.dtype(np.float64)
+    raise TypeError(
+        f"expected a real numeric array, got dtype {dtype!r}; convert it with np.asarray(x, dtype=float)"
+    )
+
+
+def as_float_array(x, name: str = "x", *, dtype=None) -> np.ndarray:
+    """Return ``x`` as a float32/float64 ndarray without modifying the caller's data.
+
+    The dtype follows :func:`result_float_dtype` unless ``dtype`` forces one.
+    No copy is made when ``x`` already has the right dtype (callers never write
+    into the result).
+    """
+    if isinstance(x, np.ndarray):
+        arr = x
+    else:
+        try:
+            arr = np.asarray(x)
+        except Exception as exc:  # ragged lists and the like
+            raise TypeError(f"expected an array-like for {name}, got {type(x).__name__}: {exc}") from None
+    if arr.dtype == object:
+        raise TypeError(
+            f"expected a numeric array for {name}, got an object array (ragged nesting or mixed types?); "
+            "build it with np.asarray(..., dtype=float)"
+        )
+    target = result_float_dtype(arr.dtype) if dtype is None else result_float_dtype(dtype)
+    if arr.dtype != target:
+        arr = arr.astype(target)
+    return arr
+
+
+def check_finite(arr: np.ndarray, name: str = "x") -> None:
+    """Raise ``ValueError`` when ``arr`` holds NaN or infinity."""
+    if not np.isfinite(arr).all():
+        n_bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+        raise ValueError(
+            f"expected finite values in {name}, found {n_bad} NaN/inf entries; "
+            f"clean the data first (e.g. np.nan_to_num or drop the affected samples)"
+        )
+
+
+def check_ndim(arr: np.ndarray, name: str, allowed: Iterable[int], meaning: str = "") -> None:
+    allowed = tuple(allowed)
+    if arr.ndim not in allowed:
+        want = " or ".join(str(a) for a in allowed)
+        extra = f" ({meaning})" if meaning else ""
+        raise ValueError(f"expected {name} with ndim {want}{extra}, got ndim {arr.ndim} with shape {arr.shape}")
+
+
+def check_nonempty(arr: np.ndarray, name: str = "x") -> None:
+    if arr.size == 0:
+        raise ValueError(f"expected a non-empty {name}, got shape {arr.shape} with no elements")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
+
+
+def as_pair(value, name: str, *, minimum: int) -> tuple[int, int]:
+    """Parse an int or an (h, w) pair of ints, each ``>= minimum``."""
+    if _is_int(value):
+        pair = (int(value), int(value))
+    elif isinstance(value, (Sequence, np.ndarray)) and len(value) == 2 and all(_is_int(v) for v in value):
+        pair = (int(value[0]), int(value[1]))
+    else:
+        raise TypeError(f"expected {name} as an int or an (h, w) pair of ints, got {value!r}")
+    if pair[0] < minimum or pair[1] < minimum:
+        rel = "positive" if minimum == 1 else f">= {minimum}"
+        raise ValueError(f"expected {rel} {name}, got {value!r}; use values >= {minimum}")
+    return pair
+
+
+def check_option(value, name: str, choices: Iterable[str]) -> str:
+    """Return ``value`` if it is one of ``choices``, else list the valid ones."""
+    choices = tuple(choices)
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; choose one of: {', '.join(repr(c) for c in choices)}")
+    return value
+
+
+def check_positive_int(value, name: str, *, minimum: int = 1) -> int:
+    if not _is_int(value):
+        raise TypeError(f"expected an integer {name}, got {value!r} of type {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"expected {name} >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_positive_float(value, name: str) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"expected a real number for {name}, got {value!r}") from None
+    if not np.isfinite(v) or v <= 0:
+        raise ValueError(f"expected a finite {name} > 0, got {value!r}")
+    return v
+
+
+def check_nonnegative_float(value, name: str) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"expected a real number for {name}, got {value!r}") from None
+    if not np.isfinite(v) or v < 0:
+        raise ValueError(f"expected a finite {name} >= 0, got {value!r}")
+    return v
+
+
+def check_square(arr: np.ndarray, name: str = "A") -> None:
+    """Require ``arr`` of shape ``(..., n, n)`` with ``n >= 1``."""
+    if arr.ndim < 2:
+        raise ValueError(f"expected {name} of shape (..., n, n), got ndim {arr.ndim} with shape {arr.shape}")
+    if arr.shape[-1] != arr.shape[-2]:
+        raise ValueError(
+            f"expected square matrices in {name} (shape (..., n, n)), got shape {arr.shape}; "
+            "for a samples x features data matrix form its covariance first (nsiter.covariance)"
+        )
+    check_nonempty(arr, name)
+
+
+def check_symmetric(arr: np.ndarray, name: str = "A", *, rtol: float | None = None) -> None:
+    """Require ``arr`` symmetric up to ``rtol * max|arr|`` (default: 100 units in the last place)."""
+    if rtol is None:
+        rtol = 100 * np.finfo(arr.dtype).eps
+    scale = np.max(np.abs(arr), axis=(-2, -1), keepdims=True)
+    asym = np.max(np.abs(arr - np.swapaxes(arr, -1, -2)), axis=(-2, -1), keepdims=True)
+    bad = asym > rtol * np.where(scale > 0, scale, 1.0)
+    if np.any(bad):
+        worst = float(np.max(asym / np.where(scale > 0, scale, 1.0)))
+        raise ValueError(
+            f"expected symmetric matrices in {name}, got relative asymmetry {worst:.3g} "
+            f"(allowed {rtol:.3g}); symmetrise with (A + A.swapaxes(-1, -2)) / 2 if it is rounding"
+        )

@@ -1,0 +1,143 @@
+"""im2col and its adjoint col2im: the patch matrix of a convolution layer (Ye et al. 2020, §4.1).
+
+For an image batch ``x`` of shape ``(N, C, H, W)`` and a ``kh x kw`` kernel,
+``X = im2col(x, k)`` has one row per patch and one column per kernel tap, so that the
+valid cross-correlation of ``x`` with ``w`` of shape ``(C, kh, kw)`` is
+``y = X @ w.ravel()`` (the paper's ``y = X w``, Fig. 3).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ._conventions import as_images, geometry
+from ._dispatch import is_tensor, torch_backend
+from ._numba._im2col import _col2im, _im2col
+from ._validation import as_float_array, check_ndim, check_nonempty
+
+__all__ = ["im2col", "col2im", "output_shape"]
+
+
+def output_shape(image_shape, kernel_size, *, stride=1, padding=0, dilation=1) -> tuple[int, int]:
+    """``(H_out, W_out)`` of a convolution: ``(H + 2p - d(k - 1) - 1) // s + 1`` per axis.
+
+    ``image_shape`` is ``(H, W)``, ``(C, H, W)`` or ``(N, C, H, W)``.
+    """
+    shape = tuple(int(s) for s in image_shape)
+    if len(shape) not in (2, 3, 4):
+        raise ValueError(f"expected image_shape (H, W), (C, H, W) or (N, C, H, W), got {shape}")
+    shape4 = (1,) * (4 - len(shape)) + shape
+    g = geometry(shape4, kernel_size, stride, padding, dilation, name="image_shape")
+    return g.oh, g.ow
+
+
+def im2col(x, kernel_size, *, stride=1, padding=0, dilation=1):
+    r"""Patch matrix of a convolution: ``X[n*L + oh*W_out + ow, c*kh*kw + i*kw + j]``.
+
+    .. math::
+
+        X_{(n, o_h, o_w),\,(c, i, j)} = x_{\mathrm{pad}}[n, c,\; o_h s_h + i d_h,\; o_w s_w + j d_w]
+
+    where ``x_pad`` is ``x`` zero-padded by ``padding`` on each side.  Then
+    ``im2col(x, k) @ w.reshape(-1)`` is the cross-correlation of ``x`` with ``w`` of
+    shape ``(C, kh, kw)``, and ``im2col(x).reshape(N, L, F)`` equals
+    ``torch.nn.functional.unfold(x).transpose(1, 2)``.
+
+    Parameters
+    ----------
+    x : array_like, shape (N, C, H, W), (C, H, W) or (H, W)
+        Channels-first images.  Any strides are accepted; ``x`` is never modified.
+    kernel_size, stride, dilation : int or (int, int)
+        Positive kernel size, step between patches, spacing of the kernel taps.
+    padding : int or (int, int)
+        Zero padding added on both sides of each spatial axis (``>= 0``).
+
+    Returns
+    -------
+    X : ndarray, shape (N * H_out * W_out, C * kh * kw)
+        float32 for float32/float16 input, float64 otherwise.  Non-finite values are
+        copied as they are (this is pure data movement).
+
+    Raises
+    ------
+    ValueError
+        Wrong ndim, empty input, non-positive kernel/stride/dilation, negative padding,
+        kernel larger than the padded image.
+    TypeError
+        Complex or non-numeric input.
+
+    Notes
+    -----
+    Numba kernel, parallel over (image, output row) pairs.  Memory: the result has
+    ``C*kh*kw / (sh*sw)`` times as many elements as ``x``; for covariances of large
+    inputs use :func:`nsiter.patch_covariance`, which never builds ``X`` whole.
+
+    Examples
+    --------
+    >>> import numpy as np, nsiter
+    >>> x = np.arange(16.0).reshape(4, 4)
+    >>> nsiter.im2col(x, 3).shape
+    (4, 9)
+    """
+    if is_tensor(x):
+        return torch_backend().im2col(x, kernel_size, stride=stride, padding=padding, dilation=dilation)
+    arr = as_float_array(x, "x")
+    imgs = as_images(arr, "x")
+    check_nonempty(imgs, "x")
+    g = geometry(imgs.shape, kernel_size, stride, padding, dilation)
+    out = np.empty((g.n * g.n_patches, g.n_features), dtype=arr.dtype)
+    _im2col(np.ascontiguousarray(imgs), g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.oh, g.ow, out)
+    return out
+
+
+def col2im(X, image_shape, kernel_size, *, stride=1, padding=0, dilation=1):
+    r"""Adjoint of :func:`im2col`: scatter patch rows back into images, summing overlaps.
+
+    .. math::
+
+        x[n, c, h, w] = \sum_{(o_h, o_w, i, j):\ o_h s_h + i d_h - p_h = h,\ o_w s_w + j d_w - p_w = w}
+                        X_{(n, o_h, o_w),\,(c, i, j)}
+
+    so that ``<im2col(x), X> == <x, col2im(X, x.shape)>`` for all ``x`` and ``X``
+    (entries falling into the zero padding are dropped).  Applied to a transposed
+    convolution's input-times-weight matrix, it is the transposed convolution
+    (the "deconvolution layer" of Shi et al. 2016), not network deconvolution.
+
+    Parameters
+    ----------
+    X : array_like, shape (N * H_out * W_out, C * kh * kw)
+    image_shape : tuple
+        ``(H, W)``, ``(C, H, W)`` or ``(N, C, H, W)``; the result has this shape.
+    kernel_size, stride, padding, dilation
+        As in :func:`im2col`.
+
+    Returns
+    -------
+    x : ndarray of shape ``image_shape``, dtype of ``X`` (float32/float64 rules as im2col)
+
+    Raises
+    ------
+    ValueError
+        ``X`` not 2-D, or its shape inconsistent with ``image_shape`` and the geometry.
+    """
+    if is_tensor(X):
+        return torch_backend().col2im(X, image_shape, kernel_size, stride=stride, padding=padding, dilation=dilation)
+    arr = as_float_array(X, "X")
+    check_ndim(arr, "X", (2,), "(N*H_out*W_out, C*kh*kw)")
+    try:
+        shape = tuple(int(s) for s in image_shape)
+    except TypeError:
+        raise TypeError(f"expected image_shape as a tuple of ints, got {image_shape!r}") from None
+    if len(shape) not in (2, 3, 4):
+        raise ValueError(f"expected image_shape (H, W), (C, H, W) or (N, C, H, W), got {shape}")
+    shape4 = (1,) * (4 - len(shape)) + shape
+    g = geometry(shape4, kernel_size, stride, padding, dilation, name="image_shape")
+    want = (g.n * g.n_patches, g.n_features)
+    if arr.shape != want:
+        raise ValueError(
+            f"X of shape {arr.shape} does not match image_shape {shape} with kernel {(g.kh, g.kw)}, "
+            f"stride {(g.sh, g.sw)}, padding {(g.ph, g.pw)}, dilation {(g.dh, g.dw)}: expected X of shape "
+            f"{want}; check image_shape and the convolution parameters"
+        )
+    out = np.zeros(shape4, dtype=arr.dtype)
+    _col2im(np.ascontiguousarray(arr), g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.oh, g.ow, out)
+    return out.reshape(shape)
