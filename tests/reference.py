@@ -1,0 +1,78 @@
+"""Slow, obviously-correct reference implementations (loops and float64 LAPACK).
+
+Named like the public functions they check.  Never used by the package itself.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def _pair(v):
+    return (v, v) if np.isscalar(v) else tuple(v)
+
+
+def _as4(x):
+    x = np.asarray(x)
+    return x.reshape((1,) * (4 - x.ndim) + x.shape)
+
+
+def im2col(x, kernel_size, stride=1, padding=0, dilation=1):
+    """Loop im2col in float64: rows n*L + oh*W_out + ow, columns c*kh*kw + i*kw + j."""
+    x = _as4(np.asarray(x, dtype=np.float64))
+    kh, kw = _pair(kernel_size)
+    sh, sw = _pair(stride)
+    ph, pw = _pair(padding)
+    dh, dw = _pair(dilation)
+    n, c, h, w = x.shape
+    xp = np.zeros((n, c, h + 2 * ph, w + 2 * pw))
+    xp[:, :, ph:ph + h, pw:pw + w] = x
+    oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    out = np.zeros((n * oh * ow, c * kh * kw))
+    for b in range(n):
+        for r in range(oh):
+            for q in range(ow):
+                row = b * oh * ow + r * ow + q
+                for ch in range(c):
+                    for i in range(kh):
+                        for j in range(kw):
+                            out[row, ch * kh * kw + i * kw + j] = xp[b, ch, r * sh + i * dh, q * sw + j * dw]
+    return out
+
+
+def col2im(cols, image_shape, kernel_size, stride=1, padding=0, dilation=1):
+    """Loop adjoint of :func:`im2col` (overlaps summed, padding dropped), float64."""
+    shape = tuple(image_shape)
+    n, c, h, w = (1,) * (4 - len(shape)) + shape
+    kh, kw = _pair(kernel_size)
+    sh, sw = _pair(stride)
+    ph, pw = _pair(padding)
+    dh, dw = _pair(dilation)
+    oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    xp = np.zeros((n, c, h + 2 * ph, w + 2 * pw))
+    cols = np.asarray(cols, dtype=np.float64)
+    for b in range(n):
+        for r in range(oh):
+            for q in range(ow):
+                row = b * oh * ow + r * ow + q
+                for ch in range(c):
+                    for i in range(kh):
+                        for j in range(kw):
+                            xp[b, ch, r * sh + i * dh, q * sw + j * dw] += cols[row, ch * kh * kw + i * kw + j]
+    return xp[:, :, ph:ph + h, pw:pw + w].reshape(shape)
+
+
+def covariance(X):
+    """Two-pass float64 covariance with 1/N normalisation: ``((X - mu)^T (X - mu)) / N``."""
+    X = np.asarray(X, dtype=np.float64)
+    mu = X.mean(axis=0)
+    Xc = X - mu
+    return Xc.T @ Xc / X.shape[0], mu
+
+
+def inv_sqrtm(A):
+    """Exact float64 inverse square root via ``eigh``: ``V diag(lam^-1/2) V^T``."""
+    A = np.asarray(A, dtype=np.float64)
+    lam, V = np.linalg.eigh(A)
+    return (V * lam[..., None, :] ** -0.5) @ np.swapaxes(V, -1, -2)
