@@ -279,3 +279,164 @@ def col2im(X, image_shape, kernel_size, *, stride=1, padding=0, dilation=1):
             f"{want}; check image_shape and the convolution parameters"
         )
     return _col2im(t, g).reshape(shape)
+
+
+# --------------------------------------------------------------------------------------
+# covariance and patch covariance (Algorithm 1)
+# --------------------------------------------------------------------------------------
+
+GROUPINGS = ("contiguous", "reference")
+
+# bound on the elements of one im2col chunk in patch_covariance (256 MB of float32)
+_CHUNK_ELEMENTS = 64 * 2**20
+
+
+def _eye_like(t: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.eye(n, dtype=t.dtype, device=t.device)
+
+
+def _centred_stats(Xg: torch.Tensor):
+    """Two-pass statistics of row blocks ``Xg (G, R, F)``: ``(R, mean (G, F), M2 (G, F, F))``.
+
+    ``M2 = (X - mean)^T (X - mean)`` (unnormalised), one batched GEMM in the input dtype.
+    """
+    mean = Xg.mean(dim=1)
+    Xc = Xg - mean[:, None, :]
+    M2 = torch.matmul(Xc.transpose(1, 2), Xc)
+    return Xg.shape[1], mean, M2
+
+
+def _merge_stats(a, b):
+    """Chan–Golub–LeVeque pairwise update: statistics of the union of two row sets.
+
+    ``mean = m_a + d n_b / n``, ``M2 = M2_a + M2_b + (n_a n_b / n) d d^T``, ``d = m_b - m_a``:
+    exact in exact arithmetic, and free of the ``E[xx^T] - mu mu^T`` cancellation.
+    """
+    na, ma, Ma = a
+    nb, mb, Mb = b
+    n = na + nb
+    d = mb - ma
+    mean = ma + d * (nb / n)
+    M2 = Ma + Mb + (na * nb / n) * (d[..., :, None] * d[..., None, :])
+    return n, mean, M2
+
+
+def _group_columns(X: torch.Tensor, c: int, khkw: int, block_size, grouping: str) -> torch.Tensor:
+    """Rows of the im2col matrix ``X (R, C*kh*kw)`` arranged as ``(G, R', Fb)`` sample blocks.
+
+    * ``block_size=None``: ``(1, R, F)``.
+    * ``"contiguous"``: channels ``[gB, (g+1)B)`` form group ``g``: ``(C/B, R, B*kh*kw)``.
+    * ``"reference"``: column ``j`` goes to group ``j mod (C/B)`` at feature ``j div (C/B)``
+      and the groups are stacked as extra rows: ``(1, R*C/B, B*kh*kw)`` (FastDeconv).
+    """
+    R = X.shape[0]
+    if block_size is None:
+        return X[None]
+    G = c // block_size
+    fb = block_size * khkw
+    if grouping == "contiguous":
+        return X.reshape(R, G, fb).transpose(0, 1)
+    return X.reshape(R, fb, G).transpose(1, 2).reshape(1, R * G, fb)
+
+
+def _chunks(g: Geometry, n_features: int, budget: int):
+    """Blocks ``(n0, n1, r0, r1)`` of images and output rows whose im2col has <= budget elements."""
+    rows_max = max(1, budget // max(n_features, 1))
+    L = g.oh * g.ow
+    if g.n * L <= rows_max:
+        return [(0, g.n, 0, g.oh)]
+    if L <= rows_max:
+        step = max(1, rows_max // L)
+        return [(n0, min(g.n, n0 + step), 0, g.oh) for n0 in range(0, g.n, step)]
+    band = max(1, rows_max // max(g.ow, 1))
+    return [(n0, n0 + 1, r0, min(g.oh, r0 + band)) for n0 in range(g.n) for r0 in range(0, g.oh, band)]
+
+
+def _patch_stats(imgs: torch.Tensor, g: Geometry, block_size, grouping: str, budget: int = _CHUNK_ELEMENTS):
+    """``(count, mean, M2)`` of the grouped im2col rows of ``imgs``, chunked to ``budget`` elements.
+
+    ``g`` already holds the sampling grid (stride times sampling stride).  A single chunk
+    is the plain two-pass computation in the input dtype (autograd-friendly); several
+    chunks are merged pairwise in float64.
+    """
+    khkw = g.kh * g.kw
+    blocks = _chunks(g, g.c * khkw, budget)
+    if len(blocks) == 1:
+        X = _im2col(imgs, g)
+        return _centred_stats(_group_columns(X, g.c, khkw, block_size, grouping))
+    xp = F.pad(imgs, (g.pw, g.pw, g.ph, g.ph)) if (g.ph or g.pw) else imgs
+    span_h = g.dh * (g.kh - 1) + 1
+    acc = None
+    for n0, n1, r0, r1 in blocks:
+        h0, h1 = r0 * g.sh, (r1 - 1) * g.sh + span_h
+        part = xp[n0:n1, :, h0:h1]
+        gp = g._replace(n=n1 - n0, h=h1 - h0, w=xp.shape[3], ph=0, pw=0, oh=r1 - r0)
+        X = _im2col(part, gp)
+        n, mean, M2 = _centred_stats(_group_columns(X, g.c, khkw, block_size, grouping))
+        stats = (n, mean.double(), M2.double())
+        acc = stats if acc is None else _merge_stats(acc, stats)
+    return acc
+
+
+def _finish_covariance(stats, eps: float, dtype: torch.dtype):
+    n, mean, M2 = stats
+    cov = M2 / n
+    if eps:
+        cov = cov + eps * _eye_like(cov, cov.shape[-1])
+    return cov.to(dtype), mean.to(dtype)
+
+
+def covariance(X, *, eps=0.0):
+    """Torch twin of :func:`nsiter.covariance`: ``Cov = (X - mu)^T (X - mu) / N + eps I``.
+
+    Two-pass (centred) in the input dtype; autograd flows through it.
+    """
+    t = _as_float(X, "X")
+    _check_ndim(t, "X", (2,), "(n_samples, n_features)")
+    _check_nonempty(t, "X")
+    eps = check_nonnegative_float(eps, "eps")
+    _check_finite(t, "X")
+    n, mean, M2 = _centred_stats(t[None])
+    return _finish_covariance((n, mean[0], M2[0]), eps, t.dtype)
+
+
+def _check_block(block_size, c: int):
+    if block_size is None:
+        return None
+    block_size = check_positive_int(block_size, "block_size")
+    if c % block_size:
+        fix = math.gcd(block_size, c)
+        raise ValueError(
+            f"block_size {block_size} does not divide the {c} channels of x; "
+            f"use block_size={fix} (gcd({block_size}, {c})) or another divisor of {c}"
+        )
+    return block_size
+
+
+def _sampled_geometry(shape4, kernel_size, stride, padding, dilation, sampling_stride) -> Geometry:
+    s = check_positive_int(sampling_stride, "sampling_stride")
+    sh, sw = as_pair(stride, "stride", minimum=1)
+    return geometry(shape4, kernel_size, (sh * s, sw * s), padding, dilation)
+
+
+def patch_covariance(x, kernel_size, *, stride=1, padding=0, dilation=1, sampling_stride=1,
+                     block_size=None, grouping="contiguous", eps=0.0):
+    """Torch twin of :func:`nsiter.patch_covariance` (Algorithm 1).
+
+    Equal to ``covariance(im2col(x, k, stride=stride*sampling_stride, ...))`` per channel
+    block.  The im2col matrix is built in chunks of at most 64 Mi elements; one chunk is
+    the two-pass computation in the input dtype, several are merged pairwise in float64.
+    """
+    t = _as_float(x, "x")
+    imgs = _as_images(t, "x")
+    _check_nonempty(imgs, "x")
+    check_option(grouping, "grouping", GROUPINGS)
+    eps = check_nonnegative_float(eps, "eps")
+    g = _sampled_geometry(tuple(imgs.shape), kernel_size, stride, padding, dilation, sampling_stride)
+    block_size = _check_block(block_size, g.c)
+    _check_finite(imgs, "x")
+    stats = _patch_stats(imgs, g, block_size, grouping)
+    cov, mean = _finish_covariance(stats, eps, t.dtype)
+    if block_size is None or grouping == "reference":
+        return cov[0], mean[0]
+    return cov, mean
