@@ -11,6 +11,7 @@ from importlib.metadata import PackageNotFoundError, version as _version
 from . import data
 from ._warnings import IllConditionedWarning, NewtonSchulzDivergenceWarning, NsiterWarning
 from .im2col import col2im, im2col, output_shape
+from .newton_schulz import NewtonSchulzInfo, inv_sqrtm, sqrtm_psd
 
 try:
     __version__ = _version("nsiter")
@@ -23,6 +24,9 @@ __all__ = [
     "im2col",
     "col2im",
     "output_shape",
+    "inv_sqrtm",
+    "sqrtm_psd",
+    "NewtonSchulzInfo",
     "NsiterWarning",
     "NewtonSchulzDivergenceWarning",
     "IllConditionedWarning",
