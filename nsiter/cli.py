@@ -99,4 +99,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    # run the package's module, not this __main__ copy, so that sub-commands raising
+    # nsiter.cli._UsageError (nsiter/_verify_cli.py) are caught by the same class
+    from nsiter.cli import main as _main
+
+    sys.exit(_main())

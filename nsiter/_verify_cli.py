@@ -1,0 +1,420 @@
+"""``nsiter verify FILE``: the command-line face of :func:`nsiter.verify_whitening`.
+
+Reads a covariance (or, with ``--from-data``, a samples x features data matrix) from a
+``.npy``, ``.npz`` or text/CSV file, runs the whitening check and prints the report.
+Exit status: 0 it ran (and, with ``--tol``, every method passed), 1 a method missed
+``--tol``, 2 bad input or usage (one line on stderr, never a traceback), 3 an unexpected
+internal error (one line on stderr; ``NSITER_DEBUG=1`` shows the traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+import warnings
+
+__all__ = ["add_verify_parser", "load_matrix", "data_covariance"]
+
+_PROG = "nsiter verify"
+_NPY_MAGIC = b"\x93NUMPY"
+_ZIP_MAGIC = b"PK\x03\x04"
+#: Estimated flops above which a terminal gets progress lines (a few seconds on a laptop).
+_PROGRESS_FLOPS = 2e10
+
+_DESCRIPTION = """\
+Check how accurately each inverse-square-root method whitens a covariance C: for every
+method, D ~ (C + eps*I)^(-1/2) is computed with nsiter.inv_sqrtm and measured in float64
+against the float64 eigh solution (nsiter.verify_whitening).
+
+Reported per method: the residual ||D_k D_k C - I||_F per iteration (the metric of Ye et al.
+2020, Fig. 7), the iterations needed to reach 1e-2 ... 1e-12, divergence, and for the matrix D
+returned: ||DDC - I||_F, ||DCD - I||_F/sqrt(n), ||D - D_exact||_F/||D_exact||_F.  For the
+matrix: eigenvalue range, condition number kappa, and the accuracy floor kappa*u of the dtype
+(u = unit roundoff) below which ||DDC - I||_F and the forward error cannot be expected to go."""
+
+_EPILOG = """\
+FILE formats:
+  .npy            one array
+  .npz            the only array it holds, or the one named by --key
+  anything else   text: numbers separated by commas, semicolons, tabs or whitespace
+                  (detected from the first lines); '#' starts a comment; one header
+                  line of non-numbers is skipped
+  The format is recognised from the file's content, not its extension.
+
+--tol T applies to ||D_k D_k C - I||_F (Frobenius, not normalised) of the LAST iterate of
+every requested method (so a method that diverged fails even if an earlier iterate was good).
+
+exit status: 0 ran (and every method met --tol), 1 a method missed --tol,
+             2 bad input or usage (one line on stderr), 3 internal error
+
+examples:
+  nsiter verify cov.npy
+  nsiter verify cov.npy --method coupled --n-iter 15 --tol 1e-6 --plot residuals.png
+  nsiter verify patches.csv --from-data --dtype float32 --json"""
+
+
+# --------------------------------------------------------------------------- errors
+def _usage_error():
+    # the class main() catches: one line on stderr, exit 2
+    from .cli import _UsageError
+
+    return _UsageError
+
+
+def _fail(message: str):
+    raise _usage_error()(f"{_PROG}: {message}")
+
+
+def _one_line(message) -> str:
+    return " ".join(str(message).split())
+
+
+# --------------------------------------------------------------------------- argument types
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r} (e.g. --n-iter 50)") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r} (e.g. --n-iter 50)")
+    return v
+
+
+def _float(text: str, *, positive: bool) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not math.isfinite(v) or v < 0 or (positive and v == 0):
+        want = "a finite number > 0 (e.g. 1e-6)" if positive else "a finite number >= 0 (e.g. 1e-5)"
+        raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    return _float(text, positive=True)
+
+
+def _nonnegative_float(text: str) -> float:
+    return _float(text, positive=False)
+
+
+def _method_names() -> tuple:
+    from .verification import _methods_registry
+
+    return _methods_registry()
+
+
+def add_verify_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the ``verify`` sub-command to ``nsiter``'s sub-parsers (called by :mod:`nsiter.cli`)."""
+    p = subparsers.add_parser(
+        "verify", help="check how accurately Newton-Schulz / eigh whiten a covariance from a file",
+        description=_DESCRIPTION, epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("file", metavar="FILE", help="covariance (n x n) or, with --from-data, data (samples x features)")
+    p.add_argument("--method", "-m", action="append", metavar="M",
+                   help="method to run; repeat or comma-separate for several "
+                        "(default: coupled, uncoupled, eigh; choices: see nsiter.newton_schulz.METHODS)")
+    p.add_argument("--n-iter", type=_positive_int, default=50, metavar="N",
+                   help="iterations per iterative method (default 50: long enough to show the uncoupled blow-up)")
+    p.add_argument("--eps", type=_nonnegative_float, default=0.0, metavar="E",
+                   help="ridge: check C + E*I (default 0)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default=None,
+                   help="working dtype of the methods (default: the file's; text files are float64)")
+    p.add_argument("--tol", type=_positive_float, default=None, metavar="T",
+                   help="pass/fail level for ||D_k D_k C - I||_F of each method's last iterate; "
+                        "exit 1 if any method misses it")
+    p.add_argument("--plot", metavar="OUT.png", default=None,
+                   help="save the residual-per-iteration plot (png, pdf, svg, ...)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON on stdout instead of the table")
+    p.add_argument("--key", metavar="NAME", default=None, help="array to use from an .npz holding several")
+    p.add_argument("--from-data", action="store_true",
+                   help="FILE is a samples x features data matrix: check its covariance (X-mu)^T(X-mu)/N")
+    p.set_defaults(func=_cmd_verify)
+    return p
+
+
+# --------------------------------------------------------------------------- loading
+def _sniff_delimiter(lines: list[str]):
+    for d in (";", "\t", ","):
+        if all(d in ln for ln in lines):
+            return d
+    return None  # runs of whitespace
+
+
+def _is_number(field: str) -> bool:
+    try:
+        float(field)
+    except ValueError:
+        return False
+    return True
+
+
+def _load_text(path: str):
+    import numpy as np
+
+    with open(path, "rb") as f:
+        head = f.read(65536)
+    if b"\x00" in head:
+        _fail(f"cannot read {path!r}: it is a binary file but not .npy/.npz; "
+              "save the matrix with numpy.save (.npy) or numpy.savetxt (text/CSV)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError:
+        _fail(f"cannot read {path!r}: not UTF-8 text and not .npy/.npz; "
+              "save the matrix with numpy.save (.npy) or numpy.savetxt (text/CSV)")
+    lines = [ln.split("#", 1)[0].strip() for ln in text.splitlines()]
+    data_lines = [(i, ln) for i, ln in enumerate(lines) if ln]
+    if not data_lines:
+        _fail(f"{path!r} holds no numbers (empty text file); write the matrix one row per line")
+    delimiter = _sniff_delimiter([ln for _, ln in data_lines[:50]])
+    skip = 0
+    first_fields = data_lines[0][1].split(delimiter)
+    if not any(_is_number(s.strip()) for s in first_fields):
+        skip = data_lines[0][0] + 1  # a header line: skip it (and what precedes it)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "input contained no data" -> checked below
+            arr = np.loadtxt(path, delimiter=delimiter, comments="#", skiprows=skip, ndmin=2, dtype=np.float64,
+                             encoding="utf-8")
+    except ValueError as exc:
+        what = {None: "whitespace", ",": "comma", ";": "semicolon", "\t": "tab"}[delimiter]
+        _fail(f"cannot parse {path!r} as {what}-separated numbers: {_one_line(exc)}; "
+              "every row needs the same number of numeric fields")
+    return arr
+
+
+def load_matrix(path, key: str | None = None):
+    """Read the array in ``path`` (``.npy``, ``.npz`` or text/CSV), recognised by content.
+
+    Raises the CLI's usage error (exit 2, one line) for a missing, unreadable or
+    ambiguous file.
+    """
+    import numpy as np
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        _fail(f"file {path!r} does not exist; pass the path of a .npy, .npz or text/CSV file")
+    if os.path.isdir(path):
+        _fail(f"{path!r} is a directory; pass the path of a .npy, .npz or text/CSV file")
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+    except OSError as exc:
+        _fail(f"cannot open {path!r}: {exc.strerror or exc}; check the path and its permissions")
+    ext = os.path.splitext(path)[1].lower()
+    if magic.startswith(_NPY_MAGIC):
+        if key is not None:
+            _fail(f"--key {key!r} applies to .npz files, but {path!r} is a .npy file holding one array; drop --key")
+        try:
+            return np.load(path, allow_pickle=False)
+        except ValueError as exc:
+            if "pickle" in str(exc):
+                _fail(f"{path!r} holds an object (pickled) array; save a numeric array, e.g. np.save(path, C.astype(float))")
+            _fail(f"cannot read {path!r} as a .npy file ({_one_line(exc)}); re-save it with numpy.save")
+        except Exception as exc:  # truncated / corrupt files raise various errors
+            _fail(f"cannot read {path!r} as a .npy file ({type(exc).__name__}: {_one_line(exc)}); "
+                  "re-save it with numpy.save")
+    if magic.startswith(_ZIP_MAGIC):
+        try:
+            npz = np.load(path, allow_pickle=False)
+        except Exception as exc:
+            _fail(f"cannot read {path!r} as an .npz file ({type(exc).__name__}: {_one_line(exc)}); "
+                  "re-save it with numpy.savez")
+        with npz:
+            names = list(npz.files)
+            if not names:
+                _fail(f"{path!r} holds no arrays; save the matrix with numpy.savez(path, C=C)")
+            if key is None:
+                if len(names) > 1:
+                    _fail(f"{path!r} holds {len(names)} arrays ({', '.join(names)}); choose one with --key NAME")
+                key = names[0]
+            elif key not in names:
+                _fail(f"{path!r} has no array {key!r}; it holds: {', '.join(names)} (pass one of them to --key)")
+            try:
+                return npz[key]
+            except ValueError as exc:
+                if "pickle" in str(exc):
+                    _fail(f"array {key!r} in {path!r} is an object (pickled) array; save a numeric array")
+                _fail(f"cannot read array {key!r} from {path!r} ({_one_line(exc)}); re-save it with numpy.savez")
+            except Exception as exc:
+                _fail(f"cannot read array {key!r} from {path!r} ({type(exc).__name__}: {_one_line(exc)}); "
+                      "re-save it with numpy.savez")
+    if ext in (".npy", ".npz"):
+        _fail(f"{path!r} is not a valid {ext} file (wrong header); re-save it with numpy.{'save' if ext == '.npy' else 'savez'}")
+    if key is not None:
+        _fail(f"--key {key!r} applies to .npz files, but {path!r} is a text file; drop --key")
+    return _load_text(path)
+
+
+def _check_array(arr, path: str, from_data: bool):
+    """Shape / dtype / finiteness checks with CLI-specific fixes; returns a float array."""
+    import numpy as np
+
+    if arr.dtype.kind == "c":
+        _fail(f"{path!r} holds complex numbers ({arr.dtype}); a covariance is real: pass its real part")
+    if arr.dtype.kind not in "biuf":
+        _fail(f"{path!r} holds a non-numeric array (dtype {arr.dtype}); save a float array")
+    if arr.size == 0:
+        _fail(f"{path!r} holds an empty array of shape {arr.shape}; pass a non-empty matrix")
+    what = "data matrix (samples x features)" if from_data else "covariance matrix (n x n)"
+    if arr.ndim == 1:
+        _fail(f"expected a 2-D {what} in {path!r}, got a 1-D array of {arr.size} values; "
+              "save it as a 2-D array (np.save(path, C) with C.shape == (n, n))")
+    if arr.ndim != 2:
+        _fail(f"expected a 2-D {what} in {path!r}, got shape {arr.shape}; verify checks one matrix: "
+              "save one of them (e.g. C[0])")
+    if not from_data and arr.shape[0] != arr.shape[1]:
+        _fail(f"expected a square covariance in {path!r}, got a {arr.shape[0]} x {arr.shape[1]} matrix; "
+              "if rows are samples and columns features add --from-data to form its covariance "
+              "(a CSV index column also makes it non-square)")
+    if arr.dtype.kind != "f" or arr.dtype.itemsize < 4:
+        arr = arr.astype(np.float64 if arr.dtype.kind != "f" else np.float32)
+    finite = np.isfinite(arr)
+    if not finite.all():
+        bad = np.argwhere(~finite)[0]
+        _fail(f"{path!r} holds {int(arr.size - finite.sum())} NaN/inf values (first at row {bad[0]}, "
+              f"column {bad[1]}); remove or impute them first")
+    if from_data and arr.shape[0] < 2:
+        _fail(f"--from-data needs at least 2 samples (rows) in {path!r}, got {arr.shape[0]}; "
+              "check that rows are samples (transpose the file otherwise)")
+    return arr
+
+
+def data_covariance(X):
+    """``(X - mu)^T (X - mu) / N`` accumulated in float64 (``nsiter.covariance`` when available)."""
+    import numpy as np
+
+    try:
+        from .covariance import covariance
+    except ImportError:
+        X = np.asarray(X, dtype=np.float64)
+        Xc = X - X.mean(axis=0)
+        cov = Xc.T @ Xc / X.shape[0]
+        return (cov + cov.T) / 2
+    cov, _ = covariance(np.asarray(X, dtype=np.float64))
+    return cov
+
+
+# --------------------------------------------------------------------------- the command
+def _check_plot_path(path: str):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        _fail(f"cannot write the plot to {path!r}: directory {parent!r} does not exist; create it or pick another path")
+    ext = os.path.splitext(path)[1].lower().lstrip(".")
+    formats = FigureCanvasAgg(Figure()).get_supported_filetypes()
+    if ext not in formats:
+        _fail(f"cannot write the plot to {path!r}: unknown image format {ext!r}; "
+              f"use one of the extensions {', '.join('.' + f for f in sorted(formats))}")
+
+
+def _progress_printer(n: int, n_iter: int, methods):
+    """Progress lines on stderr when it is a terminal and the run is long; else ``None``."""
+    if not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty()):
+        return None
+    iterative = sum(1 for m in methods if m != "eigh")
+    flops = 10.0 * n ** 3 * (1 + iterative * n_iter) + 10.0 * n ** 3 * len(methods)
+    if flops < _PROGRESS_FLOPS:
+        return None
+    t0 = time.perf_counter()
+
+    def progress(step: str, i: int, total: int) -> None:
+        print(f"{_PROG}: [{i}/{total}] {step} ... ({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
+
+    return progress
+
+
+def _parse_methods(values) -> tuple:
+    from .verification import DEFAULT_METHODS
+
+    if not values:
+        return DEFAULT_METHODS
+    names = []
+    for v in values:
+        names.extend(s.strip() for s in v.split(",") if s.strip())
+    choices = _method_names()
+    for m in names:
+        if m not in choices:
+            _fail(f"unknown method {m!r}; choose from: {', '.join(choices)} (repeat --method or comma-separate)")
+    return tuple(dict.fromkeys(names))  # drop repeats, keep order
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"{_PROG}: warning: {_one_line(message)}", file=sys.stderr)
+
+
+def _cmd_verify(args) -> int:
+    try:
+        return _run_verify(args)
+    except _usage_error():
+        raise
+    except MemoryError:
+        _fail(f"not enough memory to check {args.file!r}; try a smaller matrix")
+    except Exception as exc:  # an internal error: one line, exit 3 (the traceback on request)
+        if os.environ.get("NSITER_DEBUG"):
+            raise
+        print(f"{_PROG}: internal error {type(exc).__name__}: {_one_line(exc)} "
+              "(set NSITER_DEBUG=1 for the traceback and please report it)", file=sys.stderr)
+        return 3
+
+
+def _run_verify(args) -> int:
+    import numpy as np
+
+    from .verification import verify_whitening
+
+    methods = _parse_methods(args.method)
+    if args.plot is not None:
+        _check_plot_path(args.plot)
+    arr = _check_array(load_matrix(args.file, args.key), args.file, args.from_data)
+    if args.from_data:
+        C = data_covariance(arr)
+        if args.dtype is None:
+            C = C.astype(arr.dtype if arr.dtype == np.float32 else np.float64)
+    else:
+        C = arr
+    old_show = warnings.showwarning
+    warnings.showwarning = _show_warning
+    try:
+        try:
+            report = verify_whitening(C, methods=methods, n_iter=args.n_iter, eps=args.eps, dtype=args.dtype,
+                                      tol=args.tol, progress=_progress_printer(C.shape[0], args.n_iter, methods))
+        except (ValueError, TypeError) as exc:
+            src = f"{args.file} (covariance of the data)" if args.from_data else args.file
+            _fail(f"{src}: {_one_line(exc)}")
+    finally:
+        warnings.showwarning = old_show
+    import dataclasses
+
+    source = os.path.basename(args.file) + (" --from-data" if args.from_data else "")
+    report = dataclasses.replace(report, source=source)
+    if args.plot is not None:
+        try:
+            report.plot(args.plot)
+        except (OSError, ValueError) as exc:
+            _fail(f"cannot write the plot to {args.plot!r}: {_one_line(exc)}")
+    passed = None if args.tol is None else report.passed()
+    if args.json:
+        import json
+
+        d = report.to_dict()
+        d["file"] = os.path.abspath(args.file)
+        d["from_data"] = bool(args.from_data)
+        d["plot"] = None if args.plot is None else os.path.abspath(args.plot)
+        print(json.dumps(d, indent=2, allow_nan=False))
+    else:
+        print(report)
+        if args.plot is not None:
+            print(f"\n  plot: {args.plot}")
+    if passed is False:
+        worst = ", ".join(f"{m} ({report[m].final_residual:.2e})" for m in report.failures())
+        print(f"{_PROG}: FAIL: ||D_k D_k C - I||_F of the last iterate above --tol {args.tol:g} for {worst}",
+              file=sys.stderr)
+        return 1
+    return 0
