@@ -12,6 +12,7 @@ from . import data
 from ._warnings import IllConditionedWarning, NewtonSchulzDivergenceWarning, NsiterWarning
 from .im2col import col2im, im2col, output_shape
 from .newton_schulz import NewtonSchulzInfo, inv_sqrtm, sqrtm_psd
+from .verification import WhiteningReport, verify_whitening
 
 try:
     __version__ = _version("nsiter")
@@ -27,6 +28,8 @@ __all__ = [
     "inv_sqrtm",
     "sqrtm_psd",
     "NewtonSchulzInfo",
+    "verify_whitening",
+    "WhiteningReport",
     "NsiterWarning",
     "NewtonSchulzDivergenceWarning",
     "IllConditionedWarning",
