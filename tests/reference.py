@@ -76,3 +76,33 @@ def inv_sqrtm(A):
     A = np.asarray(A, dtype=np.float64)
     lam, V = np.linalg.eigh(A)
     return (V * lam[..., None, :] ** -0.5) @ np.swapaxes(V, -1, -2)
+
+
+def newton_schulz_history(A, method, n_iter, eps=0.0):
+    """Float64 loop of the coupled (Higham 6.35) or uncoupled (7.12) iteration, Frobenius scaling.
+
+    Returns ``(iterates, residuals)``: ``D_k = Z_k / sqrt(c)`` (or ``X_k / sqrt(c)``) for
+    ``k = 1..n_iter`` and ``||D_k D_k A_eps - I||_F`` with ``A_eps = A + eps I``, every product
+    written out.  Reference for :func:`nsiter.verify_whitening`.
+    """
+    A = np.asarray(A, dtype=np.float64) + eps * np.eye(np.shape(A)[-1])
+    n = A.shape[0]
+    eye = np.eye(n)
+    c = np.sqrt(np.sum(A * A))
+    Y0 = A / c
+    Y, Z, X = Y0.copy(), eye.copy(), eye.copy()
+    iterates, residuals = [], []
+    with np.errstate(all="ignore"):
+        for _ in range(n_iter):
+            if method == "coupled":
+                T = 0.5 * (3.0 * eye - Z @ Y)
+                Y, Z = Y @ T, T @ Z
+                D = Z / np.sqrt(c)
+            elif method == "uncoupled":
+                X = 0.5 * (3.0 * X - X @ X @ X @ Y0)
+                D = X / np.sqrt(c)
+            else:
+                raise ValueError(method)
+            iterates.append(D)
+            residuals.append(np.sqrt(np.sum((D @ D @ A - eye) ** 2)))
+    return iterates, np.array(residuals)
