@@ -440,3 +440,527 @@ def patch_covariance(x, kernel_size, *, stride=1, padding=0, dilation=1, samplin
     if block_size is None or grouping == "reference":
         return cov[0], mean[0]
     return cov, mean
+
+
+# --------------------------------------------------------------------------------------
+# Newton–Schulz inverse square root (Higham 2008, Eqs. 6.35 and 7.12)
+# --------------------------------------------------------------------------------------
+#
+# The semantics (validation, PSD probe, scaling, stopping rule, best iterate, info) are
+# those of nsiter.newton_schulz; the pure-Python pieces (registries, default tolerance,
+# the stopping tracker, the info record) are imported from there so the two backends
+# cannot drift apart.  The matrix work runs in torch on the input's device.
+
+_PROBE_STEPS = 8
+
+
+def _ns():
+    from . import newton_schulz
+
+    return newton_schulz
+
+
+def _finfo_eps(dtype: torch.dtype) -> float:
+    return float(torch.finfo(dtype).eps)
+
+
+def _batched_eye(n: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.eye(n, dtype=like.dtype, device=like.device)
+
+
+def _fro(A: torch.Tensor) -> torch.Tensor:
+    return torch.sqrt((A * A).sum(dim=(-2, -1)))
+
+
+@torch.no_grad()
+def _probe(A64: torch.Tensor, dtype: torch.dtype):
+    """Torch twin of ``newton_schulz._probe`` without the host sync.
+
+    Returns float64 tensors ``(ok, lmin, lmax, delta)`` of shape ``(nb,)``: Cholesky of
+    ``A + delta I`` (``delta = 10 n eps(dtype) ||A||_F``) succeeds iff ``ok``; 8 steps of
+    power iteration give ``lmax``, 8 steps of inverse iteration with the Cholesky factor
+    (and the smallest pivot) give ``lmin``, the same start vectors as the numpy probe.
+    """
+    nb, n, _ = A64.shape
+    eye = _batched_eye(n, A64)
+    fro = _fro(A64)
+    delta = 10.0 * n * _finfo_eps(dtype) * fro
+    L, info = torch.linalg.cholesky_ex(A64 + delta[:, None, None] * eye)
+    ok = info == 0
+    idx = torch.arange(n, dtype=torch.float64, device=A64.device)
+    v = torch.sqrt(torch.diagonal(A64, dim1=-2, dim2=-1).abs()) + 1e-3 * torch.cos(1.7 * idx + 0.3)
+    est = torch.zeros(nb, dtype=torch.float64, device=A64.device)
+    for _ in range(_PROBE_STEPS):
+        nv = torch.linalg.vector_norm(v, dim=-1)
+        live = nv > 0
+        v = v / torch.where(live, nv, 1.0)[:, None]
+        w = torch.matmul(A64, v[..., None])[..., 0]
+        est = torch.where(live, torch.linalg.vector_norm(w, dim=-1), est)
+        v = torch.where(live[:, None], w, v)
+    lmax = est
+    Ls = torch.where(ok[:, None, None], L, eye)  # a harmless factor where Cholesky broke down
+    piv = torch.diagonal(Ls, dim1=-2, dim2=-1)
+    min_pivot = (piv * piv).min(dim=-1).values
+    v = (torch.cos(2.3 * idx + 0.7) + 0.25).expand(nb, n)
+    inv_est = torch.zeros(nb, dtype=torch.float64, device=A64.device)
+    for _ in range(_PROBE_STEPS):
+        v = v / torch.linalg.vector_norm(v, dim=-1, keepdim=True)
+        # two triangular solves (cuBLAS trsm: capturable in a CUDA graph, unlike MAGMA's potrs)
+        w = torch.linalg.solve_triangular(Ls, v[..., None], upper=False)
+        v = torch.linalg.solve_triangular(Ls.transpose(-1, -2), w, upper=True)[..., 0]
+        inv_est = torch.linalg.vector_norm(v, dim=-1)
+    est_min = torch.where(inv_est > 0, 1.0 / inv_est, min_pivot)
+    est_min = torch.minimum(est_min, min_pivot)
+    lmin = torch.where(ok, est_min - delta, torch.full_like(est_min, float("nan")))
+    return ok, lmin, lmax, delta
+
+
+def _scale(A64: torch.Tensor, scaling: str, lmax) -> torch.Tensor:
+    """``c`` of ``Y_0 = A / c`` in float64 (twin of ``newton_schulz._scale``), zeros -> 1."""
+    fro = _fro(A64)
+    if scaling == "fro":
+        c = fro
+    elif scaling == "trace":
+        c = torch.diagonal(A64, dim1=-2, dim2=-1).sum(-1)
+    else:
+        n = A64.shape[-1]
+        c = torch.minimum(torch.maximum(lmax, fro / math.sqrt(n)), fro)
+    return torch.where(c > 0, c, torch.ones_like(c))
+
+
+def _residual64(X: torch.Tensor, Y0_64: torch.Tensor) -> torch.Tensor:
+    """``||X X Y_0 - I||_F`` in float64 (``= ||D D A - I||_F`` for ``D = X / sqrt(c)``)."""
+    with torch.no_grad():
+        X64 = X.detach().to(torch.float64)
+        R = torch.matmul(torch.matmul(X64, X64), Y0_64)
+        R.diagonal(dim1=-2, dim2=-1).sub_(1.0)
+        return _fro(R)
+
+
+def _coupled_step(Y, Z, a, b, c2, eye, need_y=True, first=False):
+    """One coupled step with ``T = a I + b M + c2 M^2``, ``M = Z Y`` (classic: 3/2, -1/2, 0).
+
+    ``first``: ``Z = I`` exactly, so ``M = Y`` and ``T Z = T`` (one product instead of three,
+    bit-identical to the full step).  ``need_y=False`` skips ``Y T`` (the last step of an
+    inverse square root needs only ``Z``).
+    """
+    M = Y if first else torch.matmul(Z, Y)
+    if c2 != 0.0:
+        T = torch.matmul(c2 * M, M) + b * M + a * eye
+    elif first:
+        T = b * M + a * eye
+    elif M.ndim == 3:
+        T = torch.baddbmm(a * eye, Z, Y, beta=1.0, alpha=b)  # fused a I + b Z Y
+    else:
+        T = b * M + a * eye
+    Ynew = torch.matmul(Y, T) if need_y else Y
+    Znew = T if first else torch.matmul(T, Z)
+    return Ynew, Znew
+
+
+def _classic_coefs(k):
+    return 1.5, -0.5, 0.0
+
+
+def _run_coupled_fixed(Y0, n_iter, want_y, coefs=_classic_coefs):
+    """Coupled iteration, fixed count, no residuals: the fast (and CUDA-graph) path."""
+    n = Y0.shape[-1]
+    eye = _batched_eye(n, Y0)
+    Y, Z = Y0, None
+    for k in range(n_iter):
+        a, b, c2 = coefs(k)
+        last = k == n_iter - 1
+        Y, Z = _coupled_step(Y, Z, a, b, c2, eye, need_y=want_y or not last, first=k == 0)
+    return Z, Y
+
+
+def _run_coupled_tracked(Y0, Y0_64, n_max, *, tol, stop_early, coefs=_classic_coefs):
+    """Coupled iteration with float64 residuals and the numpy backend's stopping rule.
+
+    Active matrices are iterated on their own (as in the numpy backend); the best iterate
+    of each matrix is kept.  One host sync per iteration (the residuals).
+    """
+    ns = _ns()
+    nb, n, _ = Y0.shape
+    eye = _batched_eye(n, Y0)
+    tracker = ns._Tracker(nb, n, n_max, tol, stop_early)
+    Y = Y0
+    Z = eye.expand(nb, n, n)
+    Zb, Yb = Z, Y
+    n_run = 0
+    dev = Y0.device
+    for k in range(n_max):
+        idx = np.flatnonzero(tracker.active)
+        if idx.size == 0:
+            break
+        full = idx.size == nb
+        it = None if full else torch.as_tensor(idx, device=dev)
+        Ya, Za = (Y, Z) if full else (Y[it], Z[it])
+        a, b, c2 = coefs(k)
+        Ya, Za = _coupled_step(Ya, Za, a, b, c2, eye)
+        if full:
+            Y, Z = Ya, Za
+        else:
+            Y = Y.index_copy(0, it, Ya)
+            Z = Z.index_copy(0, it, Za)
+        r = _residual64(Za, Y0_64 if full else Y0_64[it]).cpu().numpy()
+        imp = tracker.update(k + 1, idx, r)
+        if imp.any():
+            sel = torch.as_tensor(idx[imp], device=dev)
+            src = torch.as_tensor(np.flatnonzero(imp), device=dev)
+            Zb = Zb.index_copy(0, sel, Za.index_select(0, src))
+            Yb = Yb.index_copy(0, sel, Ya.index_select(0, src))
+        n_run = k + 1
+    return Zb, Yb, tracker, n_run
+
+
+def _run_uncoupled(Y0, Y0_64, n_max, *, tol, stop_early):
+    """Uncoupled iteration (Eq. 7.12) ``X <- (3X - X((X X) Y_0))/2``; residuals always tracked."""
+    ns = _ns()
+    nb, n, _ = Y0.shape
+    dev = Y0.device
+    X = _batched_eye(n, Y0).expand(nb, n, n)
+    Xb = X
+    tracker = ns._Tracker(nb, n, n_max, tol, stop_early)
+    n_run = 0
+    for k in range(n_max):
+        idx = np.flatnonzero(tracker.active)
+        if idx.size == 0:
+            break
+        full = idx.size == nb
+        it = None if full else torch.as_tensor(idx, device=dev)
+        Xa = X if full else X[it]
+        Y0a = Y0 if full else Y0[it]
+        Q = torch.matmul(torch.matmul(Xa, Xa), Y0a)
+        Xa = (3.0 * Xa - torch.matmul(Xa, Q)) * 0.5
+        X = Xa if full else X.index_copy(0, it, Xa)
+        r = _residual64(Xa, Y0_64 if full else Y0_64[it]).cpu().numpy()
+        imp = tracker.update(k + 1, idx, r)
+        if imp.any():
+            sel = torch.as_tensor(idx[imp], device=dev)
+            src = torch.as_tensor(np.flatnonzero(imp), device=dev)
+            Xb = Xb.index_copy(0, sel, Xa.index_select(0, src))
+        n_run = k + 1
+    return Xb, tracker, n_run
+
+
+def _validate_ns(A, method, n_iter, tol, scaling, eps, return_info):
+    ns = _ns()
+    method = check_option(method, "method", ns.METHODS)
+    scaling = check_option(scaling, "scaling", ns.SCALINGS)
+    if n_iter is not None:
+        n_iter = check_positive_int(n_iter, "n_iter")
+    if tol is not None:
+        tol = check_positive_float(tol, "tol")
+    eps = check_nonnegative_float(eps, "eps")
+    if not isinstance(return_info, (bool, np.bool_)):
+        raise TypeError(f"expected return_info as a bool, got {return_info!r}")
+    t = _as_float(A, "A")
+    if t.ndim < 2:
+        raise ValueError(
+            f"expected A of shape (..., n, n), got ndim {t.ndim} with shape {tuple(t.shape)}; "
+            "pass a square matrix (a scalar a is the 1x1 matrix [[a]])"
+        )
+    if t.shape[-1] != t.shape[-2]:
+        raise ValueError(
+            f"expected square matrices in A (shape (..., n, n)), got shape {tuple(t.shape)}; "
+            "for a samples x features data matrix form its covariance first (nsiter.covariance)"
+        )
+    if t.shape[-1] == 0:
+        raise ValueError(f"expected A with n >= 1 (shape (..., n, n)), got shape {tuple(t.shape)}")
+    return t, method, n_iter, tol, scaling, eps, bool(return_info)
+
+
+@torch.no_grad()
+def _input_flags(A3: torch.Tensor):
+    """Device-side finiteness and symmetry measures of ``A3 (nb, n, n)`` (no sync)."""
+    n_bad = (~torch.isfinite(A3)).sum()
+    scale = A3.abs().amax(dim=(-2, -1))
+    asym = (A3 - A3.transpose(-1, -2)).abs().amax(dim=(-2, -1))
+    rel = asym / torch.where(scale > 0, scale, torch.ones_like(scale))
+    return n_bad, rel
+
+
+def _raise_input(n_bad: int, rel: np.ndarray, dtype: torch.dtype):
+    if n_bad:
+        raise ValueError(
+            f"expected finite values in A, found {n_bad} NaN/inf entries; "
+            "clean the data first (e.g. torch.nan_to_num or drop the affected samples)"
+        )
+    rtol = 100 * _finfo_eps(dtype)
+    if rel.size and np.any(rel > rtol):
+        raise ValueError(
+            f"expected symmetric matrices in A, got relative asymmetry {float(rel.max()):.3g} "
+            f"(allowed {rtol:.3g}); symmetrise with (A + A.transpose(-1, -2)) / 2 if it is rounding"
+        )
+
+
+def _raise_probe(ok, delta, nb):
+    if not ok.all():
+        bad = np.flatnonzero(~ok)
+        raise ValueError(
+            f"expected symmetric positive semidefinite matrices, but {bad.size} of {nb} "
+            f"(first at flat batch index {bad[0]}) have an eigenvalue below -{delta[bad[0]]:.3g} "
+            f"(= 10 n eps ||A||_F, the rounding tolerance): Cholesky of A + {delta[bad[0]]:.3g} I "
+            "failed; an inverse square root needs A >= 0 — check how A was formed, or add a "
+            "ridge with eps > 0 large enough to make it positive definite"
+        )
+
+
+def _eigh_power(A64: torch.Tensor, dtype: torch.dtype, power: float):
+    lam, V = torch.linalg.eigh(A64)
+    if power < 0:
+        lam_min = lam.detach().min(dim=-1).values.cpu().numpy()
+        if np.any(lam_min <= 0):
+            b = int(np.flatnonzero(lam_min <= 0)[0])
+            lam_b = lam[b].detach().cpu().numpy()
+            raise ValueError(
+                f"expected positive definite matrices for method='eigh', but matrix {b} (flat batch index) "
+                f"has eigenvalue {lam_b.min():.3g} <= 0 (largest {lam_b.max():.3g}): A^(-1/2) does not "
+                "exist; pass a ridge eps > 0 (A + eps I)"
+            )
+    lam = torch.clamp(lam, min=0.0)
+    D = torch.matmul(V * (lam ** power)[..., None, :], V.transpose(-1, -2))
+    return D.to(dtype)
+
+
+def _prepare(A3: torch.Tensor, eps: float):
+    """``A + eps I`` in float64, symmetrised (the matrix every method works on)."""
+    n = A3.shape[-1]
+    A64 = A3.to(torch.float64)
+    if eps:
+        A64 = A64 + eps * _batched_eye(n, A64)
+    return (A64 + A64.transpose(-1, -2)) * 0.5
+
+
+def _initial(A3: torch.Tensor, A64: torch.Tensor, c: torch.Tensor, eps: float):
+    """``Y_0 = A / c`` in the working dtype, formed as the numpy backend forms it."""
+    Y0_64 = A64 / c[:, None, None]
+    if A3.dtype == torch.float64:
+        return Y0_64, Y0_64
+    base = A3 if not eps else A64.to(A3.dtype)
+    Y0 = base / c.to(A3.dtype)[:, None, None]
+    return (Y0 + Y0.transpose(-1, -2)) * 0.5, Y0_64
+
+
+def _finish(Z, Y, A64, c, want, dtype):
+    sc = torch.sqrt(c)[:, None, None]
+    if want == "isqrt":
+        return (Z.to(torch.float64) / sc).to(dtype)
+    if Y is not None:
+        return (Y.to(torch.float64) * sc).to(dtype)
+    return (torch.matmul(A64, Z.to(torch.float64)) / sc).to(dtype)
+
+
+_FLAG_COLUMNS = ("n_bad", "asym", "ok", "lmin", "lmax", "delta", "scale", "out_finite")
+
+
+def _fixed_core(A3: torch.Tensor, n_iter: int, scaling: str, eps: float, want: str):
+    """Validation measures, probe, scaling and ``n_iter`` coupled steps, all on the device.
+
+    Returns ``(out, flags)`` with ``flags (nb, 8)`` float64 (columns ``_FLAG_COLUMNS``) so
+    that the caller needs ONE host sync to raise or warn.  This is the function captured
+    in a CUDA graph for small problems; eagerly it is also the fast path.
+    """
+    nb = A3.shape[0]
+    n_bad, rel = _input_flags(A3)
+    A64 = _prepare(A3, eps)
+    ok, lmin, lmax, delta = _probe(A64.detach(), A3.dtype)
+    c = _scale(A64, scaling, lmax)
+    Y0, _ = _initial(A3, A64, c, eps)
+    Z, Y = _run_coupled_fixed(Y0, n_iter, want_y=want == "sqrt")
+    out = _finish(Z, Y, A64, c, want, A3.dtype)
+    with torch.no_grad():
+        fin = torch.isfinite(out).all(dim=-1).all(dim=-1)
+        flags = torch.stack([n_bad.to(torch.float64).expand(nb), rel.to(torch.float64), ok.to(torch.float64),
+                             lmin, lmax, delta, c.detach(), fin.to(torch.float64)], dim=1)
+    return out, flags
+
+
+# ---- CUDA graphs for small fixed-count problems (the launch-bound regime) -------------
+#
+# A 27 x 27 coupled iteration is ~3 tiny kernels per step; eagerly each costs a CPU
+# launch (~5-10 us), so 15 steps are launch-bound.  Capturing _fixed_core once per
+# (shape, dtype, n_iter, scaling, eps, want, TF32) and replaying it costs one launch.
+# Used only on CUDA, without autograd, when n <= _GRAPH_MAX_N and nb*n*n <= _GRAPH_MAX_ELEMS;
+# a problem whose capture fails is remembered and runs eagerly.
+# NOTE: written for CUDA and exercised by the gpu-marked tests; not measured on a GPU yet.
+
+_GRAPH_MAX_N = 128
+_GRAPH_MAX_ELEMS = 2**20
+_GRAPH_CACHE_SIZE = 16
+_GRAPHS: "OrderedDict[tuple, object]" = OrderedDict()
+
+
+class _CapturedSolve:
+    """A captured :func:`_fixed_core` with its static input and outputs."""
+
+    def __init__(self, A3, n_iter, scaling, eps, want):
+        dev = A3.device
+        self.static_in = A3.detach().clone()
+        fn = lambda: _fixed_core(self.static_in, n_iter, scaling, eps, want)  # noqa: E731
+        with torch.no_grad(), torch.cuda.device(dev), _matmul_precision(dev):
+            side = torch.cuda.Stream(dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):  # warm-up: cuBLAS/cuSOLVER handles and workspaces
+                for _ in range(2):
+                    fn()
+            torch.cuda.current_stream(dev).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.static_out, self.static_flags = fn()
+
+    def __call__(self, A3):
+        self.static_in.copy_(A3)
+        self.graph.replay()
+        return self.static_out.clone(), self.static_flags.clone()
+
+
+def _graph_eligible(A3: torch.Tensor) -> bool:
+    nb, n, _ = A3.shape
+    return (
+        _SETTINGS["cuda_graphs"]
+        and A3.device.type == "cuda"
+        and not (torch.is_grad_enabled() and A3.requires_grad)
+        and n <= _GRAPH_MAX_N
+        and nb * n * n <= _GRAPH_MAX_ELEMS
+        and not torch.cuda.is_current_stream_capturing()
+    )
+
+
+def _fixed_solve(A3, n_iter, scaling, eps, want):
+    """``_fixed_core`` through a cached CUDA graph where eligible, eagerly otherwise."""
+    if _graph_eligible(A3):
+        key = (A3.device.index, A3.dtype, tuple(A3.shape), n_iter, scaling, float(eps), want,
+               _SETTINGS["allow_tf32"])
+        with _LOCK:
+            entry = _GRAPHS.get(key)
+            if entry is None:
+                try:
+                    entry = _CapturedSolve(A3, n_iter, scaling, eps, want)
+                except Exception:  # capture unsupported for some kernel: remember, run eagerly
+                    torch.cuda.synchronize(A3.device)
+                    entry = False
+                _GRAPHS[key] = entry
+                while len(_GRAPHS) > _GRAPH_CACHE_SIZE:
+                    _GRAPHS.popitem(last=False)
+            else:
+                _GRAPHS.move_to_end(key)
+            if entry:
+                return entry(A3)
+    with _matmul_precision(A3.device):
+        return _fixed_core(A3, n_iter, scaling, eps, want)
+
+
+def _solve(A, method, n_iter, tol, scaling, eps, return_info, *, want):
+    """Torch twin of ``newton_schulz._solve`` (same steps, same messages, same info)."""
+    ns = _ns()
+    t, method, n_iter, tol, scaling, eps, return_info = _validate_ns(
+        A, method, n_iter, tol, scaling, eps, return_info)
+    dtype = t.dtype
+    np_dtype = np.float32 if dtype == torch.float32 else np.float64
+    batch, n = tuple(t.shape[:-2]), t.shape[-1]
+    nb = int(np.prod(batch, dtype=np.int64))
+    tol_used = tol if (tol is not None or n_iter is not None) else ns.default_tol(np_dtype, n)
+
+    if nb == 0:
+        out = t.new_empty(t.shape)
+        if not return_info:
+            return out
+        z = np.zeros(batch, dtype=bool)
+        info = ns.NewtonSchulzInfo(
+            residuals=np.empty(batch + (0 if method != "eigh" else 1,)), n_iter=0,
+            converged=z.copy(), diverged=z.copy(), best_iter=np.zeros(batch, dtype=np.int64),
+            scale=np.empty(batch), method=method, scaling=scaling, tol=tol_used,
+        )
+        return out, info
+
+    A3 = t.reshape(nb, n, n)
+    if method == "auto":
+        method = ns._auto_choice(n, nb, np_dtype)
+    label = method
+    stop_early = tol_used is not None and (tol is not None or n_iter is None)
+
+    if method == "coupled" and not (return_info or stop_early):
+        # fast path: everything on the device, one host sync for all checks
+        out, flags = _fixed_solve(A3, n_iter, scaling, eps, want)
+        f = flags.cpu().numpy()
+        _raise_input(int(f[0, 0]), f[:, 1], dtype)
+        _raise_probe(f[:, 2] > 0, f[:, 5], nb)
+        if want == "isqrt":
+            ns._check_singular(f[:, 3], f[:, 4], f[:, 5], eps, nb)
+        if f[:, 7].all():
+            return out.reshape(t.shape)
+        # the fast path blew up: rerun with residuals to return the best iterate (below)
+
+    n_bad, rel = _input_flags(A3)
+    _raise_input(int(n_bad), rel.cpu().numpy(), dtype)
+    A64 = _prepare(A3, eps)
+
+    with _matmul_precision(t.device):
+        if method == "eigh":
+            D = _eigh_power(A64, dtype, -0.5 if want == "isqrt" else 0.5)
+            out = D.reshape(t.shape)
+            if not return_info:
+                return out
+            Dinv = D if want == "isqrt" else _eigh_power(A64, dtype, -0.5)
+            r = _residual64(Dinv, A64).cpu().numpy()
+            finite = np.isfinite(r)
+            info = ns.NewtonSchulzInfo(
+                residuals=r.reshape(batch + (1,)), n_iter=1,
+                converged=(finite if tol_used is None else finite & (r <= tol_used)).reshape(batch),
+                diverged=(~finite).reshape(batch), best_iter=np.ones(batch, dtype=np.int64),
+                scale=np.ones(batch), method=label, scaling=scaling, tol=tol_used,
+            )
+            return out, info
+
+        ok, lmin, lmax, delta = _probe(A64.detach(), dtype)
+        c = _scale(A64, scaling, lmax)
+        probe = torch.stack([ok.to(torch.float64), lmin, lmax, delta, c.detach()]).cpu().numpy()
+        _raise_probe(probe[0] > 0, probe[3], nb)
+        if want == "isqrt":
+            ns._check_singular(probe[1], probe[2], probe[3], eps, nb)
+        c_np = probe[4]
+        Y0, Y0_64 = _initial(A3, A64, c, eps)
+        n_max = n_iter if n_iter is not None else ns.MAX_ITER
+        Y = None
+        if method == "uncoupled":
+            Z, tracker, n_run = _run_uncoupled(Y0, Y0_64, n_max, tol=tol_used, stop_early=stop_early)
+        else:
+            Z, Y, tracker, n_run = _run_coupled_tracked(Y0, Y0_64, n_max, tol=tol_used, stop_early=stop_early)
+        _warn_diverged(tracker, label, nb)
+        out = _finish(Z, Y, A64, c, want, dtype).reshape(t.shape)
+    if not return_info:
+        return out
+    hist = tracker.finish(n_run)
+    best_r = tracker.best
+    finite = np.isfinite(best_r)
+    converged = finite if tol_used is None else finite & (best_r <= tol_used)
+    info = ns.NewtonSchulzInfo(
+        residuals=hist.reshape(batch + (n_run,)), n_iter=int(n_run),
+        converged=converged.reshape(batch), diverged=tracker.diverged.reshape(batch),
+        best_iter=tracker.best_iter.reshape(batch), scale=c_np.reshape(batch),
+        method=label, scaling=scaling, tol=tol_used,
+    )
+    return out, info
+
+
+def _warn_diverged(tracker, method, nb):
+    _ns()._warn_diverged(tracker, method, nb)
+
+
+def inv_sqrtm(A, *, method="coupled", n_iter=None, tol=None, scaling="fro", eps=0.0, return_info=False):
+    """Torch twin of :func:`nsiter.inv_sqrtm`: ``D ~= (A + eps I)^{-1/2}``, autograd through the iterations.
+
+    Same methods, validation, stopping rule, warnings and :class:`~nsiter.newton_schulz.NewtonSchulzInfo`
+    (numpy fields, residuals float64) as the numpy backend.  A fixed ``n_iter`` without
+    ``tol``/``return_info`` runs entirely on the device with one host sync (and from a
+    captured CUDA graph for small problems on CUDA without autograd); tolerance mode
+    syncs once per iteration to apply the stopping rule.
+    """
+    return _solve(A, method, n_iter, tol, scaling, eps, return_info, want="isqrt")
+
+
+def sqrtm_psd(A, *, method="coupled", n_iter=None, tol=None, scaling="fro", eps=0.0, return_info=False):
+    """Torch twin of :func:`nsiter.sqrtm_psd`: ``S ~= (A + eps I)^{1/2}`` (the ``Y`` sequence)."""
+    return _solve(A, method, n_iter, tol, scaling, eps, return_info, want="sqrt")
