@@ -11,6 +11,7 @@ from importlib.metadata import PackageNotFoundError, version as _version
 from . import data
 from ._warnings import IllConditionedWarning, NewtonSchulzDivergenceWarning, NsiterWarning
 from .im2col import col2im, im2col, output_shape
+from .kernel_estimation import KernelEstimate, estimate_kernel
 from .newton_schulz import NewtonSchulzInfo, inv_sqrtm, sqrtm_psd
 from .verification import WhiteningReport, verify_whitening
 
@@ -25,6 +26,8 @@ __all__ = [
     "im2col",
     "col2im",
     "output_shape",
+    "estimate_kernel",
+    "KernelEstimate",
     "inv_sqrtm",
     "sqrtm_psd",
     "NewtonSchulzInfo",
