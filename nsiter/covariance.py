@@ -1,0 +1,681 @@
+r"""Covariances of data matrices and of convolution patches (Ye et al. 2020, Algorithm 1).
+
+``covariance(X)`` is the paper's ``Cov = (X - mu)^T (X - mu) / N`` of a samples x features
+matrix.  ``patch_covariance(x, k, ...)`` is the same statistic for the im2col matrix of an
+image batch, per channel block and on a subsampled patch grid (§4.5.2, Algorithm 1),
+computed without materialising the im2col matrix.  ``PatchStatistics`` accumulates it
+batch by batch and merges shards exactly.
+
+Numerics (all paths): second moments are accumulated in float64 about a *shift* close to the
+feature means and corrected exactly at the end (``M2 = S_2 - s s^T / N`` with ``s`` the
+shifted column sums), so data with a large mean does not cancel the way the reference code's
+``E[x x^T] - mu mu^T`` in float32 does.  Two kernels compute the moments:
+
+* ``"im2col"``: chunks of shifted patch rows (at most ``_BUFFER_BYTES``), each augmented by a
+  column of ones, and one BLAS product ``B^T B`` per chunk (moments and column sums at once);
+  the chunk results are summed in float64.  For float32 input with wide blocks the products
+  of one chunk (at most ``_F32_ROWS`` rows) run in float32 BLAS, otherwise in float64.
+* ``"shifted"`` (dense grid, effective stride 1): the moment of two taps is a window sum of the
+  product of the image with a shifted copy of itself; see :mod:`nsiter._numba._covariance`.
+  ``O(C^2 k^2 H W)`` work instead of ``O(C^2 k^4 H W)``, all in float64.
+
+The faster one is picked by a cost model (:func:`_choose_kernel`).
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+from ._conventions import as_images, geometry
+from ._dispatch import is_tensor, torch_backend
+from ._numba._covariance import _patch_rows, _scatter_moments, _shifted_moments
+from ._validation import (
+    as_float_array,
+    as_pair,
+    check_finite,
+    check_ndim,
+    check_nonempty,
+    check_nonnegative_float,
+    check_option,
+    check_positive_int,
+)
+
+__all__ = ["GROUPINGS", "covariance", "patch_covariance", "PatchStatistics"]
+
+#: Channel groupings of ``patch_covariance`` / ``PatchStatistics`` (``block_size`` given).
+GROUPINGS = ("contiguous", "reference")
+
+#: Kernels behind ``patch_covariance`` (chosen automatically; the private ``_kernel``
+#: argument of :func:`_patch_moments` forces one, for tests and benchmarks).
+KERNELS = ("im2col", "shifted")
+
+_BUFFER_BYTES = 8 * 2**20  # one chunk of shifted patch rows
+_F32_ROWS = 2048  # rows per float32 BLAS product (its rounding grows like sqrt(rows))
+_F64_ROWS = 65536
+_F32_MIN_FEATURES = 64  # narrower blocks are fill-bound: their products run in float64
+_DENSE_BYTES = 32 * 2**20  # one piece of padded, shifted float64 images ("shifted" kernel)
+
+# cost model (seconds = work / rate), measured on a 2-core AVX2 machine; only ratios matter
+_RATE_SYRK = {np.dtype(np.float32): 40e9, np.dtype(np.float64): 20e9}  # multiply-adds / s
+_RATE_FILL = 0.6e9  # patch-row entries written / s
+_RATE_SHIFTED = 2.5e9  # multiply-adds / s of the shifted-product kernel
+_CALL_OVERHEAD = 30e-6  # per chunk (kernel launch + BLAS call)
+
+
+# --------------------------------------------------------------------------------------
+# validation helpers
+# --------------------------------------------------------------------------------------
+
+def _check_finite_fast(arr: np.ndarray, name: str) -> None:
+    """``check_finite`` without a boolean temporary: min and max propagate NaN and inf."""
+    if arr.size and not (np.isfinite(arr.min()) and np.isfinite(arr.max())):
+        check_finite(arr, name)
+
+
+def _check_block(block_size, c: int):
+    if block_size is None:
+        return None
+    block_size = check_positive_int(block_size, "block_size")
+    if c % block_size:
+        fix = math.gcd(block_size, c)
+        raise ValueError(
+            f"block_size {block_size} does not divide the {c} channels of x; "
+            f"use block_size={fix} (gcd({block_size}, {c})) or another divisor of {c}"
+        )
+    return block_size
+
+
+def _ridge(cov: np.ndarray, eps: float) -> np.ndarray:
+    if eps:
+        n = cov.shape[-1]
+        idx = np.arange(n)
+        cov[..., idx, idx] += eps
+    return cov
+
+
+# --------------------------------------------------------------------------------------
+# layout of groups
+# --------------------------------------------------------------------------------------
+
+class _Plan(NamedTuple):
+    """How im2col columns map to covariance blocks.
+
+    ``mode`` is ``"full"`` (one ``F x F`` matrix), ``"contiguous"`` (``groups`` matrices of
+    ``fb x fb``) or ``"reference"`` (``stack`` column groups stacked as rows, one matrix).
+    Column ``j`` goes to block ``grp[j]`` at feature ``feat[j]``.
+    """
+
+    mode: str
+    c: int
+    taps: int
+    groups: int  # matrices returned
+    stack: int  # column groups stacked as rows (reference grouping), else 1
+    fb: int
+    grp: np.ndarray
+    feat: np.ndarray
+
+    @property
+    def n_features(self) -> int:
+        return self.c * self.taps
+
+
+def _plan(c: int, taps: int, block_size, grouping: str) -> _Plan:
+    f = c * taps
+    j = np.arange(f, dtype=np.int64)
+    if block_size is None or (grouping == "contiguous" and block_size == c):
+        if block_size is None:
+            return _Plan("full", c, taps, 1, 1, f, np.zeros(f, np.int64), j)
+        return _Plan("contiguous", c, taps, 1, 1, f, np.zeros(f, np.int64), j)
+    g = c // block_size
+    fb = block_size * taps
+    if grouping == "contiguous":
+        return _Plan("contiguous", c, taps, g, 1, fb, j // fb, j % fb)
+    return _Plan("reference", c, taps, 1, g, fb, j % g, j // g)
+
+
+# --------------------------------------------------------------------------------------
+# moments: (count, mean (G, fb), M2 (G, fb, fb)), float64, M2 = sum of centred outer products
+# --------------------------------------------------------------------------------------
+
+def _finish_shifted(count, shift, sums, second):
+    """Centred statistics from moments about ``shift``: ``M2 = S_2 - s s^T / N`` (in place on ``second``).
+
+    ``z = s / sqrt(N)`` makes the correction ``z z^T`` exactly symmetric, so an exactly
+    symmetric ``second`` gives an exactly symmetric ``M2``.
+    """
+    z = sums / math.sqrt(count)
+    second -= z[..., :, None] * z[..., None, :]
+    return count, shift + sums / count, second
+
+
+def _merge_moments(a, b):
+    """Chan–Golub–LeVeque: statistics of the union of two sample sets (exact in exact arithmetic)."""
+    na, ma, Ma = a
+    nb, mb, Mb = b
+    n = na + nb
+    d = mb - ma
+    mean = ma + d * (nb / n)
+    m2 = Ma + Mb + (na * nb / n) * (d[..., :, None] * d[..., None, :])
+    return n, mean, m2
+
+
+def _chunk_rows(width: int, dtype: np.dtype) -> int:
+    rows = max(1, _BUFFER_BYTES // (width * dtype.itemsize))
+    return int(min(rows, _F32_ROWS if dtype == np.float32 else _F64_ROWS))
+
+
+def _buffer_dtype(arr_dtype: np.dtype, fb: int) -> np.dtype:
+    if arr_dtype == np.float32 and fb >= _F32_MIN_FEATURES:
+        return np.dtype(np.float32)
+    return np.dtype(np.float64)
+
+
+def _matrix_moments(arr: np.ndarray):
+    """Moments of the rows of a samples x features matrix, two-pass and chunked."""
+    n, f = arr.shape
+    shift = arr.mean(axis=0, dtype=np.float64)
+    bdt = _buffer_dtype(arr.dtype, f)
+    rows = _chunk_rows(f + 1, bdt)
+    flat = np.empty(min(rows, n) * (f + 1), dtype=bdt)
+    tmp = np.empty((f + 1, f + 1), dtype=bdt)
+    acc = np.zeros((f + 1, f + 1))
+    for p0 in range(0, n, rows):
+        r = min(rows, n - p0)
+        buf = flat[: r * (f + 1)].reshape(r, f + 1)
+        np.subtract(arr[p0:p0 + r], shift, out=buf[:, :f], casting="same_kind")
+        buf[:, f] = 1.0
+        np.matmul(buf.T, buf, out=tmp)
+        acc += tmp
+    return _finish_shifted(n, shift, acc[f, :f], acc[:f, :f])
+
+
+def _channel_means(imgs: np.ndarray) -> np.ndarray:
+    """Per-channel means from a strided sample of at most ~64 x 64 pixels per image (a shift only)."""
+    h, w = imgs.shape[2:]
+    sub = imgs[:, :, :: max(1, h // 64), :: max(1, w // 64)]
+    return sub.mean(axis=(0, 2, 3), dtype=np.float64)
+
+
+def _valid_fraction(out: int, step: int, pad: int, dil: int, k: int, size: int) -> np.ndarray:
+    pos = np.arange(out)[:, None] * step - pad + np.arange(k)[None, :] * dil
+    return ((pos >= 0) & (pos < size)).mean(axis=0)
+
+
+def _im2col_moments(imgs: np.ndarray, g, plan: _Plan):
+    """Moments of the (grouped, stacked) patch rows, chunk by chunk through BLAS."""
+    m_c = _channel_means(imgs)
+    fh = _valid_fraction(g.oh, g.sh, g.ph, g.dh, g.kh, g.h)
+    fw = _valid_fraction(g.ow, g.sw, g.pw, g.dw, g.kw, g.w)
+    shift_col = (m_c[:, None, None] * fh[None, :, None] * fw[None, None, :]).reshape(-1)
+    if plan.mode == "reference":
+        shift_out = shift_col.reshape(plan.fb, plan.stack).mean(axis=1)
+        shift_col = shift_out[plan.feat]
+        shift_out = shift_out[None]
+    else:
+        shift_out = shift_col.reshape(plan.groups, plan.fb)
+    fb1 = plan.fb + 1
+    stacked = plan.mode == "reference"
+    lanes = plan.stack if stacked else plan.groups  # group rows per patch row
+    bdt = _buffer_dtype(imgs.dtype, plan.fb)
+    total = g.n * g.oh * g.ow
+    rows = min(_chunk_rows(lanes * fb1, bdt), total)
+    flat = np.empty(rows * lanes * fb1, dtype=bdt)
+    tmp = np.empty((plan.groups, fb1, fb1), dtype=bdt)
+    acc = np.zeros((plan.groups, fb1, fb1))
+    x = np.ascontiguousarray(imgs)
+    for p0 in range(0, total, rows):
+        r = min(rows, total - p0)
+        if stacked:
+            buf = flat[: r * lanes * fb1].reshape(r, lanes, fb1)
+        else:
+            buf = flat[: r * lanes * fb1].reshape(lanes, r, fb1)
+        _patch_rows(x, shift_col, plan.grp, plan.feat, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw,
+                    g.oh, g.ow, p0, stacked, buf)
+        if stacked:
+            b2 = buf.reshape(r * lanes, fb1)
+            np.matmul(b2.T, b2, out=tmp[0])
+        else:
+            np.matmul(buf.transpose(0, 2, 1), buf, out=tmp)
+        acc += tmp
+    count = total * plan.stack
+    fb = plan.fb
+    return _finish_shifted(count, shift_out, acc[:, fb, :fb], acc[:, :fb, :fb])
+
+
+def _dense_pairs(plan: _Plan) -> tuple[np.ndarray, np.ndarray]:
+    """Channel pairs ``a <= b`` whose moments the plan needs (all, or within contiguous blocks)."""
+    a, b = np.triu_indices(plan.c)
+    if plan.mode == "contiguous":
+        block = plan.c // plan.groups
+        keep = a // block == b // block
+        a, b = a[keep], b[keep]
+    return a, b
+
+
+def _dense_tasks(plan: _Plan, kh: int) -> np.ndarray:
+    """Tasks ``(c, c2, di)``: ``di >= 0`` for ``c == c2`` (the rest is the transpose), all ``di`` else."""
+    a, b = _dense_pairs(plan)
+    di = np.arange(-(kh - 1), kh)
+    t = np.stack(np.broadcast_arrays(a[:, None], b[:, None], di[None, :]), axis=-1).reshape(-1, 3)
+    t = t[(t[:, 0] != t[:, 1]) | (t[:, 2] >= 0)]
+    return np.ascontiguousarray(t, dtype=np.int64)
+
+
+def _dense_pieces(g):
+    """``(n0, n1, a0, a1)``: image ranges and output-row bands whose padded rows fit the budget."""
+    wp = g.ow + (g.kw - 1) * g.dw
+    hp = g.oh + (g.kh - 1) * g.dh
+    per_image = g.c * hp * wp * 8
+    if per_image <= _DENSE_BYTES:
+        step = max(1, _DENSE_BYTES // per_image)
+        return [(n0, min(g.n, n0 + step), 0, g.oh) for n0 in range(0, g.n, step)]
+    halo = (g.kh - 1) * g.dh
+    band = max(1, _DENSE_BYTES // (g.c * wp * 8) - halo)
+    return [(n, n + 1, a0, min(g.oh, a0 + band)) for n in range(g.n) for a0 in range(0, g.oh, band)]
+
+
+def _shifted_moments_driver(imgs: np.ndarray, g, plan: _Plan):
+    """Moments of a dense (effective stride 1) patch grid via shifted inner products."""
+    m_c = _channel_means(imgs)
+    kh, kw, dh, dw = g.kh, g.kw, g.dh, g.dw
+    wp = g.ow + (kw - 1) * dw
+    halo = (kh - 1) * dh
+    tasks = _dense_tasks(plan, kh)
+    acc = np.zeros((len(tasks), kh, 2 * kw - 1, kw))
+    colsum = np.zeros((g.c, kh, kw))
+    ii = np.arange(kh) * dh
+    jj = np.arange(kw) * dw
+    for n0, n1, a0, a1 in _dense_pieces(g):
+        rows = a1 - a0 + halo
+        xs = np.empty((n1 - n0, g.c, rows, wp))
+        xs[...] = -m_c[None, :, None, None]
+        # padded rows [a0, a0 + rows) hold image rows [a0 - ph, ...); columns [pw, pw + w)
+        r0 = max(0, a0 - g.ph)
+        r1 = min(g.h, a0 + rows - g.ph)
+        if r1 > r0:
+            dst = xs[:, :, r0 + g.ph - a0:r1 + g.ph - a0, g.pw:g.pw + g.w]
+            np.subtract(imgs[n0:n1, :, r0:r1], m_c[None, :, None, None], out=dst)
+        _shifted_moments(xs, tasks, kh, kw, dh, dw, a1 - a0, g.ow, acc)
+        sat = np.zeros((g.c, rows + 1, wp + 1))
+        np.cumsum(np.cumsum(xs.sum(axis=0), axis=1), axis=2, out=sat[:, 1:, 1:])
+        oh = a1 - a0
+        colsum += (sat[:, ii[:, None] + oh, jj[None, :] + g.ow] - sat[:, ii[:, None], jj[None, :] + g.ow]
+                   - sat[:, ii[:, None] + oh, jj[None, :]] + sat[:, ii[:, None], jj[None, :]])
+    f = plan.n_features
+    second = np.zeros((f, f))
+    _scatter_moments(acc, tasks, kh, kw, second)
+    count = g.n * g.oh * g.ow
+    shift = np.repeat(m_c, kh * kw)
+    n, mean, m2 = _finish_shifted(count, shift, colsum.reshape(-1), second)
+    return _regroup(n, mean, m2, plan)
+
+
+def _regroup(n, mean, m2, plan: _Plan):
+    """Full-matrix statistics ``(F,), (F, F)`` arranged as the plan's blocks."""
+    if plan.mode == "full":
+        return n, mean[None], m2[None]
+    if plan.mode == "contiguous":
+        fb = plan.fb
+        idx = np.arange(plan.groups)[:, None] * fb + np.arange(fb)[None, :]
+        return n, mean[idx], m2[idx[:, :, None], idx[:, None, :]]
+    stats = None
+    for grp in range(plan.stack):
+        idx = np.arange(plan.fb) * plan.stack + grp
+        s = (n, mean[idx], m2[np.ix_(idx, idx)])
+        stats = s if stats is None else _merge_moments(stats, s)
+    n_all, mu, M = stats
+    return n_all, mu[None], M[None]
+
+
+def _cost(g, plan: _Plan, dtype) -> dict:
+    """Estimated seconds of both kernels for this geometry (a coarse, machine-calibrated model)."""
+    rows = g.n * g.oh * g.ow
+    fb1 = plan.fb + 1
+    bdt = _buffer_dtype(np.dtype(dtype), plan.fb)
+    lanes = plan.stack if plan.mode == "reference" else plan.groups
+    chunks = -(-rows // _chunk_rows(lanes * fb1, bdt))
+    t_im2col = (rows * lanes * fb1 * (fb1 + 1) / 2 / _RATE_SYRK[bdt] + rows * plan.n_features / _RATE_FILL
+                + chunks * _CALL_OVERHEAD)
+    if g.sh != 1 or g.sw != 1:
+        return {"im2col": t_im2col, "shifted": math.inf}
+    hp = g.oh + (g.kh - 1) * g.dh
+    wp = g.ow + (g.kw - 1) * g.dw
+    cols = sum(wp - abs(dj) * g.dw for dj in range(-(g.kw - 1), g.kw))
+    a, b = _dense_pairs(plan)
+    n_same = int(np.count_nonzero(a == b))
+    n_diff = len(a) - n_same
+    rows_pos = sum(hp - di * g.dh for di in range(g.kh))  # di >= 0
+    rows_all = 2 * rows_pos - hp
+    events = 2 * g.kh * (2 * g.kw - 1) * wp
+    work = n_same * (rows_pos * cols + g.kh * events) + n_diff * (rows_all * cols + (2 * g.kh - 1) * events)
+    t_shifted = g.n * work / _RATE_SHIFTED + g.n * g.c * hp * wp / _RATE_FILL
+    return {"im2col": t_im2col, "shifted": t_shifted}
+
+
+def _choose_kernel(g, plan: _Plan, dtype) -> str:
+    cost = _cost(g, plan, dtype)
+    return min(cost, key=cost.get)
+
+
+def _patch_moments(imgs: np.ndarray, g, plan: _Plan, _kernel: str | None = None):
+    """Dispatch to one kernel: ``(count, mean (G, fb), M2 (G, fb, fb))`` in float64."""
+    kernel = _kernel or _choose_kernel(g, plan, imgs.dtype)
+    if kernel == "shifted":
+        if g.sh != 1 or g.sw != 1:
+            raise ValueError("the 'shifted' kernel needs an effective stride (stride * sampling_stride) of 1")
+        return _shifted_moments_driver(imgs, g, plan)
+    return _im2col_moments(imgs, g, plan)
+
+
+# --------------------------------------------------------------------------------------
+# public API
+# --------------------------------------------------------------------------------------
+
+def covariance(X, *, eps=0.0):
+    r"""Covariance and mean of a samples x features matrix, with the paper's 1/N normalisation.
+
+    .. math::
+
+        \mu = \frac{1}{N} \sum_r X_{r,:}, \qquad
+        \mathrm{Cov} = \frac{1}{N} (X - \mu)^T (X - \mu) + \varepsilon I
+
+    (Ye et al. 2020, §4.2; ``eps`` is the ridge of Algorithm 1, line 8).
+
+    Parameters
+    ----------
+    X : array_like, shape (N, F)
+        Rows are samples, columns features.  Never modified.
+    eps : float, optional
+        Ridge added to the diagonal (``>= 0``).
+
+    Returns
+    -------
+    cov : ndarray, shape (F, F)
+        Symmetric.  float32 for float32/float16 input, float64 otherwise.
+    mean : ndarray, shape (F,)
+        Same dtype as ``cov``.
+
+    Raises
+    ------
+    ValueError
+        ``X`` not 2-D, empty, holding NaN/inf, or a negative ``eps``.
+    TypeError
+        Complex or non-numeric ``X``.
+
+    Notes
+    -----
+    Two-pass: the float64 column means are computed first; then chunks of centred rows
+    (each augmented by a column of ones) are multiplied by BLAS and summed in float64, so the
+    extra memory is a few MB whatever ``N``, and the result has no ``E[x x^T] - mu mu^T``
+    cancellation.  For float32 input with ``F >= 64`` the product of one chunk (at most 2048
+    rows) runs in float32 BLAS, which keeps float32 speed at about 1e-6 relative accuracy;
+    float64 input is float64 throughout.
+
+    Examples
+    --------
+    >>> import numpy as np, nsiter
+    >>> X = np.array([[1.0, 2.0], [3.0, 6.0]])
+    >>> cov, mean = nsiter.covariance(X)
+    >>> cov
+    array([[1., 2.],
+           [2., 4.]])
+    >>> mean
+    array([2., 4.])
+    """
+    if is_tensor(X):
+        return torch_backend().covariance(X, eps=eps)
+    arr = as_float_array(X, "X")
+    check_ndim(arr, "X", (2,), "(n_samples, n_features); for one feature use X[:, None]")
+    check_nonempty(arr, "X")
+    eps = check_nonnegative_float(eps, "eps")
+    _check_finite_fast(arr, "X")
+    n, mean, m2 = _matrix_moments(arr)
+    cov = _ridge(m2 / n, eps)
+    return cov.astype(arr.dtype, copy=False), mean.astype(arr.dtype, copy=False)
+
+
+def _sampled_geometry(shape4, kernel_size, stride, padding, dilation, sampling_stride):
+    s = check_positive_int(sampling_stride, "sampling_stride")
+    sh, sw = as_pair(stride, "stride", minimum=1)
+    return geometry(shape4, kernel_size, (sh * s, sw * s), padding, dilation)
+
+
+def _finish(stats, plan: _Plan, eps: float, dtype):
+    n, mean, m2 = stats
+    cov = _ridge(m2 / n, eps).astype(dtype, copy=False)
+    mean = mean.astype(dtype, copy=False)
+    if plan.mode == "contiguous":
+        return cov, mean
+    return cov[0], mean[0]
+
+
+def patch_covariance(x, kernel_size, *, stride=1, padding=0, dilation=1, sampling_stride=1,
+                     block_size=None, grouping="contiguous", eps=0.0):
+    r"""Covariance of the im2col matrix of an image batch (Ye et al. 2020, Algorithm 1).
+
+    With ``X = im2col(x, kernel_size, stride=stride*sampling_stride, padding=padding,
+    dilation=dilation)`` (one row per patch, ``F = C*kh*kw`` columns) this returns
+
+    .. math::
+
+        \mathrm{Cov} = \frac{1}{N} (X - \mu)^T (X - \mu) + \varepsilon I, \qquad
+        \mu = \frac{1}{N} \sum_r X_{r,:}
+
+    per channel block, without materialising ``X``.  ``sampling_stride = S`` is the
+    subsampling of §4.5.2: patches on a grid of step ``S*stride`` from offset 0, as in the
+    reference implementation (``S^2`` times fewer rows).
+
+    Parameters
+    ----------
+    x : array_like, shape (N, C, H, W), (C, H, W) or (H, W)
+        Channels-first images (never modified).
+    kernel_size, stride, padding, dilation : int or (int, int)
+        As in :func:`nsiter.im2col` (zero padding).
+    sampling_stride : int, optional
+        Subsampling factor ``S >= 1`` of the patch grid.
+    block_size : int, optional
+        Channels per block ``B`` (must divide ``C``).  ``None``: one ``F x F`` covariance.
+    grouping : {"contiguous", "reference"}, optional
+        How channels form blocks when ``block_size`` is given (see Notes).  Ignored for
+        ``block_size=None`` (but still validated).
+    eps : float, optional
+        Ridge ``eps * I`` added to each returned covariance.
+
+    Returns
+    -------
+    cov : ndarray
+        ``(F, F)`` for ``block_size=None``; ``(G, Fb, Fb)`` for ``"contiguous"`` with
+        ``G = C/B`` and ``Fb = B*kh*kw``; ``(Fb, Fb)`` for ``"reference"``.
+    mean : ndarray
+        ``(F,)``, ``(G, Fb)`` or ``(Fb,)`` accordingly.  float32 for float32/float16 input,
+        float64 otherwise.
+
+    Raises
+    ------
+    ValueError
+        Wrong ndim or empty ``x``, NaN/inf in ``x``, kernel larger than the padded image,
+        non-positive stride/dilation/sampling_stride, negative padding or ``eps``,
+        ``block_size`` not dividing ``C`` (the message names ``gcd(B, C)``), unknown
+        ``grouping`` (the message lists :data:`GROUPINGS`).
+    TypeError
+        Complex input, non-integer sizes.
+
+    Notes
+    -----
+    **Groupings.**  ``"contiguous"``: channels ``[gB, (g+1)B)`` form block ``g``, whose
+    covariance is that of ``im2col(x[:, gB:(g+1)B])`` (columns ``c*kh*kw + i*kw + j`` within
+    the block); this is also the statistic of a grouped convolution with ``groups = G``.
+    ``"reference"``: the grouping of the paper's reference code (FastDeconv, groups=1):
+    im2col column ``j`` goes to group ``j mod G`` at feature ``j div G``, and the ``G`` groups
+    are stacked as extra rows, so ONE covariance of ``Fb x Fb`` is shared by all groups and
+    ``N = G * patches``.  Its blocks interleave channels and taps (group ``g`` holds columns
+    ``g, g + G, g + 2G, ...``), and the shared matrix averages the groups' second moments
+    about the common mean; ``"contiguous"`` keeps one exact covariance per channel block.
+    With ``B = C`` both equal the full covariance (``"contiguous"`` keeps a leading axis of 1).
+
+    **Cost.**  Two kernels, chosen by a cost model: chunked shifted patch rows times BLAS
+    (bounded extra memory: a chunk of at most 8 MB plus the ``G (Fb+1)^2`` float64
+    accumulators), or, for an effective stride of 1, shifted inner products of the image
+    with itself (``O(C^2 k^2 HW)`` instead of ``O(C^2 k^4 HW)``; padded, shifted copies of at
+    most 32 MB at a time).  Both accumulate in float64 about a per-feature shift and are
+    exact up to rounding; see the module docstring.
+
+    Examples
+    --------
+    >>> import numpy as np, nsiter
+    >>> x = np.random.default_rng(0).standard_normal((2, 4, 16, 16))
+    >>> cov, mean = nsiter.patch_covariance(x, 3, padding=1)
+    >>> cov.shape, mean.shape
+    ((36, 36), (36,))
+    >>> np.allclose(cov, nsiter.covariance(nsiter.im2col(x, 3, padding=1))[0])
+    True
+    >>> cov, mean = nsiter.patch_covariance(x, 3, padding=1, block_size=2)
+    >>> cov.shape
+    (2, 18, 18)
+    >>> cov, mean = nsiter.patch_covariance(x, 3, block_size=2, grouping="reference", sampling_stride=2)
+    >>> cov.shape
+    (18, 18)
+    """
+    if is_tensor(x):
+        return torch_backend().patch_covariance(
+            x, kernel_size, stride=stride, padding=padding, dilation=dilation, sampling_stride=sampling_stride,
+            block_size=block_size, grouping=grouping, eps=eps)
+    arr = as_float_array(x, "x")
+    imgs = as_images(arr, "x")
+    check_nonempty(imgs, "x")
+    check_option(grouping, "grouping", GROUPINGS)
+    eps = check_nonnegative_float(eps, "eps")
+    g = _sampled_geometry(imgs.shape, kernel_size, stride, padding, dilation, sampling_stride)
+    block_size = _check_block(block_size, g.c)
+    _check_finite_fast(imgs, "x")
+    plan = _plan(g.c, g.kh * g.kw, block_size, grouping)
+    return _finish(_patch_moments(imgs, g, plan), plan, eps, arr.dtype)
+
+
+class PatchStatistics:
+    r"""Streaming patch covariance: update batch by batch, merge shards, read ``(cov, mean)``.
+
+    Holds the count, the float64 mean and the float64 centred second moment
+    ``M2 = sum_r (x_r - mu)(x_r - mu)^T`` of the (grouped) im2col rows seen so far.  Batches
+    and shards combine with the pairwise update of Chan, Golub & LeVeque
+    (``M2 = M2_a + M2_b + n_a n_b / n * d d^T``, ``d = mu_b - mu_a``), so the statistics of
+    several updates (or of merged accumulators from other processes) equal the one-shot
+    :func:`patch_covariance` of the concatenated batch up to rounding (~1e-15 relative).
+
+    Parameters
+    ----------
+    kernel_size, stride, padding, dilation, sampling_stride, block_size, grouping
+        As in :func:`patch_covariance`; fixed for the lifetime of the accumulator.
+
+    Attributes
+    ----------
+    count : int
+        Samples seen: patches for ``block_size=None`` / ``"contiguous"``, patches times
+        ``C/B`` for ``"reference"`` (the stacked rows).
+    channels : int or None
+        ``C``, fixed by the first update (``None`` before).
+    dtype : numpy.dtype or None
+        Output dtype: float32 while every update was float32/float16, else float64.
+
+    Examples
+    --------
+    >>> import numpy as np, nsiter
+    >>> rng = np.random.default_rng(0)
+    >>> a, b = rng.standard_normal((2, 3, 3, 20, 20))
+    >>> stats = nsiter.PatchStatistics(5, padding=2).update(a).update(b)
+    >>> cov, mean = stats.covariance(eps=1e-5)
+    >>> ref, _ = nsiter.patch_covariance(np.concatenate([a, b]), 5, padding=2, eps=1e-5)
+    >>> bool(np.allclose(cov, ref, rtol=1e-12, atol=1e-14))
+    True
+    """
+
+    def __init__(self, kernel_size, *, stride=1, padding=0, dilation=1, sampling_stride=1,
+                 block_size=None, grouping="contiguous"):
+        self.kernel_size = as_pair(kernel_size, "kernel_size", minimum=1)
+        self.stride = as_pair(stride, "stride", minimum=1)
+        self.padding = as_pair(padding, "padding", minimum=0)
+        self.dilation = as_pair(dilation, "dilation", minimum=1)
+        self.sampling_stride = check_positive_int(sampling_stride, "sampling_stride")
+        self.block_size = None if block_size is None else check_positive_int(block_size, "block_size")
+        self.grouping = check_option(grouping, "grouping", GROUPINGS)
+        self.channels = None
+        self.dtype = None
+        self._plan = None
+        self._stats = None  # (count, mean (G, fb), M2 (G, fb, fb)) in float64
+
+    def _settings(self) -> dict:
+        return {"kernel_size": self.kernel_size, "stride": self.stride, "padding": self.padding,
+                "dilation": self.dilation, "sampling_stride": self.sampling_stride,
+                "block_size": self.block_size, "grouping": self.grouping}
+
+    @property
+    def count(self) -> int:
+        return 0 if self._stats is None else int(self._stats[0])
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self._settings().items())
+        return f"PatchStatistics({args}; channels={self.channels}, count={self.count})"
+
+    def update(self, x):
+        """Add the patches of an image batch ``x`` ((N, C, H, W), (C, H, W) or (H, W)); returns ``self``.
+
+        torch tensors are copied to host memory (the statistics are float64 numpy arrays).
+        Validation as in :func:`patch_covariance`; a failed update leaves ``self`` unchanged.
+        """
+        if is_tensor(x):
+            x = x.detach().cpu().numpy()
+        arr = as_float_array(x, "x")
+        imgs = as_images(arr, "x")
+        check_nonempty(imgs, "x")
+        g = _sampled_geometry(imgs.shape, self.kernel_size, self.stride, self.padding, self.dilation,
+                              self.sampling_stride)
+        if self.channels is not None and g.c != self.channels:
+            raise ValueError(
+                f"expected images with {self.channels} channels (fixed by the first update), got {g.c}; "
+                "use one PatchStatistics per channel count"
+            )
+        block = _check_block(self.block_size, g.c)
+        _check_finite_fast(imgs, "x")
+        plan = self._plan if self._plan is not None else _plan(g.c, g.kh * g.kw, block, self.grouping)
+        stats = _patch_moments(imgs, g, plan)
+        self._stats = stats if self._stats is None else _merge_moments(self._stats, stats)
+        self.channels, self._plan = g.c, plan
+        self.dtype = arr.dtype if self.dtype is None else np.promote_types(self.dtype, arr.dtype)
+        return self
+
+    def merge(self, other: "PatchStatistics"):
+        """Add the statistics of another accumulator with the same settings, in place; returns ``self``."""
+        if not isinstance(other, PatchStatistics):
+            raise TypeError(f"expected a PatchStatistics to merge, got {type(other).__name__}")
+        mine, theirs = self._settings(), other._settings()
+        diff = [f"{k}: {mine[k]!r} vs {theirs[k]!r}" for k in mine if mine[k] != theirs[k]]
+        if diff:
+            raise ValueError(
+                "cannot merge PatchStatistics with different settings (" + "; ".join(diff) + "); "
+                "accumulate shards with identical kernel_size, stride, padding, dilation, "
+                "sampling_stride, block_size and grouping"
+            )
+        if other._stats is None:
+            return self
+        if self.channels is not None and other.channels != self.channels:
+            raise ValueError(
+                f"cannot merge statistics of {other.channels}-channel images into an accumulator of "
+                f"{self.channels}-channel images; use one PatchStatistics per channel count"
+            )
+        if self._stats is None:
+            self.channels, self._plan, self.dtype = other.channels, other._plan, other.dtype
+            n, mean, m2 = other._stats
+            self._stats = (n, mean.copy(), m2.copy())
+            return self
+        self.dtype = np.promote_types(self.dtype, other.dtype)
+        self._stats = _merge_moments(self._stats, other._stats)
+        return self
+
+    def covariance(self, eps=0.0):
+        """``(cov, mean)`` of everything seen, shaped as :func:`patch_covariance` returns them."""
+        eps = check_nonnegative_float(eps, "eps")
+        if self._stats is None:
+            raise ValueError("PatchStatistics has seen no data (count 0); call update(x) or merge(other) first")
+        return _finish(self._stats, self._plan, eps, self.dtype)
