@@ -10,6 +10,7 @@ from importlib.metadata import PackageNotFoundError, version as _version
 
 from . import data
 from ._warnings import IllConditionedWarning, NewtonSchulzDivergenceWarning, NsiterWarning
+from .covariance import GROUPINGS, PatchStatistics, covariance, patch_covariance
 from .im2col import col2im, im2col, output_shape
 from .kernel_estimation import KernelEstimate, estimate_kernel
 from .newton_schulz import NewtonSchulzInfo, inv_sqrtm, sqrtm_psd
@@ -26,6 +27,10 @@ __all__ = [
     "im2col",
     "col2im",
     "output_shape",
+    "covariance",
+    "patch_covariance",
+    "PatchStatistics",
+    "GROUPINGS",
     "estimate_kernel",
     "KernelEstimate",
     "inv_sqrtm",
