@@ -19,7 +19,7 @@ __all__ = ["add_verify_parser", "load_matrix", "data_covariance"]
 
 _PROG = "nsiter verify"
 _NPY_MAGIC = b"\x93NUMPY"
-_ZIP_MAGIC = b"PK\x03\x04"
+_ZIP_MAGIC = b"PK"  # local file header PK\x03\x04, or PK\x05\x06 for an empty archive
 #: Estimated flops above which a terminal gets progress lines (a few seconds on a laptop).
 _PROGRESS_FLOPS = 2e10
 
@@ -114,9 +114,13 @@ def add_verify_parser(subparsers) -> argparse.ArgumentParser:
         description=_DESCRIPTION, epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("file", metavar="FILE", help="covariance (n x n) or, with --from-data, data (samples x features)")
+    try:
+        choices = ", ".join(_method_names())
+    except ImportError:  # pragma: no cover - the package always ships newton_schulz
+        choices = "see nsiter.newton_schulz.METHODS"
     p.add_argument("--method", "-m", action="append", metavar="M",
                    help="method to run; repeat or comma-separate for several "
-                        "(default: coupled, uncoupled, eigh; choices: see nsiter.newton_schulz.METHODS)")
+                        f"(default: coupled, uncoupled, eigh; choices: {choices})")
     p.add_argument("--n-iter", type=_positive_int, default=50, metavar="N",
                    help="iterations per iterative method (default 50: long enough to show the uncoupled blow-up)")
     p.add_argument("--eps", type=_nonnegative_float, default=0.0, metavar="E",
@@ -400,6 +404,20 @@ def _run_verify(args) -> int:
         except (OSError, ValueError) as exc:
             _fail(f"cannot write the plot to {args.plot!r}: {_one_line(exc)}")
     passed = None if args.tol is None else report.passed()
+    try:
+        _print_report(args, report)
+    except BrokenPipeError:  # e.g. `nsiter verify ... | head`: stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    if passed is False:
+        worst = ", ".join(f"{m} ({report[m].final_residual:.2e})" for m in report.failures())
+        print(f"{_PROG}: FAIL: ||D_k D_k C - I||_F of the last iterate above --tol {args.tol:g} for {worst}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _print_report(args, report) -> None:
     if args.json:
         import json
 
@@ -412,9 +430,4 @@ def _run_verify(args) -> int:
         print(report)
         if args.plot is not None:
             print(f"\n  plot: {args.plot}")
-    if passed is False:
-        worst = ", ".join(f"{m} ({report[m].final_residual:.2e})" for m in report.failures())
-        print(f"{_PROG}: FAIL: ||D_k D_k C - I||_F of the last iterate above --tol {args.tol:g} for {worst}",
-              file=sys.stderr)
-        return 1
-    return 0
+    sys.stdout.flush()

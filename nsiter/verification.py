@@ -488,6 +488,17 @@ def _blowup_iter(res: np.ndarray, n: int) -> int | None:
     return int(np.argmax(bad) + 1) if bad.any() else None
 
 
+def _uncoupled_growth(kappa: float) -> float:
+    r"""Largest error amplification per step of the uncoupled iteration at its fixed point.
+
+    Linearising :math:`X \mapsto (3X - X^3 Y)/2` at :math:`X = Y^{-1/2}` in the eigenbasis of
+    ``Y`` multiplies entry ``(i, j)`` of a perturbation by :math:`(2 - \rho - \rho^2)/2`,
+    :math:`\rho = \sqrt{\lambda_j/\lambda_i}`; the largest magnitude is
+    :math:`(\kappa + \sqrt{\kappa} - 2)/2`, above 1 once :math:`\kappa > 2.44`.
+    """
+    return (kappa + math.sqrt(kappa) - 2.0) / 2.0
+
+
 def _first_below(res: np.ndarray, t: float) -> int | None:
     hit = np.flatnonzero(np.isfinite(res) & (res <= t))
     return int(hit[0] + 1) if hit.size else None
@@ -693,9 +704,14 @@ def verify_whitening(C, *, methods: Sequence[str] = DEFAULT_METHODS, n_iter: int
         )
         if diverged:
             at = f", blew up at iteration {blowup} ({_fmt(res[blowup - 1])})" if blowup is not None else ""
+            why = ""
+            if str(info.method) == "uncoupled":
+                why = (f" Near its fixed point the uncoupled iteration multiplies rounding errors by up to "
+                       f"(kappa + sqrt(kappa) - 2)/2 = {_fmt(_uncoupled_growth(kappa), '.3g')} per step "
+                       "(stable only for kappa < 2.44).")
             notes.append(
                 f"{m} diverged: best residual {_fmt(best_res)} at iteration {best_iter}{at}; the returned D is "
-                f"that best iterate. Use the coupled iteration, or at most {best_iter} iterations."
+                f"that best iterate.{why} Use the coupled iteration, or at most {best_iter} iterations."
             )
     if floor >= 1e-2:
         notes.insert(0, (
