@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._dispatch import is_tensor, torch_backend
-from ._numba._newton_schulz import _psd_probe
+from ._numba._newton_schulz import _coupled_ns_parallel, _coupled_ns_serial, _psd_probe
 from ._validation import (
     as_float_array,
     check_finite,
@@ -45,12 +45,12 @@ from ._validation import (
     check_square,
     check_symmetric,
 )
-from ._warnings import IllConditionedWarning, NewtonSchulzDivergenceWarning
+from ._warnings import IllConditionedWarning, NewtonSchulzDivergenceWarning, NsiterWarning
 
 __all__ = ["inv_sqrtm", "sqrtm_psd", "NewtonSchulzInfo", "METHODS", "SCALINGS", "MAX_ITER", "default_tol"]
 
 #: Methods accepted by :func:`inv_sqrtm` and :func:`sqrtm_psd`.
-METHODS = ("coupled", "uncoupled", "eigh", "auto")
+METHODS = ("coupled", "uncoupled", "accelerated", "eigh", "auto")
 #: Scalings ``c`` of ``Y_0 = A / c``: Frobenius norm, trace, spectral-norm estimate.
 SCALINGS = ("fro", "trace", "spectral")
 #: Iteration cap when the count is driven by a tolerance.
@@ -60,6 +60,12 @@ MAX_ITER = 100
 _PROBE_STEPS = 8
 # the probe runs in Numba up to this size, via LAPACK above
 _PROBE_NUMBA_MAX_N = 96
+# the fused kernel runs one matrix per thread up to this size; above it the batch is
+# processed in order and the BLAS library's own threads share each product
+_PARALLEL_MAX_N = 64
+# the inverse-iteration estimate of lambda_min is an upper bound; the accelerated
+# schedule is designed for lambda_min / _LMIN_SAFETY
+_LMIN_SAFETY = 4.0
 
 
 def default_tol(dtype, n: int) -> float:
@@ -144,16 +150,14 @@ def _validate(A, method, n_iter, tol, scaling, eps, return_info, name="A"):
     return arr, method, n_iter, tol, scaling, eps, bool(return_info)
 
 
-def _probe(A64: np.ndarray, dtype) -> tuple[np.ndarray, np.ndarray]:
-    """PSD check + eigenvalue bounds; raises on indefinite input.
+def _probe(A64: np.ndarray, delta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """PSD check + eigenvalue estimates ``(lmin, lmax)``; raises on indefinite input.
 
-    The shift ``delta = 10 n eps(dtype) ||A||_F`` is the rounding tolerance: Cholesky of
-    ``A + delta I`` fails exactly when ``A`` has an eigenvalue below ``-delta`` (up to
-    float64 rounding), which is "indefinite beyond tolerance".
+    ``delta = 10 n eps(dtype) ||A||_F`` is the rounding tolerance: the Cholesky
+    factorisation of ``A + delta I`` fails exactly when ``A`` has an eigenvalue below
+    ``-delta`` (up to float64 rounding), i.e. ``A`` is indefinite beyond tolerance.
     """
     nb, n, _ = A64.shape
-    fro = np.sqrt(np.einsum("bij,bij->b", A64, A64))
-    delta = 10.0 * n * np.finfo(dtype).eps * fro
     lmin = np.empty(nb)
     lmax = np.empty(nb)
     ok = np.empty(nb, dtype=np.bool_)
@@ -170,7 +174,7 @@ def _probe(A64: np.ndarray, dtype) -> tuple[np.ndarray, np.ndarray]:
             "failed; an inverse square root needs A >= 0 — check how A was formed, or add a "
             "ridge with eps > 0 large enough to make it positive definite"
         )
-    return lmin, lmax, delta
+    return lmin, lmax
 
 
 def _probe_lapack(A64, delta, lmin, lmax, ok):
@@ -201,7 +205,7 @@ def _probe_lapack(A64, delta, lmin, lmax, ok):
         lmin[b] = est_min - delta[b]
 
 
-def _check_singular(lmin, lmax, delta, eps, nb):
+def _check_singular(lmin, lmax, delta, eps, nb, stacklevel=4):
     """Warn (naming ``eps``) when some matrix is numerically singular; raise for the zero matrix."""
     if np.any(lmax <= 0):
         raise ValueError(
@@ -217,7 +221,7 @@ def _check_singular(lmin, lmax, delta, eps, nb):
             "A^(-1/2) is unbounded and Newton–Schulz iterates grow without limit on the null space; "
             f"pass a ridge eps > 0 (e.g. eps={max(1e-5 * lmax[i], np.finfo(float).tiny):.1g})",
             IllConditionedWarning,
-            stacklevel=4,
+            stacklevel=stacklevel,
         )
 
 
@@ -296,63 +300,6 @@ class _Tracker:
         return hist
 
 
-def _coef_classic(k):
-    return 1.5, -0.5, 0.0
-
-
-def _run_coupled(Y0, Y0_64, n_max, *, tol, record, stop_early, coefs=None):
-    """Coupled iteration with per-step ``T = a I + b M + c M^2``, ``M = Z Y``.
-
-    ``coefs(k) -> (a, b, c)`` for step ``k = 0, 1, ...`` (classic: ``(3/2, -1/2, 0)``).
-    Returns ``(Z, Y, tracker or None, n_run)``; ``Z``/``Y`` are the best iterates when
-    residuals were tracked, the last ones otherwise.
-    """
-    coefs = coefs or _coef_classic
-    nb, n, _ = Y0.shape
-    dt = Y0.dtype
-    Y = Y0.copy()
-    Z = np.broadcast_to(np.eye(n, dtype=dt), Y0.shape).copy()
-    diag = np.arange(n)
-    tracker = _Tracker(nb, n, n_max, tol, stop_early) if (record or stop_early) else None
-    if tracker is not None:
-        Zb = Z.copy()
-        Yb = Y.copy()
-    n_run = 0
-    for k in range(n_max):
-        if tracker is None:
-            idx = slice(None)
-            Ya, Za = Y, Z
-        else:
-            idx = np.flatnonzero(tracker.active)
-            if idx.size == 0:
-                break
-            Ya, Za = (Y, Z) if idx.size == nb else (Y[idx], Z[idx])
-        a, b, c2 = coefs(k)
-        M = Za @ Ya
-        if c2 != 0.0:
-            T = (c2 * M) @ M
-            T += b * M
-        else:
-            T = M
-            T *= dt.type(b)
-        T[:, diag, diag] += dt.type(a)
-        Ya = Ya @ T
-        Za = T @ Za
-        if tracker is None:
-            Y, Z = Ya, Za
-        else:
-            Y[idx] = Ya
-            Z[idx] = Za
-            r = _residual64(Za, Y0_64[idx])
-            imp = tracker.update(k + 1, idx, r)
-            Zb[idx[imp]] = Za[imp]
-            Yb[idx[imp]] = Ya[imp]
-        n_run = k + 1
-    if tracker is not None:
-        return Zb, Yb, tracker, n_run
-    return Z, Y, None, n_run
-
-
 def _run_uncoupled(Y0, Y0_64, n_max, *, tol, stop_early):
     """Uncoupled iteration (7.12): ``X <- (3X - X((X X) Y_0))/2``; residuals always tracked."""
     nb, n, _ = Y0.shape
@@ -380,32 +327,168 @@ def _run_uncoupled(Y0, Y0_64, n_max, *, tol, stop_early):
     return Xb, tracker, n_run
 
 
-def _eigh_isqrt(A64, dtype, power=-0.5):
+def _run_coupled_numpy(Y0, n_iter, coefs):
+    """Reference backend on numpy ``@`` (batched BLAS): fixed count, no residuals.
+
+    Same step as the Numba kernel (``Z_0 = I`` shortcut included); kept to measure the
+    kernels against and as a cross-check in the tests.
+    """
+    nb, n, _ = Y0.shape
+    diag = np.arange(n)
+    Y = Y0.copy()
+    Z = None
+    for k in range(n_iter):
+        a, b, c2 = coefs[k]
+        M = Y.copy() if Z is None else Z @ Y
+        T = (c2 * M) @ M + b * M if c2 != 0 else b * M
+        T[:, diag, diag] += a
+        Y = Y @ T
+        Z = T if Z is None else T @ Z
+    return Z, Y
+
+
+def _deg3_minimax(lo: float, hi: float) -> tuple[float, float, float]:
+    """Best odd cubic ``q(s) = a s + b s^3`` for ``q(s) ~= 1`` on ``[lo, hi]`` (``s = sqrt(p)``).
+
+    Equioscillation at ``lo``, ``s*`` and ``hi``: ``q(lo) = q(hi) = 1 - E``,
+    ``q(s*) = 1 + E`` with ``s*^2 = (hi^2 + hi lo + lo^2)/3`` (closed form).  In terms of
+    the coupled iteration, ``T = a I + b M`` maps an eigenvalue ``p`` of ``M = Z Y`` to
+    ``p (a + b p)^2 = q(sqrt p)^2``.  Returns ``(a, b, E)``.
+    """
+    S = hi * hi + hi * lo + lo * lo
+    s_star = math.sqrt(S / 3.0)
+    g = (2.0 / 3.0) * s_star + lo * hi * (hi + lo) / S
+    a = 2.0 / g
+    b = -a / S
+    E = (2.0 / 3.0) * a * s_star - 1.0
+    return a, b, E
+
+
+def _accelerated_schedule(p_lo: float, tol: float, n: int, n_max: int):
+    """Per-step coefficients of the accelerated coupled iteration and the predicted count.
+
+    The eigenvalues of ``Y_0`` lie in ``[p_lo, 1]``.  Step ``k`` uses the minimax cubic
+    of :func:`_deg3_minimax` for the current interval ``[lo_k, hi_k]`` of ``sqrt(p)``
+    (the polar/sign-function view of the iteration, as in Polar Express / CANS), which
+    maps it into ``[1 - E_k, 1 + E_k]``; as ``E_k -> 0`` the step becomes the classic
+    ``(3I - M)/2``.  The predicted count is the first ``K`` with
+    ``sqrt(n) (2 E_K + E_K^2) <= tol`` (a bound on ``||D A D - I||_F`` in exact arithmetic).
+    Returns ``(coefs (n_max, 3) float64, K)``.
+    """
+    coefs = np.tile(np.array([1.5, -0.5, 0.0]), (n_max, 1))
+    lo, hi = math.sqrt(max(p_lo, 1e-300)), 1.0
+    K = n_max
+    for k in range(n_max):
+        a, b, E = _deg3_minimax(lo, hi)
+        coefs[k, 0], coefs[k, 1] = a, b
+        lo, hi = 1.0 - E, 1.0 + E
+        if math.sqrt(n) * (2 * E + E * E) <= tol or E < 1e-9:
+            K = k + 1
+            break
+    return coefs, K
+
+
+def _classic_count(p_lo: float, tol: float, n: int, n_max: int) -> int:
+    """Predicted classic-step count for eigenvalues ``p`` of ``Y_0`` in ``[p_lo, p_hi<=1]``."""
+    p = max(p_lo, 1e-300)
+    for k in range(n_max):
+        p = p * (3.0 - p) ** 2 / 4.0
+        if math.sqrt(n) * abs(1.0 - p) <= tol:
+            return k + 1
+    return n_max
+
+
+def _run_coupled(Y0, Y0_64, coefs, n_max, *, tol, record, stop_early):
+    """Run the fused Numba kernel; returns ``(Z, Y, n_done, best_iter, diverged, best_r, hist)``."""
+    nb, n, _ = Y0.shape
+    Z = np.empty_like(Y0)
+    Y = np.empty_like(Y0)
+    hist = np.full((nb, n_max if record else 1), np.nan)
+    info_i = np.zeros((nb, 3), dtype=np.int64)
+    info_f = np.zeros((nb, 1))
+    coefs = np.ascontiguousarray(coefs[:n_max], dtype=Y0.dtype)
+    kernel = _coupled_ns_parallel if (n <= _PARALLEL_MAX_N and nb > 1) else _coupled_ns_serial
+    kernel(Y0, Y0_64, coefs, n_max, record, stop_early, float(tol or 0.0), Z, Y, hist, info_i, info_f)
+    return Z, Y, info_i[:, 0], info_i[:, 1], info_i[:, 2].astype(bool), info_f[:, 0], hist
+
+
+def _freeze_history(hist, n_done, n_run):
+    """History up to ``n_run``; a matrix that stopped early repeats its last residual."""
+    hist = hist[:, :n_run].copy()
+    for b in np.flatnonzero(n_done < n_run):
+        k = n_done[b]
+        if k > 0:
+            hist[b, k:] = hist[b, k - 1]
+    return hist
+
+
+def _eigh_power(A64, dtype, delta, eps, power=-0.5):
+    """``V diag(lambda^power) V^T`` from a float64 ``eigh``, cast to ``dtype``.
+
+    Eigenvalues below ``-delta`` mean an indefinite matrix (``ValueError``); for
+    ``power < 0`` eigenvalues ``<= 0`` are a singular matrix (``ValueError`` naming
+    ``eps``) and ``0 < lambda_min <= delta`` warns.  For ``power > 0`` eigenvalues in
+    ``[-delta, 0]`` are rounding noise and are clipped to 0.
+    """
     lam, V = np.linalg.eigh(A64)
-    if power < 0 and np.any(lam <= 0):
-        b = int(np.flatnonzero((lam <= 0).any(axis=-1))[0])
+    lo = lam[:, 0]
+    bad = lo < -delta
+    if bad.any():
+        b = int(np.flatnonzero(bad)[0])
         raise ValueError(
-            f"expected positive definite matrices for method='eigh', but matrix {b} (flat batch index) "
-            f"has eigenvalue {lam[b].min():.3g} <= 0 (largest {lam[b].max():.3g}): A^(-1/2) does not "
-            "exist; pass a ridge eps > 0 (A + eps I)"
+            f"expected symmetric positive semidefinite matrices, but {int(bad.sum())} of {len(lo)} "
+            f"(first at flat batch index {b}) have eigenvalue {lo[b]:.3g} below -{delta[b]:.3g} "
+            "(= 10 n eps ||A||_F, the rounding tolerance); check how A was formed, or add a ridge "
+            "with eps > 0 large enough to make it positive definite"
         )
+    if power < 0:
+        if np.any(lo <= 0):
+            b = int(np.flatnonzero(lo <= 0)[0])
+            raise ValueError(
+                f"expected positive definite matrices for method='eigh', but matrix {b} (flat batch "
+                f"index) is singular: eigenvalue {lo[b]:.3g} <= 0 (largest {lam[b, -1]:.3g}, eps={eps:g}); "
+                "A^(-1/2) does not exist — pass a ridge eps > 0 (A + eps I)"
+            )
+        _check_singular(lo, lam[:, -1], delta, eps, len(lo), stacklevel=5)
     lam = np.maximum(lam, 0.0)
     D = (V * lam[:, None, :] ** power) @ np.swapaxes(V, -1, -2)
-    return D.astype(dtype)
+    return D.astype(dtype), lam
 
 
-def _warn_diverged(tracker, method, nb):
-    d = tracker.diverged
-    if d.any():
-        i = int(np.flatnonzero(d)[0])
+def _warn_diverged(diverged, best_r, best_iter, method, nb):
+    if diverged.any():
+        i = int(np.flatnonzero(diverged)[0])
         warnings.warn(
-            f"the {method} Newton–Schulz iteration diverged for {int(d.sum())} of {nb} matrices "
-            f"(e.g. flat batch index {i}: best residual {tracker.best[i]:.3g} at iteration "
-            f"{tracker.best_iter[i]}); the best iterate is returned — use method='coupled' "
+            f"the {method} Newton–Schulz iteration diverged for {int(diverged.sum())} of {nb} matrices "
+            f"(e.g. flat batch index {i}: best residual {best_r[i]:.3g} at iteration "
+            f"{best_iter[i]}); the best iterate is returned — use method='coupled' "
             "(stable) or fewer iterations",
             NewtonSchulzDivergenceWarning,
             stacklevel=4,
         )
+
+
+def _eigh_cost(n: int) -> float:
+    """Time of a float64 ``eigh`` + reconstruction in units of one ``n x n`` matrix product.
+
+    Measured on the development machine (numpy/OpenBLAS, one matrix per LAPACK call):
+    58 products at n = 27, 24 at 64, 23 at 128, 11 at 512; fitted as ``10 + 1300 / n``.
+    """
+    return 10.0 + 1300.0 / n
+
+
+def _auto_plan(p_lo, tol, n, n_max):
+    """``("accelerated", coefs, K)`` or ``("eigh", None, 0)``: the cheaper way to reach ``tol``.
+
+    Cost of the accelerated iteration: ``3K - 2`` products (the first step needs one),
+    ``+1`` for the last residual by-product and ``+2`` for the float64 confirmation;
+    ``eigh``: :func:`_eigh_cost`.
+    """
+    coefs, K = _accelerated_schedule(p_lo, tol, n, n_max)
+    ns_cost = 3 * K + 1 + 0.3  # + the Cholesky probe
+    if ns_cost <= _eigh_cost(n):
+        return "accelerated", coefs, K
+    return "eigh", None, 0
 
 
 # --------------------------------------------------------------------------- public API
@@ -418,7 +501,12 @@ def _solve(A, method, n_iter, tol, scaling, eps, return_info, *, want):
     dtype = arr.dtype
     batch, n = arr.shape[:-2], arr.shape[-1]
     nb = int(np.prod(batch, dtype=np.int64))
-    tol_used = tol if (tol is not None or n_iter is not None) else default_tol(dtype, n)
+    if method == "auto" or (n_iter is None and tol is None):
+        tol_used = tol if tol is not None else default_tol(dtype, n)
+    else:
+        tol_used = tol
+    stop_early = tol_used is not None
+    n_max = n_iter if n_iter is not None else MAX_ITER
 
     if nb == 0:
         out = np.empty(arr.shape, dtype=dtype)
@@ -426,63 +514,95 @@ def _solve(A, method, n_iter, tol, scaling, eps, return_info, *, want):
             return out
         z = np.zeros(batch, dtype=bool)
         info = NewtonSchulzInfo(
-            residuals=np.empty(batch + (0 if method != "eigh" else 1,)), n_iter=0,
+            residuals=np.empty(batch + (1 if method == "eigh" else 0,)), n_iter=0,
             converged=z.copy(), diverged=z.copy(), best_iter=np.zeros(batch, dtype=np.int64),
             scale=np.empty(batch), method=method, scaling=scaling, tol=tol_used,
         )
         return out, info
 
-    A64 = arr.reshape(nb, n, n).astype(np.float64)  # copy: never touch the caller's data
+    A64 = arr.reshape(nb, n, n).astype(np.float64)  # a copy: the caller's data is never touched
     if eps:
         A64[:, np.arange(n), np.arange(n)] += eps
     A64 = (A64 + np.swapaxes(A64, -1, -2)) * 0.5
+    fro = np.sqrt(np.einsum("bij,bij->b", A64, A64))
+    delta = 10.0 * n * np.finfo(dtype).eps * fro
 
-    if method == "auto":
-        method = _auto_choice(n, nb, dtype)
     label = method
+    coefs = None
+    if method != "eigh":
+        lmin, lmax = _probe(A64, delta)
+        if want == "isqrt":
+            _check_singular(lmin, lmax, delta, eps, nb)
+        c = _scale(A64, scaling, lmax)
+        c = np.where(c > 0, c, 1.0)
+        if method in ("accelerated", "auto"):
+            # eigenvalues of Y_0 = A/c lie in [p_lo, p_hi]: p_hi from rigorous bounds on
+            # lambda_max, p_lo from the (over-)estimate of lambda_min, made pessimistic
+            bound = np.minimum(fro, np.max(np.abs(A64).sum(axis=-1), axis=-1))
+            p_hi = float(np.max(bound / c))
+            p_lo = float(np.min(np.maximum(lmin, delta) / c)) / _LMIN_SAFETY / p_hi
+            if method == "auto":
+                method, coefs, _ = _auto_plan(p_lo, tol_used, n, n_max)
+                label = f"auto:{method}"
+            else:
+                coefs, _ = _accelerated_schedule(p_lo, tol_used if tol_used else default_tol(dtype, n),
+                                                 n, n_max)
+            if coefs is not None:
+                # the schedule is designed for sqrt(p / p_hi); q(s) = q'(s / h) with h = sqrt(p_hi)
+                h = math.sqrt(p_hi)
+                coefs = coefs.copy()
+                coefs[0, 0] /= h
+                coefs[0, 1] /= h ** 3
 
     if method == "eigh":
-        lam_check = want == "isqrt"
-        D = _eigh_isqrt(A64, dtype, power=-0.5 if lam_check else 0.5)
-        out = D.reshape(arr.shape)
+        out, lam = _eigh_power(A64, dtype, delta, eps, power=-0.5 if want == "isqrt" else 0.5)
+        out = out.reshape(arr.shape)
         if not return_info:
             return out
-        Dinv = D if want == "isqrt" else _eigh_isqrt(A64, dtype)
+        Dinv = out.reshape(nb, n, n) if want == "isqrt" else _eigh_power(A64, dtype, delta, eps)[0]
         r = _residual64(Dinv, A64)
         finite = np.isfinite(r)
         info = NewtonSchulzInfo(
             residuals=r.reshape(batch + (1,)), n_iter=1,
-            converged=(finite if tol_used is None else finite & (r <= tol_used)).reshape(batch),
+            converged=(finite if tol is None else finite & (r <= tol)).reshape(batch),
             diverged=(~finite).reshape(batch), best_iter=np.ones(batch, dtype=np.int64),
             scale=np.ones(batch), method=label, scaling=scaling, tol=tol_used,
         )
         return out, info
 
-    lmin, lmax, delta = _probe(A64, dtype)
-    if want == "isqrt":
-        _check_singular(lmin, lmax, delta, eps, nb)
-    c = _scale(A64, scaling, lmax)
-    c = np.where(c > 0, c, 1.0)
     Y0_64 = A64 / c[:, None, None]
     # the reference code divides A in the working precision by the norm
     Y0 = Y0_64 if dtype == np.float64 else A64.astype(dtype) / c.astype(dtype)[:, None, None]
 
-    stop_early = tol_used is not None and (tol is not None or n_iter is None)
-    n_max = n_iter if n_iter is not None else MAX_ITER
-    record = return_info
-
     if method == "uncoupled":
         X, tracker, n_run = _run_uncoupled(Y0, Y0_64, n_max, tol=tol_used, stop_early=stop_early)
         Z, Y = X, None
+        n_done, best_iter, diverged, best_r = tracker.stop_iter, tracker.best_iter, tracker.diverged, tracker.best
+        hist = tracker.finish(n_run) if return_info else None
     else:
-        Z, Y, tracker, n_run = _run_coupled(Y0, Y0_64, n_max, tol=tol_used, record=record,
-                                            stop_early=stop_early)
-        if tracker is None and not np.isfinite(Z).all():
+        if coefs is None:
+            coefs = np.tile(np.array([1.5, -0.5, 0.0]), (n_max, 1))
+        Z, Y, n_done, best_iter, diverged, best_r, hist = _run_coupled(
+            Y0, Y0_64, coefs, n_max, tol=tol_used, record=return_info, stop_early=stop_early)
+        if not (return_info or stop_early) and not np.isfinite(Z).all():
             # the cheap path blew up: rerun with residuals to return the best iterate
-            Z, Y, tracker, n_run = _run_coupled(Y0, Y0_64, n_max, tol=tol_used, record=True,
-                                                stop_early=False)
-    if tracker is not None:
-        _warn_diverged(tracker, label, nb)
+            Z, Y, n_done, best_iter, diverged, best_r, hist = _run_coupled(
+                Y0, Y0_64, coefs, n_max, tol=tol_used, record=True, stop_early=False)
+        n_run = int(n_done.max())
+        if return_info:
+            hist = _freeze_history(hist, n_done, n_run)
+    _warn_diverged(diverged, best_r, best_iter, label, nb)
+    if tol is not None:
+        missed = ~diverged & ~(best_r <= tol)
+        if missed.any():
+            i = int(np.flatnonzero(missed)[0])
+            warnings.warn(
+                f"tol={tol:g} was not reached for {int(missed.sum())} of {nb} matrices (e.g. flat batch "
+                f"index {i}: residual {best_r[i]:.3g} after {n_done[i]} iterations); the residual floor "
+                f"is about cond(A) * eps({dtype}) — raise tol, use float64, add a ridge eps, or raise n_iter",
+                NsiterWarning,
+                stacklevel=3,
+            )
 
     sc = np.sqrt(c)[:, None, None]
     if want == "isqrt":
@@ -494,24 +614,15 @@ def _solve(A, method, n_iter, tol, scaling, eps, return_info, *, want):
     out = out.reshape(arr.shape)
     if not return_info:
         return out
-    hist = tracker.finish(n_run)
-    best_r = tracker.best
     finite = np.isfinite(best_r)
-    if tol is None:  # fixed count or default tolerance: every finite, non-diverged result counts
-        converged = finite & ~tracker.diverged
-    else:
-        converged = finite & (best_r <= tol)
+    converged = finite & ~diverged if tol is None else finite & (best_r <= tol)
     info = NewtonSchulzInfo(
-        residuals=hist.reshape(batch + (n_run,)), n_iter=int(n_run),
-        converged=converged.reshape(batch), diverged=tracker.diverged.reshape(batch),
-        best_iter=tracker.best_iter.reshape(batch), scale=c.reshape(batch),
+        residuals=hist.reshape(batch + (n_run,)), n_iter=n_run,
+        converged=converged.reshape(batch), diverged=diverged.reshape(batch),
+        best_iter=best_iter.reshape(batch), scale=c.reshape(batch),
         method=label, scaling=scaling, tol=tol_used,
     )
     return out, info
-
-
-def _auto_choice(n, nb, dtype):
-    return "eigh" if n >= 256 else "coupled"
 
 
 def inv_sqrtm(A, *, method="coupled", n_iter=None, tol=None, scaling="fro", eps=0.0, return_info=False):

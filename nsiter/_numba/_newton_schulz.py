@@ -10,7 +10,7 @@ import numpy as np
 
 from .._config import jit, prange
 
-__all__ = ["_psd_probe"]
+__all__ = ["_psd_probe", "_coupled_ns_parallel", "_coupled_ns_serial"]
 
 
 @jit(parallel=True)
@@ -110,3 +110,177 @@ def _psd_probe(A, shift, n_steps, lmin, lmax, ok):
         if min_pivot < est_min:
             est_min = min_pivot
         lmin[b] = est_min - s
+
+
+@jit
+def _fro_minus_identity(M):
+    """``||M - I||_F`` accumulated in float64."""
+    n = M.shape[0]
+    s = 0.0
+    for i in range(n):
+        for j in range(n):
+            v = float(M[i, j])
+            if i == j:
+                v -= 1.0
+            s += v * v
+    return np.sqrt(s)
+
+
+@jit
+def _residual_one(Z, Y0_64, R1, R2):
+    """``||Z Z Y_0 - I||_F`` in float64 (the Fig. 7 metric ``||D D A - I||_F``)."""
+    Z64 = Z.astype(np.float64)
+    np.dot(Z64, Z64, R1)
+    np.dot(R1, Y0_64, R2)
+    return _fro_minus_identity(R2)
+
+
+@jit
+def _coupled_ns_one(Y0, Y0_64, coefs, n_max, record, stop_early, tol,
+                    Z_out, Y_out, hist, info_i, info_f):
+    """Coupled Newton–Schulz (Higham 2008, Eq. 6.35) on one matrix, all steps fused.
+
+    Step ``k``: ``M = Z Y``, ``T = a_k I + b_k M + c_k M^2``, ``Y <- Y T``, ``Z <- T Z`` with
+    ``(a_k, b_k, c_k) = coefs[k]`` (working dtype, ``n_max`` rows; the classic step is
+    ``(3/2, -1/2, 0)``).  Step 0 uses ``Z_0 = I`` (``M = Y_0``, ``Z_1 = T``: two products saved,
+    bit-identical).
+
+    Modes: ``record`` evaluates the float64 residual ``r_k = ||Z_k Z_k Y_0 - I||_F`` after
+    every step into ``hist[k-1]`` and keeps the best iterate.  ``stop_early`` stops at
+    ``r_k <= tol``, at the rounding floor (``r_k < 0.5`` and ``r_k > 0.75 r_{k-1}``) or on
+    divergence (non-finite, ``> 1e3 * best`` or ``> 10 sqrt(n)``).  Without ``record`` the
+    free by-product ``rho_k = ||M_k - I||_F`` (``M_k = Z_k Y_k``, equal to ``r_k`` in exact
+    arithmetic) gates the decisions and ``r_k`` is evaluated only to confirm a stop; if
+    the confirmation fails the matrix switches to evaluating ``r_k`` every step.
+
+    ``info_i = [iterations run, best iteration (1-based), diverged]``,
+    ``info_f = [best residual]`` (``nan`` when never evaluated).
+    """
+    n = Y0.shape[0]
+    Y = Y0.copy()
+    Z = np.zeros_like(Y0)
+    for i in range(n):
+        Z[i, i] = 1.0
+    M = np.empty_like(Y0)
+    T = np.empty_like(Y0)
+    W = np.empty_like(Y0)
+    Zb = Z.copy()
+    Yb = Y.copy()
+    R1 = np.empty((n, n))
+    R2 = np.empty((n, n))
+    big = 10.0 * np.sqrt(n)
+    use_metric = record
+    best = np.inf
+    prev = np.inf
+    best_k = 0
+    diverged = False
+    done = 0
+    restore = False
+    stopped = False
+    for k in range(n_max):
+        if k == 0:
+            for i in range(n):
+                for j in range(n):
+                    M[i, j] = Y[i, j]
+        else:
+            np.dot(Z, Y, M)
+        if stop_early and k >= 1 and not use_metric:
+            rho = _fro_minus_identity(M)  # residual of iterate k, for free
+            if not np.isfinite(rho) or rho > 1e3 * best or rho > big:
+                diverged = True
+                restore = True
+                break
+            if rho < best:
+                best = rho
+                best_k = k
+                Zb[:, :] = Z
+                Yb[:, :] = Y
+            stag = rho < 0.5 and rho > 0.75 * prev
+            prev = rho
+            if rho <= tol or stag:
+                r = _residual_one(Z, Y0_64, R1, R2)
+                if r <= tol or stag:
+                    best = r
+                    best_k = k
+                    stopped = True
+                    break
+                # the by-product passed but the metric did not: switch to the metric
+                use_metric = True
+                best = r
+                best_k = k
+                prev = r
+                Zb[:, :] = Z
+                Yb[:, :] = Y
+        a = coefs[k, 0]
+        b = coefs[k, 1]
+        c = coefs[k, 2]
+        if c != 0.0:
+            np.dot(M, M, T)
+            for i in range(n):
+                for j in range(n):
+                    T[i, j] = c * T[i, j] + b * M[i, j]
+        else:
+            for i in range(n):
+                for j in range(n):
+                    T[i, j] = b * M[i, j]
+        for i in range(n):
+            T[i, i] += a
+        np.dot(Y, T, W)
+        Y, W = W, Y
+        if k == 0:
+            for i in range(n):
+                for j in range(n):
+                    Z[i, j] = T[i, j]
+        else:
+            np.dot(T, Z, W)
+            Z, W = W, Z
+        done = k + 1
+        if use_metric:
+            r = _residual_one(Z, Y0_64, R1, R2)
+            if record:
+                hist[k] = r
+            finite = np.isfinite(r)
+            if finite and r < best:
+                best = r
+                best_k = done
+                Zb[:, :] = Z
+                Yb[:, :] = Y
+            if not finite or r > 1e3 * best or r > big:
+                diverged = True
+            if stop_early:
+                if diverged or r <= tol or (r < 0.5 and r > 0.75 * prev):
+                    restore = True
+                    break
+            prev = r
+    if restore or record:
+        Z_out[:, :] = Zb
+        Y_out[:, :] = Yb
+    else:
+        Z_out[:, :] = Z
+        Y_out[:, :] = Y
+        if not stopped:
+            # fixed count, or the cap was reached in by-product mode: the last iterate
+            best_k = done
+            best = _residual_one(Z, Y0_64, R1, R2) if stop_early else np.nan
+    info_i[0] = done
+    info_i[1] = best_k
+    info_i[2] = 1 if diverged else 0
+    info_f[0] = best
+
+
+@jit(parallel=True)
+def _coupled_ns_parallel(Y0, Y0_64, coefs, n_max, record, stop_early, tol,
+                         Z_out, Y_out, hist, info_i, info_f):
+    """:func:`_coupled_ns_one` over the batch, one matrix per ``prange`` iteration."""
+    for b in prange(Y0.shape[0]):
+        _coupled_ns_one(Y0[b], Y0_64[b], coefs, n_max, record, stop_early, tol,
+                        Z_out[b], Y_out[b], hist[b], info_i[b], info_f[b])
+
+
+@jit
+def _coupled_ns_serial(Y0, Y0_64, coefs, n_max, record, stop_early, tol,
+                       Z_out, Y_out, hist, info_i, info_f):
+    """:func:`_coupled_ns_one` over the batch in order (large ``n``: BLAS threads instead)."""
+    for b in range(Y0.shape[0]):
+        _coupled_ns_one(Y0[b], Y0_64[b], coefs, n_max, record, stop_early, tol,
+                        Z_out[b], Y_out[b], hist[b], info_i[b], info_f[b])
