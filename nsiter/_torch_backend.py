@@ -225,7 +225,8 @@ def _im2col(imgs: torch.Tensor, g: Geometry) -> torch.Tensor:
         u = u[..., :: g.dh, :: g.dw]
     out = u.permute(0, 2, 3, 1, 4, 5).reshape(g.n * g.oh * g.ow, g.c * g.kh * g.kw)
     if out.untyped_storage().data_ptr() == imgs.untyped_storage().data_ptr():
-        out = out.clone()  # reshape returned a view (1x1 kernels): never alias the caller's data
+        # reshape returned a view (1x1 kernels): never alias the caller's data, always row-major
+        out = out.clone(memory_format=torch.contiguous_format)
     return out
 
 
@@ -392,7 +393,7 @@ def covariance(X, *, eps=0.0):
     Two-pass (centred) in the input dtype; autograd flows through it.
     """
     t = _as_float(X, "X")
-    _check_ndim(t, "X", (2,), "(n_samples, n_features)")
+    _check_ndim(t, "X", (2,), "(n_samples, n_features); for one feature use X[:, None]")
     _check_nonempty(t, "X")
     eps = check_nonnegative_float(eps, "eps")
     _check_finite(t, "X")
@@ -964,3 +965,55 @@ def inv_sqrtm(A, *, method="coupled", n_iter=None, tol=None, scaling="fro", eps=
 def sqrtm_psd(A, *, method="coupled", n_iter=None, tol=None, scaling="fro", eps=0.0, return_info=False):
     """Torch twin of :func:`nsiter.sqrtm_psd`: ``S ~= (A + eps I)^{1/2}`` (the ``Y`` sequence)."""
     return _solve(A, method, n_iter, tol, scaling, eps, return_info, want="sqrt")
+
+
+# --------------------------------------------------------------------------------------
+# kernel estimation (a host computation: the solvers are float64 numpy/scipy)
+# --------------------------------------------------------------------------------------
+
+
+def _to_host(t, name: str) -> np.ndarray:
+    if isinstance(t, torch.Tensor):
+        t = _as_float(t.detach(), name)
+        return t.cpu().numpy()
+    return t
+
+
+def estimate_kernel(x, y, kernel_size, *, method="lstsq", n_iter=None, lr=None, tol=None, eps=0.0,
+                    fit_intercept=None, batch_size=None, rng=None, stride=1, padding=0, dilation=1,
+                    sqrtm_method="eigh", callback=None):
+    """Torch twin of :func:`nsiter.estimate_kernel`: tensors in, the kernel as a tensor out.
+
+    The solvers are float64 host computations whose cost is ``O(F^2)`` per iteration once
+    the normal equations are formed, so the tensors are copied to host memory
+    (``detach().cpu()``), the numpy solver runs, and ``.kernel`` comes back as a tensor on
+    the device of ``x`` (of ``y`` if only ``y`` is a tensor) in the promoted dtype of the
+    inputs.  No gradient flows through the estimate.  ``callback`` receives the kernel as a
+    float64 CPU tensor and the intercept as a float.
+    """
+    from . import kernel_estimation as ke
+
+    ref = x if isinstance(x, torch.Tensor) else y
+    if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.device != y.device:
+        raise ValueError(f"expected x and y on the same device, got x on {x.device} and y on {y.device}; "
+                         "move one of them with .to(device)")
+    dtypes = [_result_dtype(t.dtype) if isinstance(t, torch.Tensor) else
+              (torch.float32 if np.asarray(t).dtype in (np.float32, np.float16) else torch.float64)
+              for t in (x, y)]
+    out_dtype = torch.promote_types(*dtypes)
+    cb = None
+    if callback is not None:
+        if not callable(callback):
+            raise TypeError(f"expected a callable callback(kernel, intercept), got {type(callback).__name__}")
+
+        def cb(w, b):
+            callback(torch.from_numpy(np.asarray(w, dtype=np.float64)), b)
+
+    est = ke.estimate_kernel(
+        _to_host(x, "x"), _to_host(y, "y"), kernel_size, method=method, n_iter=n_iter, lr=lr, tol=tol,
+        eps=eps, fit_intercept=fit_intercept, batch_size=batch_size, rng=rng, stride=stride,
+        padding=padding, dilation=dilation, sqrtm_method=sqrtm_method, callback=cb)
+    import dataclasses
+
+    kernel = torch.as_tensor(est.kernel, dtype=out_dtype).to(ref.device)
+    return dataclasses.replace(est, kernel=kernel)
