@@ -170,33 +170,12 @@ class _Problem:
 
 def _patch_moments(imgs: np.ndarray, g: Geometry):
     """Patch covariance and mean of ``imgs`` in float64 (Algorithm 1 of the paper)."""
-    try:
-        from .covariance import patch_covariance
-    except ImportError:  # TEMPORARY until nsiter.covariance lands
-        return _patch_moments_chunked(imgs, g)
-    cov, mean = patch_covariance(imgs, (g.kh, g.kw), stride=(g.sh, g.sw), padding=(g.ph, g.pw),
+    from .covariance import patch_covariance
+
+    cov, mean = patch_covariance(np.asarray(imgs, dtype=np.float64), (g.kh, g.kw), stride=(g.sh, g.sw), padding=(g.ph, g.pw),
                                  dilation=(g.dh, g.dw))
     cov = np.asarray(cov, dtype=np.float64)
     return (cov + cov.T) / 2, np.asarray(mean, dtype=np.float64)
-
-
-def _patch_moments_chunked(imgs, g, rows=256):  # TEMPORARY
-    from .im2col import im2col
-    xp = np.pad(imgs, ((0, 0), (0, 0), (g.ph, g.ph), (g.pw, g.pw))).astype(np.float64)
-    f = g.n_features
-    s2 = np.zeros((f, f))
-    s1 = np.zeros(f)
-    span = g.dh * (g.kh - 1) + 1
-    for n in range(g.n):
-        for r0 in range(0, g.oh, rows):
-            r1 = min(g.oh, r0 + rows)
-            sl = xp[n:n + 1, :, r0 * g.sh:(r1 - 1) * g.sh + span]
-            X = im2col(sl, (g.kh, g.kw), stride=(g.sh, g.sw), dilation=(g.dh, g.dw))
-            s2 += X.T @ X
-            s1 += X.sum(0)
-    m = g.n * g.n_patches
-    mu = s1 / m
-    return s2 / m - np.outer(mu, mu), mu
 
 
 def _inv_sqrtm(a: np.ndarray, eps: float, method: str) -> np.ndarray:
@@ -348,6 +327,16 @@ def _minibatch_grad(prob: _Problem, theta: np.ndarray, rows: np.ndarray) -> np.n
         res += theta[f]
     gw = xb.T @ res / len(rows) + prob.eps * w
     return np.append(gw, res.mean()) if prob.fit_intercept else gw
+
+
+def _exact_grad(prob: _Problem, theta: np.ndarray) -> np.ndarray:
+    """``grad L(theta)`` from the residual ``X w + b - y`` (correlations, no normal matrix)."""
+    f, m = prob.f, prob.m
+    res = prob.xw(theta[:f]) - prob.y
+    if prob.fit_intercept:
+        res += theta[f]
+    gw = prob.xtr(res) / m + prob.eps * theta[:f]
+    return np.append(gw, res.sum() / m) if prob.fit_intercept else gw
 
 
 def _descent(quad: _Quadratic, *, t, precondition: bool, lr: float, n_iter: int, tol, batch_size,
@@ -648,6 +637,10 @@ def estimate_kernel(x, y, kernel_size, *, method: str = "lstsq", n_iter: int | N
         quad = _Quadratic(prob)
         if method == "lstsq":
             theta = quad.solve()
+            # one step of iterative refinement, the gradient computed from X itself (correlations)
+            # rather than from the rounded normal matrix: removes the Cholesky/rounding error
+            # of the solve down to about cond(X^T X) * u times itself
+            theta = theta - quad.precondition(_exact_grad(prob, theta))
             history = np.array([quad.loss(np.zeros(prob.p)), quad.loss(theta)])
             it, converged = 1, True
             if callback is not None:
