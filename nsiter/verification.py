@@ -121,9 +121,10 @@ class MethodResult:
     n_iter : int
         Iterations run (``len(residuals)``).
     D : ndarray, shape (n, n), working dtype
-        The matrix :func:`nsiter.inv_sqrtm` returned: its iterate number ``best_iter``, the
-        one with the smallest residual (for a run that did not diverge, usually at or near the
-        end; the residual plateaus at the rounding floor).
+        The matrix :func:`nsiter.inv_sqrtm` returned: its iterate number ``returned_iter``
+        (the last one, or the best one when the iteration diverged).
+    returned_iter : int
+        1-based iteration of ``D`` (``info.best_iter`` of :func:`nsiter.inv_sqrtm`).
     residual : float
         :math:`\|D D C_\varepsilon - I\|_F` of the returned ``D`` (float64 products).
     symmetric_residual : float
@@ -133,8 +134,8 @@ class MethodResult:
         :math:`\|D - D_\star\|_F / \|D_\star\|_F`, :math:`D_\star` the float64 ``eigh``
         inverse square root of the input :math:`C + \varepsilon I`.
     best_iter : int
-        1-based iteration of the returned ``D`` (``info.best_iter``, the smallest residual);
-        ``best_residual`` is its residual in the history.
+        1-based iteration with the smallest finite residual (the first one on ties);
+        ``best_residual`` is that residual.
     converged : bool
         ``info.converged`` of :func:`nsiter.inv_sqrtm` (only meaningful with its ``tol``).
     diverged : bool
@@ -157,6 +158,7 @@ class MethodResult:
     residuals: np.ndarray = field(repr=False)
     n_iter: int
     D: np.ndarray = field(repr=False)
+    returned_iter: int
     residual: float
     symmetric_residual: float
     forward_error: float
@@ -198,6 +200,7 @@ class MethodResult:
             "residual": _json_float(self.residual),
             "symmetric_residual": _json_float(self.symmetric_residual),
             "forward_error": _json_float(self.forward_error),
+            "returned_iter": int(self.returned_iter),
             "best_iter": int(self.best_iter),
             "best_residual": _json_float(self.best_residual),
             "converged": bool(self.converged),
@@ -384,12 +387,13 @@ class WhiteningReport:
                 row += f"  {('never' if k is None else str(k)):>6}"
             lines.append(row + "  " + r.status())
         lines.append("")
-        lines.append("  returned D (the best iterate, 'best' above) against the float64 eigh solution D*")
-        lines.append(f"  {'method':<{w}}  {'||DDC-I||_F':>11}  {'||DCD-I||_F/sqrt(n)':>19}  "
+        lines.append("  returned D (the last iterate; the best one if the iteration diverged) against the "
+                     "float64 eigh solution D*")
+        lines.append(f"  {'method':<{w}}  {'iter':>5}  {'||DDC-I||_F':>11}  {'||DCD-I||_F/sqrt(n)':>19}  "
                      f"{'||D-D*||_F/||D*||_F':>19}  {'time':>9}")
         for m in names:
             r = self.methods[m]
-            lines.append(f"  {m:<{w}}  {_fmt(r.residual):>11}  {_fmt(r.symmetric_residual):>19}  "
+            lines.append(f"  {m:<{w}}  {r.returned_iter:>5}  {_fmt(r.residual):>11}  {_fmt(r.symmetric_residual):>19}  "
                          f"{_fmt(r.forward_error):>19}  {r.seconds * 1e3:>7.2f}ms")
         if self.tol is not None:
             verdicts = ", ".join(f"{m} {'PASS' if r.passed(self.tol) else 'FAIL'}" for m, r in self.methods.items())
@@ -475,7 +479,10 @@ class WhiteningReport:
 # --------------------------------------------------------------------------- computation
 def _to_numpy(x) -> np.ndarray:
     if hasattr(x, "detach"):  # torch tensor (the backend may return tensors in info)
-        x = x.detach().cpu().numpy()
+        x = x.detach()
+        if x.is_floating_point() and x.element_size() < 4:  # float16 / bfloat16: no numpy twin
+            x = x.float()
+        x = x.cpu().numpy()
     return np.asarray(x)
 
 
@@ -618,6 +625,9 @@ def verify_whitening(C, *, methods: Sequence[str] = DEFAULT_METHODS, n_iter: int
     if tol is not None:
         tol = check_positive_float(tol, "tol")
     registry = _methods_registry()
+    from .newton_schulz import SCALINGS
+
+    check_option(scaling, "scaling", SCALINGS)
     if isinstance(methods, str):
         methods = (methods,)
     methods = tuple(methods)
@@ -689,15 +699,18 @@ def verify_whitening(C, *, methods: Sequence[str] = DEFAULT_METHODS, n_iter: int
             residual = float(np.linalg.norm(DD @ Ceps64 - eye))
             symmetric_residual = float(np.linalg.norm(D64 @ Ceps64 @ D64 - eye) / math.sqrt(n))
             forward = float(np.linalg.norm(D64 - D_exact) / nrm_exact)
-        best_iter = int(np.asarray(_to_numpy(info.best_iter)).reshape(-1)[0])
-        best_res = float(res[best_iter - 1]) if 1 <= best_iter <= res.size else math.nan
+        returned_iter = int(np.asarray(_to_numpy(info.best_iter)).reshape(-1)[0])
+        finite = np.isfinite(res)
+        best_iter = int(np.argmin(np.where(finite, res, np.inf))) + 1 if finite.any() else 1
+        best_res = float(res[best_iter - 1])
         diverged = bool(np.asarray(_to_numpy(info.diverged)).reshape(-1)[0])
         converged = bool(np.asarray(_to_numpy(info.converged)).reshape(-1)[0])
         blowup = _blowup_iter(res, n)
         reach = {t: _first_below(res, t) for t in thresholds}
         scale = float(np.asarray(_to_numpy(info.scale)).reshape(-1)[0])
         results[m] = MethodResult(
-            method=m, ran_as=str(info.method), residuals=res, n_iter=int(res.size), D=D, residual=residual,
+            method=m, ran_as=str(info.method), residuals=res, n_iter=int(res.size), D=D, returned_iter=returned_iter,
+            residual=residual,
             symmetric_residual=symmetric_residual, forward_error=forward, best_iter=best_iter,
             best_residual=best_res, converged=converged, diverged=diverged, blowup_iter=blowup,
             iterations_to_reach=reach, scale=scale, seconds=seconds,

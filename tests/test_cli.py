@@ -246,7 +246,8 @@ def test_bad_shapes_and_values(tmp_path, capsys):
 
 def test_bad_options(files, tmp_path, capsys):
     f = files["dir"] / "small.npy"
-    _assert_usage_error(capsys, r"unknown method 'newton'; choose from: coupled, uncoupled, eigh", f, "-m", "newton")
+    choices = ", ".join(nsiter.newton_schulz.METHODS)
+    _assert_usage_error(capsys, rf"unknown method 'newton'; choose from: {choices} \(repeat", f, "-m", "newton")
     _assert_usage_error(capsys, r"--n-iter: expected a positive integer, got '0'", f, "--n-iter", "0")
     _assert_usage_error(capsys, r"--n-iter: expected a positive integer, got 'ten'", f, "--n-iter", "ten")
     _assert_usage_error(capsys, r"--eps: expected a finite number >= 0", f, "--eps", "-1")

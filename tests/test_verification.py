@@ -62,13 +62,15 @@ def _check_method_numbers(rep, C, C_ref_input, eps=0.0):
         assert r.residual == pytest.approx(ddc, rel=1e-6, abs=floor_abs), m
         assert r.symmetric_residual == pytest.approx(dcd, rel=1e-6, abs=floor_abs), m
         assert r.forward_error == pytest.approx(fwd, rel=1e-6, abs=100 * rep.floor), m
-        # the returned D is the best iterate: its residual is the history's entry best_iter
+        # the returned D is iterate returned_iter: its residual is that entry of the history
         assert r.best_residual == r.residuals[r.best_iter - 1]
-        assert r.residual == pytest.approx(r.best_residual, rel=1e-6, abs=floor_abs), m
+        assert r.residual == pytest.approx(r.residuals[r.returned_iter - 1], rel=1e-6, abs=floor_abs), m
+        assert r.returned_iter == (r.best_iter if r.diverged else r.n_iter), m
         np.testing.assert_array_equal(r.final_residual, r.residuals[-1])
         assert r.n_iter == r.residuals.size
         finite = np.isfinite(r.residuals)
         assert r.best_residual == np.min(r.residuals[finite])
+        assert r.best_iter == int(np.flatnonzero(r.residuals == r.best_residual)[0]) + 1
         for t, k in r.iterations_to_reach.items():
             below = np.flatnonzero(finite & (r.residuals <= t))
             assert k == (int(below[0]) + 1 if below.size else None), (m, t)
@@ -111,8 +113,8 @@ def test_image_covariance_coupled_history_follows_the_float64_loop(image_cov, im
     # then both sit at the floor (kappa*u, up to a small factor) and never diverge
     assert np.all(r.residuals[~above] < 1e2 * image_report.floor)
     assert not r.diverged and r.blowup_iter is None and r.status() == "stable"
-    # the returned D is the reference iterate number best_iter (to rounding at the floor)
-    D_ref = iterates[r.best_iter - 1]
+    # the returned D is the reference's last iterate (to rounding at the floor)
+    D_ref = iterates[r.returned_iter - 1]
     assert _fro(r.D - D_ref) / _fro(D_ref) < 1e2 * image_report.floor
     # iterations to reach the thresholds well above the floor agree with the loop
     for t in DEFAULT_THRESHOLDS:
@@ -279,7 +281,7 @@ def test_to_dict_and_json_schema(image_report):
         assert isinstance(d[key], typ), key
     assert d["passed"] is False and d["failed"] == ["uncoupled"]
     assert d["condition_number"] == rep.condition_number and d["floor"] == rep.floor
-    method_keys = {"method", "ran_as", "n_iter", "final_residual", "residual", "symmetric_residual",
+    method_keys = {"method", "ran_as", "n_iter", "returned_iter", "final_residual", "residual", "symmetric_residual",
                    "forward_error", "best_iter", "best_residual", "converged", "diverged", "blowup_iter",
                    "iterations_to_reach", "scale", "seconds", "residuals"}
     for m, md in d["methods"].items():
@@ -393,3 +395,32 @@ def test_coupled_reaches_the_floor_and_report_numbers_are_consistent(n, log_cond
         # at or below the floor, up to the sqrt(n) of the Frobenius norm and a small factor
         assert r.final_residual <= 50 * math.sqrt(n) * max(rep.floor, U64), r.method
         assert r.forward_error <= 50 * max(rep.floor, U64), r.method
+
+
+# --------------------------------------------------------------------------- torch tensors
+
+
+def test_torch_tensor_runs_the_methods_through_the_torch_backend():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(20)
+    C = spd_with_condition(9, 1e3, rng)
+    rep_t = verify_whitening(torch.from_numpy(C), methods=("coupled", "eigh"), n_iter=30)
+    rep_n = verify_whitening(C, methods=("coupled", "eigh"), n_iter=30)
+    assert rep_t.dtype == "float64" and isinstance(rep_t["coupled"].D, np.ndarray)
+    _check_matrix_numbers(rep_t, C)
+    _check_method_numbers(rep_t, C, C)
+    above = rep_n["coupled"].residuals > 1e4 * rep_n.floor
+    np.testing.assert_allclose(rep_t["coupled"].residuals[above], rep_n["coupled"].residuals[above], rtol=1e-8)
+    rep16 = verify_whitening(torch.from_numpy(C).to(torch.bfloat16).float().half(), methods=("eigh",))
+    assert rep16.dtype == "float32"
+
+
+@pytest.mark.gpu
+def test_cuda_tensor_is_verified_on_the_device():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(21)
+    C = spd_with_condition(27, 1e4, rng)
+    rep = verify_whitening(torch.from_numpy(C).float().cuda(), methods=("coupled", "eigh"), n_iter=40)
+    assert rep.dtype == "float32"
+    _check_method_numbers(rep, C.astype(np.float32), C)
+    assert rep["coupled"].final_residual < 10 * rep.floor
