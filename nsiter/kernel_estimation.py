@@ -220,7 +220,8 @@ class _Quadratic:
         return self.a @ theta - self.c
 
     def rel_grad(self, theta: np.ndarray) -> float:
-        gn = float(np.linalg.norm(self.grad(theta)))
+        with np.errstate(over="ignore", invalid="ignore"):  # inf after a (reported) blow-up
+            gn = float(np.linalg.norm(self.grad(theta)))
         return gn / self.c_norm if self.c_norm > 0 else gn
 
     def eigs(self) -> np.ndarray:
@@ -343,50 +344,54 @@ def _descent(quad: _Quadratic, *, t, precondition: bool, lr: float, n_iter: int,
              rng, callback, emit):
     """Gradient descent ``phi <- phi - lr * grad_phi`` in coordinates ``theta = T phi`` (``T`` None: identity).
 
-    ``precondition=True`` steps ``theta <- theta - lr * A^{-1} grad`` instead (appendix A.8).
+    Full batch, ``grad_phi = T^T A T phi - T^T c`` (Eq. 2 on the transformed features); mini-batch,
+    ``grad_phi = T^T grad_B(theta)``.  ``precondition=True`` steps
+    ``theta <- theta - lr * A^{-1} grad`` instead (appendix A.8).  Stops at the first non-finite
+    loss (warning) and returns the last finite iterate.
     Returns ``(theta, history, n_iter_run, converged)``.
     """
     prob = quad.prob
-    p = prob.p
     full = batch_size is None
     if t is not None and full:
         a_t = t.T @ quad.a @ t
         c_t = t.T @ quad.c
-    phi = np.zeros(p)
-    theta = np.zeros(p)
+    phi = np.zeros(prob.p)
+    theta = np.zeros(prob.p)
     history = [quad.loss(theta)]
     converged = None
     it = 0
-    for it in range(1, n_iter + 1):
-        if tol is not None and quad.rel_grad(theta) <= tol:
-            it -= 1
-            converged = True
-            break
-        if full:
-            grad_theta = None if t is not None else quad.grad(theta)
-        else:
-            grad_theta = _minibatch_grad(prob, theta, np.sort(rng.choice(prob.m, batch_size, replace=False)))
-        theta_prev = theta
-        if t is not None:
-            grad_phi = (a_t @ phi - c_t) if full else t.T @ grad_theta
-            phi = phi - lr * grad_phi
-            theta = t @ phi
-        elif precondition:
-            theta = theta - lr * quad.precondition(grad_theta)
-        else:
-            theta = theta - lr * grad_theta
-        loss = quad.loss(theta)
-        if not np.isfinite(loss) or not np.all(np.isfinite(theta)):
-            warnings.warn(
-                f"gradient descent diverged at iteration {it} (loss {loss:.3g}); the learning rate "
-                f"{lr:.3g} is above 2/lambda_max of the problem; pass a smaller lr (the default is safe)",
-                NsiterWarning, stacklevel=3)
-            it -= 1
-            theta = theta_prev
-            break
-        history.append(loss)
-        if callback is not None:
-            emit(callback, theta)
+    with np.errstate(over="ignore", invalid="ignore"):  # a blow-up is detected and reported below
+        for it in range(1, n_iter + 1):
+            if tol is not None and quad.rel_grad(theta) <= tol:
+                it -= 1
+                converged = True
+                break
+            if not full:
+                rows = np.sort(rng.choice(prob.m, batch_size, replace=False))
+                grad_theta = _minibatch_grad(prob, theta, rows)
+            elif t is None:
+                grad_theta = quad.grad(theta)
+            theta_prev = theta
+            if t is not None:
+                grad_phi = (a_t @ phi - c_t) if full else t.T @ grad_theta
+                phi = phi - lr * grad_phi
+                theta = t @ phi
+            elif precondition:
+                theta = theta - lr * quad.precondition(grad_theta)
+            else:
+                theta = theta - lr * grad_theta
+            loss = quad.loss(theta)
+            if not np.isfinite(loss) or not np.all(np.isfinite(theta)):
+                warnings.warn(
+                    f"gradient descent diverged at iteration {it} (loss {loss:.3g}); the learning rate "
+                    f"{lr:.3g} is too large (full batch: above 2/lambda_max); pass a smaller lr",
+                    NsiterWarning, stacklevel=3)
+                it -= 1
+                theta = theta_prev
+                break
+            history.append(loss)
+            if callback is not None:
+                emit(callback, theta)
     if tol is not None and converged is None:
         converged = quad.rel_grad(theta) <= tol
     return theta, np.asarray(history), it, converged

@@ -106,3 +106,24 @@ def newton_schulz_history(A, method, n_iter, eps=0.0):
             iterates.append(D)
             residuals.append(np.sqrt(np.sum((D @ D @ A - eye) ** 2)))
     return iterates, np.array(residuals)
+
+
+def estimate_kernel(x, y, kernel_size, stride=1, padding=0, dilation=1, fit_intercept=False, eps=0.0):
+    """Float64 least squares on the loop im2col: ``min ||X w + b - y||^2 / (2M) + eps ||w||^2 / 2``.
+
+    Solved by ``np.linalg.lstsq`` (SVD) on ``(X | 1)`` stacked with ``sqrt(M eps) I`` rows for the
+    ridge (not on ``b``).  Returns ``(w, b)`` with ``w`` flat, ``b = 0.0`` without intercept.
+    """
+    X = im2col(x, kernel_size, stride, padding, dilation)
+    m, f = X.shape
+    y = np.asarray(y, dtype=np.float64).reshape(-1)
+    if fit_intercept:
+        X = np.hstack([X, np.ones((m, 1))])
+    p = X.shape[1]
+    if eps > 0:
+        ridge = np.zeros((f, p))
+        ridge[:, :f] = np.sqrt(m * eps) * np.eye(f)
+        X = np.vstack([X, ridge])
+        y = np.concatenate([y, np.zeros(f)])
+    theta = np.linalg.lstsq(X, y, rcond=None)[0]
+    return theta[:f], (float(theta[f]) if fit_intercept else 0.0)
