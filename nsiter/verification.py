@@ -437,7 +437,7 @@ class WhiteningReport:
         n_max = max(2, max(r.n_iter for r in self.methods.values()))
         finite_all = [self.floor] + [x for r in self.methods.values()
                                      for x in r.residuals if np.isfinite(x) and x > 0]
-        y_lo = max(min(finite_all) / 5.0, 1e-300)
+        y_lo = max(min(finite_all) / 30.0, 1e-300)
         y_hi = min(max(finite_all) * 5.0, 1e8)
         import matplotlib as mpl
 
@@ -722,9 +722,11 @@ def verify_whitening(C, *, methods: Sequence[str] = DEFAULT_METHODS, n_iter: int
                 why = (f" Near its fixed point the uncoupled iteration multiplies rounding errors by up to "
                        f"(kappa + sqrt(kappa) - 2)/2 = {_fmt(_uncoupled_growth(kappa), '.3g')} per step "
                        "(stable only for kappa < 2.44).")
+            advice = (f"Use the coupled iteration, or stop after {best_iter} iterations." if best_res < 1e-2
+                      else "It never whitened C: use the coupled iteration.")
             notes.append(
                 f"{m} diverged: best residual {_fmt(best_res)} at iteration {best_iter}{at}; the returned D is "
-                f"that best iterate.{why} Use the coupled iteration, or at most {best_iter} iterations."
+                f"that best iterate.{why} {advice}"
             )
     if floor >= 1e-2:
         notes.insert(0, (
