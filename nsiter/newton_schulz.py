@@ -205,19 +205,23 @@ def _probe_lapack(A64, delta, lmin, lmax, ok):
         lmin[b] = est_min - delta[b]
 
 
-def _check_singular(lmin, lmax, delta, eps, nb, stacklevel=4):
-    """Warn (naming ``eps``) when some matrix is numerically singular; raise for the zero matrix."""
+def _check_singular(lmin, lmax, sing_tol, eps, nb, stacklevel=4):
+    """Warn (naming ``eps``) when ``lambda_min <= sing_tol``; raise for the zero matrix.
+
+    ``sing_tol = n eps(dtype) ||A||_F``: an eigenvalue at the rounding level of the entries.
+    """
     if np.any(lmax <= 0):
         raise ValueError(
             "expected a nonzero positive semidefinite matrix, got the zero matrix (all eigenvalues 0): "
             "its inverse square root does not exist; pass a ridge eps > 0 (A + eps I)"
         )
-    sing = lmin <= delta
+    sing = lmin <= sing_tol
     if np.any(sing):
         i = int(np.flatnonzero(sing)[0])
         warnings.warn(
             f"{int(sing.sum())} of {nb} matrices are numerically singular (smallest eigenvalue "
-            f"~{max(lmin[i], 0.0):.3g} <= {delta[i]:.3g}, largest ~{lmax[i]:.3g}; eps={eps:g}): "
+            f"~{max(lmin[i], 0.0):.3g} <= {sing_tol[i]:.3g} = n eps(dtype) ||A||_F, largest ~{lmax[i]:.3g}; "
+            f"eps={eps:g}): "
             "A^(-1/2) is unbounded and Newton–Schulz iterates grow without limit on the null space; "
             f"pass a ridge eps > 0 (e.g. eps={max(1e-5 * lmax[i], np.finfo(float).tiny):.1g})",
             IllConditionedWarning,
@@ -301,7 +305,11 @@ class _Tracker:
 
 
 def _run_uncoupled(Y0, Y0_64, n_max, *, tol, stop_early):
-    """Uncoupled iteration (7.12): ``X <- (3X - X((X X) Y_0))/2``; residuals always tracked."""
+    """Uncoupled iteration (7.12): ``X <- (3X - X((X X) Y_0))/2`` on numpy ``@``.
+
+    The float64 residual is always tracked (the iteration is unstable by design, so the
+    best iterate must be known).  Returns ``(X, tracker, n_run, returned_iter, returned_r)``.
+    """
     nb, n, _ = Y0.shape
     dt = Y0.dtype
     X = np.broadcast_to(np.eye(n, dtype=dt), Y0.shape).copy()
@@ -324,7 +332,13 @@ def _run_uncoupled(Y0, Y0_64, n_max, *, tol, stop_early):
         imp = tracker.update(k + 1, idx, r)
         Xb[idx[imp]] = Xa[imp]
         n_run = k + 1
-    return Xb, tracker, n_run
+    # the iterate returned: the best one after a blow-up, else the one the matrix stopped at
+    div = tracker.diverged
+    last = np.minimum(tracker.stop_iter, n_run)
+    X_out = np.where(div[:, None, None], Xb, X)
+    ret_iter = np.where(div, tracker.best_iter, last)
+    ret_r = np.where(div, tracker.best, tracker.hist[np.arange(nb), np.maximum(last, 1) - 1])
+    return X_out, tracker, n_run, ret_iter, ret_r
 
 
 def _run_coupled_numpy(Y0, n_iter, coefs):
@@ -347,16 +361,16 @@ def _run_coupled_numpy(Y0, n_iter, coefs):
     return Z, Y
 
 
-def _deg3_minimax(lo: float, hi: float) -> tuple[float, float, float]:
+def _deg3_minimax(lo, hi):
     """Best odd cubic ``q(s) = a s + b s^3`` for ``q(s) ~= 1`` on ``[lo, hi]`` (``s = sqrt(p)``).
 
     Equioscillation at ``lo``, ``s*`` and ``hi``: ``q(lo) = q(hi) = 1 - E``,
     ``q(s*) = 1 + E`` with ``s*^2 = (hi^2 + hi lo + lo^2)/3`` (closed form).  In terms of
     the coupled iteration, ``T = a I + b M`` maps an eigenvalue ``p`` of ``M = Z Y`` to
-    ``p (a + b p)^2 = q(sqrt p)^2``.  Returns ``(a, b, E)``.
+    ``p (a + b p)^2 = q(sqrt p)^2``.  Works elementwise on arrays.  Returns ``(a, b, E)``.
     """
     S = hi * hi + hi * lo + lo * lo
-    s_star = math.sqrt(S / 3.0)
+    s_star = np.sqrt(S / 3.0)
     g = (2.0 / 3.0) * s_star + lo * hi * (hi + lo) / S
     a = 2.0 / g
     b = -a / S
@@ -364,26 +378,36 @@ def _deg3_minimax(lo: float, hi: float) -> tuple[float, float, float]:
     return a, b, E
 
 
-def _accelerated_schedule(p_lo: float, tol: float, n: int, n_max: int):
-    """Per-step coefficients of the accelerated coupled iteration and the predicted count.
+def _accelerated_schedule(p_lo, tol: float, n: int, n_max: int):
+    """Per-matrix, per-step coefficients of the accelerated coupled iteration.
 
-    The eigenvalues of ``Y_0`` lie in ``[p_lo, 1]``.  Step ``k`` uses the minimax cubic
-    of :func:`_deg3_minimax` for the current interval ``[lo_k, hi_k]`` of ``sqrt(p)``
-    (the polar/sign-function view of the iteration, as in Polar Express / CANS), which
-    maps it into ``[1 - E_k, 1 + E_k]``; as ``E_k -> 0`` the step becomes the classic
-    ``(3I - M)/2``.  The predicted count is the first ``K`` with
-    ``sqrt(n) (2 E_K + E_K^2) <= tol`` (a bound on ``||D A D - I||_F`` in exact arithmetic).
-    Returns ``(coefs (n_max, 3) float64, K)``.
+    The eigenvalues of ``Y_0`` lie in ``[p_lo, 1]`` (``p_lo``: one value per matrix).
+    Step ``k`` uses the minimax cubic of :func:`_deg3_minimax` for the current interval
+    ``[lo_k, hi_k]`` of ``sqrt(p)`` (the polar/sign-function view of the iteration, as in
+    Polar Express / CANS), which maps it into ``[1 - E_k, 1 + E_k]``; as ``E_k -> 0`` the
+    step becomes the classic ``(3I - M)/2``, which is used from the predicted count on.
+    The predicted count ``K`` is the first with ``sqrt(n) (2 E_K + E_K^2) <= tol`` (a bound
+    on ``||D A D - I||_F`` in exact arithmetic).
+    Returns ``(coefs (nb, n_max, 3) float64, K (nb,) int)``.
     """
-    coefs = np.tile(np.array([1.5, -0.5, 0.0]), (n_max, 1))
-    lo, hi = math.sqrt(max(p_lo, 1e-300)), 1.0
-    K = n_max
+    p_lo = np.atleast_1d(np.asarray(p_lo, dtype=np.float64))
+    nb = p_lo.shape[0]
+    coefs = np.empty((nb, n_max, 3))
+    coefs[:] = (1.5, -0.5, 0.0)
+    lo = np.sqrt(np.maximum(p_lo, 1e-300))
+    hi = np.ones(nb)
+    K = np.full(nb, n_max, dtype=np.int64)
+    active = np.ones(nb, dtype=bool)
+    root_n = math.sqrt(n)
     for k in range(n_max):
         a, b, E = _deg3_minimax(lo, hi)
-        coefs[k, 0], coefs[k, 1] = a, b
+        coefs[active, k, 0] = a[active]
+        coefs[active, k, 1] = b[active]
         lo, hi = 1.0 - E, 1.0 + E
-        if math.sqrt(n) * (2 * E + E * E) <= tol or E < 1e-9:
-            K = k + 1
+        done = active & ((root_n * (2 * E + E * E) <= tol) | (E < 1e-9))
+        K[done] = k + 1
+        active &= ~done
+        if not active.any():
             break
     return coefs, K
 
@@ -449,7 +473,7 @@ def _eigh_power(A64, dtype, delta, eps, power=-0.5):
                 f"index) is singular: eigenvalue {lo[b]:.3g} <= 0 (largest {lam[b, -1]:.3g}, eps={eps:g}); "
                 "A^(-1/2) does not exist — pass a ridge eps > 0 (A + eps I)"
             )
-        _check_singular(lo, lam[:, -1], delta, eps, len(lo), stacklevel=5)
+        _check_singular(lo, lam[:, -1], delta / 10.0, eps, len(lo), stacklevel=5)
     lam = np.maximum(lam, 0.0)
     D = (V * lam[:, None, :] ** power) @ np.swapaxes(V, -1, -2)
     return D.astype(dtype), lam
@@ -477,24 +501,27 @@ def _eigh_cost(n: int) -> float:
     return 10.0 + 1300.0 / n
 
 
-def _auto_plan(p_lo, tol, n, n_max):
-    """``("accelerated", coefs, K)`` or ``("eigh", None, 0)``: the cheaper way to reach ``tol``.
+def _auto_plan(K, n):
+    """Per matrix: True where ``eigh`` is cheaper than ``K`` accelerated steps.
 
-    Cost of the accelerated iteration: ``3K - 2`` products (the first step needs one),
-    ``+1`` for the last residual by-product and ``+2`` for the float64 confirmation;
-    ``eigh``: :func:`_eigh_cost`.
+    Cost of the accelerated iteration in products: ``3K - 2`` (the first step needs one),
+    ``+1`` for the last residual by-product, ``+2`` for the float64 confirmation and
+    ``~0.3`` for the Cholesky probe; ``eigh``: :func:`_eigh_cost`.
     """
-    coefs, K = _accelerated_schedule(p_lo, tol, n, n_max)
-    ns_cost = 3 * K + 1 + 0.3  # + the Cholesky probe
-    if ns_cost <= _eigh_cost(n):
-        return "accelerated", coefs, K
-    return "eigh", None, 0
+    return 3 * K + 1.3 > _eigh_cost(n)
 
 
-# --------------------------------------------------------------------------- public API
+def _empty_info(batch, method, scaling, tol):
+    z = np.zeros(batch, dtype=bool)
+    return NewtonSchulzInfo(
+        residuals=np.empty(batch + (1 if method == "eigh" else 0,)), n_iter=0,
+        converged=z, diverged=z.copy(), best_iter=np.zeros(batch, dtype=np.int64),
+        scale=np.empty(batch), method=method, scaling=scaling, tol=tol,
+    )
 
 
 def _solve(A, method, n_iter, tol, scaling, eps, return_info, *, want):
+    """Shared body of :func:`inv_sqrtm` (``want="isqrt"``) and :func:`sqrtm_psd` (``"sqrt"``)."""
     arr, method, n_iter, tol, scaling, eps, return_info = _validate(
         A, method, n_iter, tol, scaling, eps, return_info
     )
@@ -507,90 +534,117 @@ def _solve(A, method, n_iter, tol, scaling, eps, return_info, *, want):
         tol_used = tol
     stop_early = tol_used is not None
     n_max = n_iter if n_iter is not None else MAX_ITER
-
     if nb == 0:
         out = np.empty(arr.shape, dtype=dtype)
-        if not return_info:
-            return out
-        z = np.zeros(batch, dtype=bool)
-        info = NewtonSchulzInfo(
-            residuals=np.empty(batch + (1 if method == "eigh" else 0,)), n_iter=0,
-            converged=z.copy(), diverged=z.copy(), best_iter=np.zeros(batch, dtype=np.int64),
-            scale=np.empty(batch), method=method, scaling=scaling, tol=tol_used,
-        )
-        return out, info
+        return (out, _empty_info(batch, method, scaling, tol_used)) if return_info else out
 
     A64 = arr.reshape(nb, n, n).astype(np.float64)  # a copy: the caller's data is never touched
     if eps:
         A64[:, np.arange(n), np.arange(n)] += eps
     A64 = (A64 + np.swapaxes(A64, -1, -2)) * 0.5
     fro = np.sqrt(np.einsum("bij,bij->b", A64, A64))
-    delta = 10.0 * n * np.finfo(dtype).eps * fro
-
-    label = method
-    coefs = None
-    if method != "eigh":
-        lmin, lmax = _probe(A64, delta)
-        if want == "isqrt":
-            _check_singular(lmin, lmax, delta, eps, nb)
-        c = _scale(A64, scaling, lmax)
-        c = np.where(c > 0, c, 1.0)
-        if method in ("accelerated", "auto"):
-            # eigenvalues of Y_0 = A/c lie in [p_lo, p_hi]: p_hi from rigorous bounds on
-            # lambda_max, p_lo from the (over-)estimate of lambda_min, made pessimistic
-            bound = np.minimum(fro, np.max(np.abs(A64).sum(axis=-1), axis=-1))
-            p_hi = float(np.max(bound / c))
-            p_lo = float(np.min(np.maximum(lmin, delta) / c)) / _LMIN_SAFETY / p_hi
-            if method == "auto":
-                method, coefs, _ = _auto_plan(p_lo, tol_used, n, n_max)
-                label = f"auto:{method}"
-            else:
-                coefs, _ = _accelerated_schedule(p_lo, tol_used if tol_used else default_tol(dtype, n),
-                                                 n, n_max)
-            if coefs is not None:
-                # the schedule is designed for sqrt(p / p_hi); q(s) = q'(s / h) with h = sqrt(p_hi)
-                h = math.sqrt(p_hi)
-                coefs = coefs.copy()
-                coefs[0, 0] /= h
-                coefs[0, 1] /= h ** 3
+    if want == "isqrt" and np.any(fro == 0):
+        raise ValueError(
+            "expected a nonzero positive semidefinite matrix, got the zero matrix (all eigenvalues 0) "
+            f"at flat batch index {int(np.flatnonzero(fro == 0)[0])}: its inverse square root does not "
+            "exist; pass a ridge eps > 0 (A + eps I)"
+        )
+    # rounding tolerance of the PSD test (the zero matrix, allowed by sqrtm_psd, gets 1)
+    delta = np.where(fro > 0, 10.0 * n * np.finfo(dtype).eps * fro, 1.0)
 
     if method == "eigh":
-        out, lam = _eigh_power(A64, dtype, delta, eps, power=-0.5 if want == "isqrt" else 0.5)
-        out = out.reshape(arr.shape)
+        out, r = _eigh_subset(A64, dtype, delta, eps, want, return_info)
         if not return_info:
-            return out
-        Dinv = out.reshape(nb, n, n) if want == "isqrt" else _eigh_power(A64, dtype, delta, eps)[0]
-        r = _residual64(Dinv, A64)
+            return out.reshape(arr.shape)
         finite = np.isfinite(r)
         info = NewtonSchulzInfo(
             residuals=r.reshape(batch + (1,)), n_iter=1,
             converged=(finite if tol is None else finite & (r <= tol)).reshape(batch),
             diverged=(~finite).reshape(batch), best_iter=np.ones(batch, dtype=np.int64),
-            scale=np.ones(batch), method=label, scaling=scaling, tol=tol_used,
+            scale=np.ones(batch), method="eigh", scaling=scaling, tol=tol_used,
         )
-        return out, info
+        return out.reshape(arr.shape), info
+
+    lmin, lmax = _probe(A64, delta)
+    if want == "isqrt":
+        _check_singular(lmin, lmax, delta / 10.0, eps, nb)
+    c = _scale(A64, scaling, lmax)
+    c = np.where(c > 0, c, 1.0)
+    coefs = None
+    use_eigh = np.zeros(nb, dtype=bool)
+    if method in ("accelerated", "auto"):
+        # eigenvalues of Y_0 = A/c lie in [p_lo, p_hi]: p_hi from rigorous bounds on
+        # lambda_max (||A||_F, ||A||_inf), p_lo from the over-estimate of lambda_min / safety
+        bound = np.minimum(fro, np.max(np.abs(A64).sum(axis=-1), axis=-1))
+        p_hi = np.maximum(bound / c, 1e-300)
+        p_lo = np.maximum(lmin, delta / 10.0) / c / _LMIN_SAFETY / p_hi
+        coefs, K = _accelerated_schedule(p_lo, tol_used if tol_used else default_tol(dtype, n), n, n_max)
+        # the schedule is designed for s / h, h = sqrt(p_hi): q(s) = q'(s / h)
+        h = np.sqrt(p_hi)
+        coefs[:, 0, 0] /= h
+        coefs[:, 0, 1] /= h ** 3
+        if method == "auto":
+            use_eigh = _auto_plan(K, n)
+    label = method
+    if method == "auto":
+        label = "auto:" + "+".join(m for m, on in (("accelerated", not use_eigh.all()), ("eigh", use_eigh.any()))
+                                   if on)
 
     Y0_64 = A64 / c[:, None, None]
     # the reference code divides A in the working precision by the norm
     Y0 = Y0_64 if dtype == np.float64 else A64.astype(dtype) / c.astype(dtype)[:, None, None]
 
-    if method == "uncoupled":
-        X, tracker, n_run = _run_uncoupled(Y0, Y0_64, n_max, tol=tol_used, stop_early=stop_early)
-        Z, Y = X, None
-        n_done, best_iter, diverged, best_r = tracker.stop_iter, tracker.best_iter, tracker.diverged, tracker.best
-        hist = tracker.finish(n_run) if return_info else None
-    else:
-        if coefs is None:
-            coefs = np.tile(np.array([1.5, -0.5, 0.0]), (n_max, 1))
-        Z, Y, n_done, best_iter, diverged, best_r, hist = _run_coupled(
-            Y0, Y0_64, coefs, n_max, tol=tol_used, record=return_info, stop_early=stop_early)
-        if not (return_info or stop_early) and not np.isfinite(Z).all():
-            # the cheap path blew up: rerun with residuals to return the best iterate
-            Z, Y, n_done, best_iter, diverged, best_r, hist = _run_coupled(
-                Y0, Y0_64, coefs, n_max, tol=tol_used, record=True, stop_early=False)
-        n_run = int(n_done.max())
+    out = np.empty((nb, n, n), dtype=dtype)
+    ns_idx = np.flatnonzero(~use_eigh)
+    eig_idx = np.flatnonzero(use_eigh)
+    n_done = np.ones(nb, dtype=np.int64)
+    best_iter = np.ones(nb, dtype=np.int64)
+    diverged = np.zeros(nb, dtype=bool)
+    best_r = np.full(nb, np.nan)
+    hist = None
+    n_run = 1
+    if eig_idx.size:
+        out[eig_idx], best_r[eig_idx] = _eigh_subset(A64[eig_idx], dtype, delta[eig_idx], eps, want,
+                                                     return_info or tol is not None)
+    if ns_idx.size:
+        sub = slice(None) if ns_idx.size == nb else ns_idx
+        Y0s, Y0s_64 = Y0[sub], Y0_64[sub]
+        if method == "uncoupled":
+            X, tracker, n_run, b_it, b_r = _run_uncoupled(Y0s, Y0s_64, n_max, tol=tol_used, stop_early=stop_early)
+            Z, Y = X, None
+            h_ns = tracker.finish(n_run) if return_info else None
+            n_d, div = np.minimum(tracker.stop_iter, n_run), tracker.diverged
+        else:
+            if coefs is None:
+                cf = np.empty((ns_idx.size, n_max, 3))
+                cf[:] = (1.5, -0.5, 0.0)
+            else:
+                cf = coefs[sub]
+            Z, Y, n_d, b_it, div, b_r, h_ns = _run_coupled(
+                Y0s, Y0s_64, cf, n_max, tol=tol_used, record=return_info, stop_early=stop_early)
+            if not (return_info or stop_early) and not np.isfinite(Z).all():
+                # the cheap path blew up: rerun with residuals to return the best iterate
+                Z, Y, n_d, b_it, div, b_r, h_ns = _run_coupled(
+                    Y0s, Y0s_64, cf, n_max, tol=tol_used, record=True, stop_early=False)
+            n_run = int(n_d.max())
+            if return_info:
+                h_ns = _freeze_history(h_ns, n_d, n_run)
+        sc = np.sqrt(c[sub])[:, None, None]
+        if want == "isqrt":
+            out[sub] = Z / sc
+        elif Y is not None:
+            out[sub] = Y * sc
+        else:
+            out[sub] = (A64[sub] @ Z.astype(np.float64)) / sc
+        n_done[sub], best_iter[sub], diverged[sub], best_r[sub] = n_d, b_it, div, b_r
         if return_info:
-            hist = _freeze_history(hist, n_done, n_run)
+            hist = np.empty((nb, n_run))
+            hist[sub] = h_ns
+    if return_info and eig_idx.size:
+        if hist is None:
+            hist = np.empty((nb, 1))
+        hist[eig_idx] = best_r[eig_idx][:, None]
+
     _warn_diverged(diverged, best_r, best_iter, label, nb)
     if tol is not None:
         missed = ~diverged & ~(best_r <= tol)
@@ -603,26 +657,29 @@ def _solve(A, method, n_iter, tol, scaling, eps, return_info, *, want):
                 NsiterWarning,
                 stacklevel=3,
             )
-
-    sc = np.sqrt(c)[:, None, None]
-    if want == "isqrt":
-        out = (Z / sc).astype(dtype)
-    elif Y is not None:
-        out = (Y * sc).astype(dtype)
-    else:
-        out = ((A64 @ Z.astype(np.float64)) / sc).astype(dtype)
     out = out.reshape(arr.shape)
     if not return_info:
         return out
     finite = np.isfinite(best_r)
     converged = finite & ~diverged if tol is None else finite & (best_r <= tol)
+    if tol is None:
+        converged |= ~diverged & np.isnan(best_r) & use_eigh
     info = NewtonSchulzInfo(
-        residuals=hist.reshape(batch + (n_run,)), n_iter=n_run,
+        residuals=hist.reshape(batch + (hist.shape[1],)), n_iter=int(hist.shape[1]) if eig_idx.size < nb else 1,
         converged=converged.reshape(batch), diverged=diverged.reshape(batch),
-        best_iter=best_iter.reshape(batch), scale=c.reshape(batch),
+        best_iter=best_iter.reshape(batch), scale=np.where(use_eigh, 1.0, c).reshape(batch),
         method=label, scaling=scaling, tol=tol_used,
     )
     return out, info
+
+
+def _eigh_subset(A64, dtype, delta, eps, want, with_residual):
+    """``method="eigh"`` on a stack: ``(result, float64 residual of A^{-1/2} or nan)``."""
+    out, _ = _eigh_power(A64, dtype, delta, eps, power=-0.5 if want == "isqrt" else 0.5)
+    if not with_residual:
+        return out, np.full(A64.shape[0], np.nan)
+    Dinv = out if want == "isqrt" else _eigh_power(A64, dtype, delta, eps)[0]
+    return out, _residual64(Dinv, A64)
 
 
 def inv_sqrtm(A, *, method="coupled", n_iter=None, tol=None, scaling="fro", eps=0.0, return_info=False):

@@ -108,6 +108,26 @@ def newton_schulz_history(A, method, n_iter, eps=0.0):
     return iterates, np.array(residuals)
 
 
+def isqrt_newton_schulz_autograd(A, num_iters):
+    """numpy transcription of the paper's reference code (FastDeconv, ``isqrt_newton_schulz_autograd``).
+
+    ``norm = ||A||_F``, ``Y = A / norm``, ``Z = I``; ``num_iters`` times
+    ``T = 0.5 (3I - Z Y)``, ``Y = Y T``, ``Z = T Z``; returns ``Z / sqrt(norm)``, in the dtype of ``A``
+    (every operation in that dtype, as the torch original does).
+    """
+    A = np.asarray(A)
+    dim = A.shape[0]
+    norm = np.sqrt(np.sum(A * A, dtype=A.dtype))
+    Y = A / norm
+    I = np.eye(dim, dtype=A.dtype)
+    Z = np.eye(dim, dtype=A.dtype)
+    for _ in range(num_iters):
+        T = A.dtype.type(0.5) * (A.dtype.type(3.0) * I - Z @ Y)
+        Y = Y @ T
+        Z = T @ Z
+    return Z / np.sqrt(norm)
+
+
 def estimate_kernel(x, y, kernel_size, stride=1, padding=0, dilation=1, fit_intercept=False, eps=0.0):
     """Float64 least squares on the loop im2col: ``min ||X w + b - y||^2 / (2M) + eps ||w||^2 / 2``.
 

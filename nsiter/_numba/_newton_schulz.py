@@ -142,19 +142,22 @@ def _coupled_ns_one(Y0, Y0_64, coefs, n_max, record, stop_early, tol,
 
     Step ``k``: ``M = Z Y``, ``T = a_k I + b_k M + c_k M^2``, ``Y <- Y T``, ``Z <- T Z`` with
     ``(a_k, b_k, c_k) = coefs[k]`` (working dtype, ``n_max`` rows; the classic step is
-    ``(3/2, -1/2, 0)``).  Step 0 uses ``Z_0 = I`` (``M = Y_0``, ``Z_1 = T``: two products saved,
-    bit-identical).
+    ``(3/2, -1/2, 0)``).  Step 0 uses ``Z_0 = I`` (``M = Y_0``, ``Z_1 = T``: two products
+    saved, bit-identical).
 
-    Modes: ``record`` evaluates the float64 residual ``r_k = ||Z_k Z_k Y_0 - I||_F`` after
-    every step into ``hist[k-1]`` and keeps the best iterate.  ``stop_early`` stops at
-    ``r_k <= tol``, at the rounding floor (``r_k < 0.5`` and ``r_k > 0.75 r_{k-1}``) or on
-    divergence (non-finite, ``> 1e3 * best`` or ``> 10 sqrt(n)``).  Without ``record`` the
-    free by-product ``rho_k = ||M_k - I||_F`` (``M_k = Z_k Y_k``, equal to ``r_k`` in exact
-    arithmetic) gates the decisions and ``r_k`` is evaluated only to confirm a stop; if
-    the confirmation fails the matrix switches to evaluating ``r_k`` every step.
+    ``record`` stores the float64 residual ``r_k = ||Z_k Z_k Y_0 - I||_F`` of every iterate
+    in ``hist[k-1]``.  ``stop_early`` stops the matrix at the first iterate whose free
+    by-product ``rho_k = ||Z_k Y_k - I||_F`` (``M`` of the next step, equal to ``r_k`` in
+    exact arithmetic) is ``<= tol`` or has stagnated at the rounding floor
+    (``rho_k < 0.5`` and ``rho_k > 0.75 rho_{k-1}``; the quadratic phase more than halves
+    it), provided ``r_k`` confirms it (``r_k <= tol``, or stagnation); when ``r_k``
+    disagrees, the decisions switch to ``r_k`` from then on.  The decisions do not depend
+    on ``record``.  Divergence: non-finite, ``> 1e3 x`` the best value or ``> 10 sqrt(n)``;
+    the best iterate is then returned.  Otherwise the iterate returned is the one the
+    matrix stopped at (or the last).
 
-    ``info_i = [iterations run, best iteration (1-based), diverged]``,
-    ``info_f = [best residual]`` (``nan`` when never evaluated).
+    ``info_i = [iterations run, returned iteration (1-based), diverged]``,
+    ``info_f = [residual r of the returned iterate]`` (``nan`` when not evaluated).
     """
     n = Y0.shape[0]
     Y = Y0.copy()
@@ -169,14 +172,16 @@ def _coupled_ns_one(Y0, Y0_64, coefs, n_max, record, stop_early, tol,
     R1 = np.empty((n, n))
     R2 = np.empty((n, n))
     big = 10.0 * np.sqrt(n)
-    use_metric = record
-    best = np.inf
+    use_metric = False  # stop decisions on r_k instead of rho_k
+    best = np.inf  # best decision value (rho_k or r_k), its iterate in Zb / Yb
+    best_r = np.nan
     prev = np.inf
     best_k = 0
     diverged = False
     done = 0
     restore = False
     stopped = False
+    r = np.nan
     for k in range(n_max):
         if k == 0:
             for i in range(n):
@@ -193,21 +198,24 @@ def _coupled_ns_one(Y0, Y0_64, coefs, n_max, record, stop_early, tol,
             if rho < best:
                 best = rho
                 best_k = k
+                best_r = r
                 Zb[:, :] = Z
                 Yb[:, :] = Y
             stag = rho < 0.5 and rho > 0.75 * prev
             prev = rho
             if rho <= tol or stag:
-                r = _residual_one(Z, Y0_64, R1, R2)
+                if not record:
+                    r = _residual_one(Z, Y0_64, R1, R2)
                 if r <= tol or stag:
-                    best = r
+                    best_r = r
                     best_k = k
                     stopped = True
                     break
-                # the by-product passed but the metric did not: switch to the metric
+                # the by-product passed but the metric did not: decide on the metric
                 use_metric = True
                 best = r
                 best_k = k
+                best_r = r
                 prev = r
                 Zb[:, :] = Z
                 Yb[:, :] = Y
@@ -235,45 +243,56 @@ def _coupled_ns_one(Y0, Y0_64, coefs, n_max, record, stop_early, tol,
             np.dot(T, Z, W)
             Z, W = W, Z
         done = k + 1
-        if use_metric:
+        if record or use_metric:
             r = _residual_one(Z, Y0_64, R1, R2)
             if record:
                 hist[k] = r
+        if use_metric or (record and not stop_early):
             finite = np.isfinite(r)
             if finite and r < best:
                 best = r
                 best_k = done
+                best_r = r
                 Zb[:, :] = Z
                 Yb[:, :] = Y
             if not finite or r > 1e3 * best or r > big:
                 diverged = True
-            if stop_early:
+            if use_metric:
                 if diverged or r <= tol or (r < 0.5 and r > 0.75 * prev):
-                    restore = True
+                    restore = not (r <= tol)
+                    if not restore:
+                        best_k = done
+                        best_r = r
+                    stopped = True
                     break
-            prev = r
-    if restore or record:
+                prev = r
+    if restore or diverged:
         Z_out[:, :] = Zb
         Y_out[:, :] = Yb
     else:
         Z_out[:, :] = Z
         Y_out[:, :] = Y
         if not stopped:
-            # fixed count, or the cap was reached in by-product mode: the last iterate
+            # fixed count, or the cap was reached: the last iterate
             best_k = done
-            best = _residual_one(Z, Y0_64, R1, R2) if stop_early else np.nan
+            if record:
+                best_r = r
+            elif stop_early:
+                best_r = _residual_one(Z, Y0_64, R1, R2)
+            else:
+                best_r = np.nan
     info_i[0] = done
     info_i[1] = best_k
     info_i[2] = 1 if diverged else 0
-    info_f[0] = best
+    info_f[0] = best_r
 
 
 @jit(parallel=True)
 def _coupled_ns_parallel(Y0, Y0_64, coefs, n_max, record, stop_early, tol,
                          Z_out, Y_out, hist, info_i, info_f):
-    """:func:`_coupled_ns_one` over the batch, one matrix per ``prange`` iteration."""
+    """:func:`_coupled_ns_one` over the batch (``coefs[b]`` per matrix), one matrix per thread."""
     for b in prange(Y0.shape[0]):
-        _coupled_ns_one(Y0[b], Y0_64[b], coefs, n_max, record, stop_early, tol,
+        _coupled_ns_one(Y0[b], Y0_64[b], coefs[b], n_max, record, stop_early, tol,
                         Z_out[b], Y_out[b], hist[b], info_i[b], info_f[b])
 
 
@@ -282,5 +301,5 @@ def _coupled_ns_serial(Y0, Y0_64, coefs, n_max, record, stop_early, tol,
                        Z_out, Y_out, hist, info_i, info_f):
     """:func:`_coupled_ns_one` over the batch in order (large ``n``: BLAS threads instead)."""
     for b in range(Y0.shape[0]):
-        _coupled_ns_one(Y0[b], Y0_64[b], coefs, n_max, record, stop_early, tol,
+        _coupled_ns_one(Y0[b], Y0_64[b], coefs[b], n_max, record, stop_early, tol,
                         Z_out[b], Y_out[b], hist[b], info_i[b], info_f[b])
