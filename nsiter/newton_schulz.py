@@ -430,7 +430,7 @@ def _run_coupled(Y0, Y0_64, coefs, n_max, *, tol, record, stop_early):
     hist = np.full((nb, n_max if record else 1), np.nan)
     info_i = np.zeros((nb, 3), dtype=np.int64)
     info_f = np.zeros((nb, 1))
-    coefs = np.ascontiguousarray(coefs[:n_max], dtype=Y0.dtype)
+    coefs = np.ascontiguousarray(coefs[:, :n_max], dtype=Y0.dtype)
     kernel = _coupled_ns_parallel if (n <= _PARALLEL_MAX_N and nb > 1) else _coupled_ns_serial
     kernel(Y0, Y0_64, coefs, n_max, record, stop_early, float(tol or 0.0), Z, Y, hist, info_i, info_f)
     return Z, Y, info_i[:, 0], info_i[:, 1], info_i[:, 2].astype(bool), info_f[:, 0], hist
