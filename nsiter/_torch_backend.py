@@ -447,10 +447,11 @@ def patch_covariance(x, kernel_size, *, stride=1, padding=0, dilation=1, samplin
 # Newton–Schulz inverse square root (Higham 2008, Eqs. 6.35 and 7.12)
 # --------------------------------------------------------------------------------------
 #
-# The semantics (validation, PSD probe, scaling, stopping rule, best iterate, info) are
-# those of nsiter.newton_schulz; the pure-Python pieces (registries, default tolerance,
-# the stopping tracker, the info record) are imported from there so the two backends
-# cannot drift apart.  The matrix work runs in torch on the input's device.
+# The semantics (validation, PSD probe, scaling, schedules, stopping rule, best iterate,
+# warnings, info) are those of nsiter.newton_schulz; its pure-Python pieces (registries,
+# default tolerance, schedules, the uncoupled tracker, warnings, the info record) are
+# imported from there so the two backends cannot drift apart.  The matrix work runs in
+# torch on the input's device.
 
 _PROBE_STEPS = 8
 
@@ -473,19 +474,21 @@ def _fro(A: torch.Tensor) -> torch.Tensor:
     return torch.sqrt((A * A).sum(dim=(-2, -1)))
 
 
-@torch.no_grad()
-def _probe(A64: torch.Tensor, dtype: torch.dtype):
-    """Torch twin of ``newton_schulz._probe`` without the host sync.
+def _np_dtype(dtype: torch.dtype):
+    return np.dtype(np.float32) if dtype == torch.float32 else np.dtype(np.float64)
 
-    Returns float64 tensors ``(ok, lmin, lmax, delta)`` of shape ``(nb,)``: Cholesky of
-    ``A + delta I`` (``delta = 10 n eps(dtype) ||A||_F``) succeeds iff ``ok``; 8 steps of
-    power iteration give ``lmax``, 8 steps of inverse iteration with the Cholesky factor
-    (and the smallest pivot) give ``lmin``, the same start vectors as the numpy probe.
+
+@torch.no_grad()
+def _probe_device(A64: torch.Tensor, delta: torch.Tensor):
+    """Torch twin of ``newton_schulz._probe`` without a host sync: ``(ok, lmin, lmax)``.
+
+    Cholesky of ``A + delta I`` succeeds iff ``ok``; 8 steps of power iteration give
+    ``lmax``; 8 steps of inverse iteration with the Cholesky factor (two triangular solves
+    each: cuBLAS trsm, capturable in a CUDA graph) and the smallest pivot give ``lmin`` —
+    the numpy probe's algorithm and start vectors.
     """
     nb, n, _ = A64.shape
     eye = _batched_eye(n, A64)
-    fro = _fro(A64)
-    delta = 10.0 * n * _finfo_eps(dtype) * fro
     L, info = torch.linalg.cholesky_ex(A64 + delta[:, None, None] * eye)
     ok = info == 0
     idx = torch.arange(n, dtype=torch.float64, device=A64.device)
@@ -506,19 +509,43 @@ def _probe(A64: torch.Tensor, dtype: torch.dtype):
     inv_est = torch.zeros(nb, dtype=torch.float64, device=A64.device)
     for _ in range(_PROBE_STEPS):
         v = v / torch.linalg.vector_norm(v, dim=-1, keepdim=True)
-        # two triangular solves (cuBLAS trsm: capturable in a CUDA graph, unlike MAGMA's potrs)
         w = torch.linalg.solve_triangular(Ls, v[..., None], upper=False)
         v = torch.linalg.solve_triangular(Ls.transpose(-1, -2), w, upper=True)[..., 0]
         inv_est = torch.linalg.vector_norm(v, dim=-1)
     est_min = torch.where(inv_est > 0, 1.0 / inv_est, min_pivot)
     est_min = torch.minimum(est_min, min_pivot)
     lmin = torch.where(ok, est_min - delta, torch.full_like(est_min, float("nan")))
-    return ok, lmin, lmax, delta
+    return ok, lmin, lmax
 
 
-def _scale(A64: torch.Tensor, scaling: str, lmax) -> torch.Tensor:
-    """``c`` of ``Y_0 = A / c`` in float64 (twin of ``newton_schulz._scale``), zeros -> 1."""
-    fro = _fro(A64)
+def _raise_probe(ok, delta, nb):
+    """The numpy probe's error for a matrix with an eigenvalue below ``-delta``."""
+    if not ok.all():
+        bad = np.flatnonzero(~ok)
+        raise ValueError(
+            f"expected symmetric positive semidefinite matrices, but {bad.size} of {nb} "
+            f"(first at flat batch index {bad[0]}) have an eigenvalue below -{delta[bad[0]]:.3g} "
+            f"(= 10 n eps ||A||_F, the rounding tolerance): Cholesky of A + {delta[bad[0]]:.3g} I "
+            "failed; an inverse square root needs A >= 0 — check how A was formed, or add a "
+            "ridge with eps > 0 large enough to make it positive definite"
+        )
+
+
+def _probe(A64: torch.Tensor, delta: torch.Tensor):
+    """``(lmin, lmax)`` as float64 numpy arrays; raises on indefinite input (one host sync).
+
+    CPU tensors use the numpy backend's (Numba/LAPACK) probe; CUDA tensors the device twin.
+    """
+    if A64.device.type == "cpu":
+        return _ns()._probe(A64.detach().numpy(), delta.detach().numpy())
+    ok, lmin, lmax = _probe_device(A64.detach(), delta.detach())
+    host = torch.stack([ok.to(torch.float64), lmin, lmax]).cpu().numpy()
+    _raise_probe(host[0] > 0, delta.detach().cpu().numpy(), A64.shape[0])
+    return host[1], host[2]
+
+
+def _scale(A64: torch.Tensor, scaling: str, lmax: torch.Tensor, fro: torch.Tensor) -> torch.Tensor:
+    """``c`` of ``Y_0 = A / c`` in float64 (twin of ``newton_schulz._scale``), zeros -> 1; differentiable."""
     if scaling == "fro":
         c = fro
     elif scaling == "trace":
@@ -538,85 +565,185 @@ def _residual64(X: torch.Tensor, Y0_64: torch.Tensor) -> torch.Tensor:
         return _fro(R)
 
 
-def _coupled_step(Y, Z, a, b, c2, eye, need_y=True, first=False):
-    """One coupled step with ``T = a I + b M + c2 M^2``, ``M = Z Y`` (classic: 3/2, -1/2, 0).
+def _fro_minus_identity(M: torch.Tensor) -> torch.Tensor:
+    """``||M - I||_F`` accumulated in float64 (the free by-product residual of a coupled step)."""
+    with torch.no_grad():
+        R = M.detach().to(torch.float64)
+        R.diagonal(dim1=-2, dim2=-1).sub_(1.0)
+        return _fro(R)
 
-    ``first``: ``Z = I`` exactly, so ``M = Y`` and ``T Z = T`` (one product instead of three,
-    bit-identical to the full step).  ``need_y=False`` skips ``Y T`` (the last step of an
-    inverse square root needs only ``Z``).
-    """
-    M = Y if first else torch.matmul(Z, Y)
+
+def _step_T(M, Z, Y, a, b, c2, eye, first):
+    """``T = a I + b M + c2 M^2`` for ``M = Z Y`` (``M = Y`` on the first step, where ``Z = I``)."""
     if c2 != 0.0:
-        T = torch.matmul(c2 * M, M) + b * M + a * eye
-    elif first:
-        T = b * M + a * eye
-    elif M.ndim == 3:
-        T = torch.baddbmm(a * eye, Z, Y, beta=1.0, alpha=b)  # fused a I + b Z Y
-    else:
-        T = b * M + a * eye
-    Ynew = torch.matmul(Y, T) if need_y else Y
-    Znew = T if first else torch.matmul(T, Z)
-    return Ynew, Znew
+        return torch.matmul(c2 * M, M) + b * M + a * eye
+    if not first and M is None:
+        return torch.baddbmm(a * eye, Z, Y, beta=1.0, alpha=b)  # fused a I + b Z Y
+    return b * (Y if first else M) + a * eye
 
 
-def _classic_coefs(k):
-    return 1.5, -0.5, 0.0
+def _run_coupled_fixed(Y0, n_iter, want_y, coefs=None):
+    """Coupled iteration, fixed count, no residuals: the fast (and CUDA-graph) path.
 
-
-def _run_coupled_fixed(Y0, n_iter, want_y, coefs=_classic_coefs):
-    """Coupled iteration, fixed count, no residuals: the fast (and CUDA-graph) path."""
+    Step 0 uses ``Z_0 = I`` (``M = Y_0``, ``Z_1 = T``: two products saved, bit-identical);
+    the last step skips ``Y T`` unless the square root is wanted.  ``coefs`` is an
+    ``(n_iter, 3)`` array of ``(a, b, c2)`` (default: the classic ``(3/2, -1/2, 0)``).
+    Products: ``1 + 3 (n_iter - 2) + 2`` for ``n_iter >= 2``.
+    """
     n = Y0.shape[-1]
     eye = _batched_eye(n, Y0)
     Y, Z = Y0, None
     for k in range(n_iter):
-        a, b, c2 = coefs(k)
-        last = k == n_iter - 1
-        Y, Z = _coupled_step(Y, Z, a, b, c2, eye, need_y=want_y or not last, first=k == 0)
+        a, b, c2 = (1.5, -0.5, 0.0) if coefs is None else (float(v) for v in coefs[k])
+        first = k == 0
+        M = None if (c2 == 0.0 and not first) else (Y if first else torch.matmul(Z, Y))
+        T = _step_T(M, Z, Y, a, b, c2, eye, first)
+        if want_y or k < n_iter - 1:
+            Y = torch.matmul(Y, T)
+        Z = T if first else torch.matmul(T, Z)
     return Z, Y
 
 
-def _run_coupled_tracked(Y0, Y0_64, n_max, *, tol, stop_early, coefs=_classic_coefs):
-    """Coupled iteration with float64 residuals and the numpy backend's stopping rule.
+def _run_coupled(Y0, Y0_64, coefs, n_max, *, tol, record, stop_early):
+    """Torch twin of the fused Numba coupled kernel (``_coupled_ns_one``), batched.
 
-    Active matrices are iterated on their own (as in the numpy backend); the best iterate
-    of each matrix is kept.  One host sync per iteration (the residuals).
+    Same per-matrix state machine: with ``stop_early`` and not yet in metric mode, the free
+    by-product ``rho_k = ||Z_k Y_k - I||_F`` gates divergence, tolerance and stagnation, and
+    the float64 metric ``r_k = ||Z_k Z_k Y_0 - I||_F`` confirms a stop (a failed confirmation
+    switches the matrix to evaluating ``r_k`` every step); ``record`` evaluates ``r_k`` every
+    step.  Active matrices are iterated as a sub-batch; one host sync per step.
+    Returns ``(Z, Y, n_done, best_iter, diverged, best_r, hist)`` like the numpy runner.
     """
-    ns = _ns()
     nb, n, _ = Y0.shape
+    dev = Y0.device
     eye = _batched_eye(n, Y0)
-    tracker = ns._Tracker(nb, n, n_max, tol, stop_early)
+    tol = float(tol or 0.0)
+    big = 10.0 * math.sqrt(n)
     Y = Y0
     Z = eye.expand(nb, n, n)
     Zb, Yb = Z, Y
-    n_run = 0
-    dev = Y0.device
+    hist = np.full((nb, n_max if record else 1), np.nan)
+    use_metric = np.full(nb, bool(record))
+    best = np.full(nb, np.inf)
+    prev = np.full(nb, np.inf)
+    best_k = np.zeros(nb, dtype=np.int64)
+    diverged = np.zeros(nb, dtype=bool)
+    done = np.zeros(nb, dtype=np.int64)
+    restore = np.zeros(nb, dtype=bool)
+    stopped = np.zeros(nb, dtype=bool)
+    active = np.ones(nb, dtype=bool)
+
+    def put(full, part, sel):
+        return full.index_copy(0, torch.as_tensor(sel, device=dev), part) if sel.size != nb else part
+
+    def keep_best(sel, Zs, Ys, pos):
+        nonlocal Zb, Yb
+        if sel.size:
+            src = torch.as_tensor(pos, device=dev)
+            Zb = Zb.index_copy(0, torch.as_tensor(sel, device=dev), Zs.index_select(0, src))
+            Yb = Yb.index_copy(0, torch.as_tensor(sel, device=dev), Ys.index_select(0, src))
+
     for k in range(n_max):
-        idx = np.flatnonzero(tracker.active)
+        idx = np.flatnonzero(active)
         if idx.size == 0:
             break
+        it = torch.as_tensor(idx, device=dev)
         full = idx.size == nb
-        it = None if full else torch.as_tensor(idx, device=dev)
         Ya, Za = (Y, Z) if full else (Y[it], Z[it])
-        a, b, c2 = coefs(k)
-        Ya, Za = _coupled_step(Ya, Za, a, b, c2, eye)
-        if full:
-            Y, Z = Ya, Za
+        a, b, c2 = (float(v) for v in coefs[k])
+        M = Ya if k == 0 else torch.matmul(Za, Ya)
+        if stop_early and k >= 1:
+            bym = ~use_metric[idx]
+            if bym.any():
+                loc = np.flatnonzero(bym)
+                rho = _fro_minus_identity(M.index_select(0, torch.as_tensor(loc, device=dev))).cpu().numpy()
+                g = idx[loc]
+                div = ~np.isfinite(rho) | (rho > 1e3 * best[g]) | (rho > big)
+                diverged[g[div]] = True
+                restore[g[div]] = True
+                active[g[div]] = False
+                ok = ~div
+                imp = ok & (rho < best[g])
+                best[g[imp]] = rho[imp]
+                best_k[g[imp]] = k
+                keep_best(g[imp], Za, Ya, loc[imp])
+                stag = ok & (rho < 0.5) & (rho > 0.75 * prev[g])
+                prev[g[ok]] = rho[ok]
+                cand = ok & ((rho <= tol) | stag)
+                if cand.any():
+                    cl = loc[cand]
+                    gc = idx[cl]
+                    r = _residual64(Za.index_select(0, torch.as_tensor(cl, device=dev)),
+                                    Y0_64.index_select(0, torch.as_tensor(gc, device=dev))).cpu().numpy()
+                    fin = (r <= tol) | stag[cand]
+                    best[gc] = r
+                    best_k[gc] = k
+                    stopped[gc[fin]] = True
+                    active[gc[fin]] = False
+                    sw = gc[~fin]
+                    use_metric[sw] = True
+                    prev[sw] = r[~fin]
+                    keep_best(sw, Za, Ya, cl[~fin])
+                still = active[idx]
+                if not still.all():  # drop the matrices that stopped before this step
+                    keep = np.flatnonzero(still)
+                    if keep.size == 0:
+                        continue
+                    ks = torch.as_tensor(keep, device=dev)
+                    idx = idx[keep]
+                    it = torch.as_tensor(idx, device=dev)
+                    full = idx.size == nb
+                    Ya, Za, M = Ya.index_select(0, ks), Za.index_select(0, ks), M.index_select(0, ks)
+        if c2 != 0.0:
+            T = torch.matmul(c2 * M, M) + b * M + a * eye
         else:
-            Y = Y.index_copy(0, it, Ya)
-            Z = Z.index_copy(0, it, Za)
-        r = _residual64(Za, Y0_64 if full else Y0_64[it]).cpu().numpy()
-        imp = tracker.update(k + 1, idx, r)
-        if imp.any():
-            sel = torch.as_tensor(idx[imp], device=dev)
-            src = torch.as_tensor(np.flatnonzero(imp), device=dev)
-            Zb = Zb.index_copy(0, sel, Za.index_select(0, src))
-            Yb = Yb.index_copy(0, sel, Ya.index_select(0, src))
-        n_run = k + 1
-    return Zb, Yb, tracker, n_run
+            T = b * M + a * eye
+        Ya = torch.matmul(Ya, T)
+        Za = T if k == 0 else torch.matmul(T, Za)
+        Y, Z = put(Y, Ya, idx), put(Z, Za, idx)
+        done[idx] = k + 1
+        met = use_metric[idx]
+        if met.any():
+            loc = np.flatnonzero(met)
+            g = idx[loc]
+            lt = torch.as_tensor(loc, device=dev)
+            r = _residual64(Za.index_select(0, lt), Y0_64.index_select(0, torch.as_tensor(g, device=dev))).cpu().numpy()
+            if record:
+                hist[g, k] = r
+            finite = np.isfinite(r)
+            imp = finite & (r < best[g])
+            best[g[imp]] = r[imp]
+            best_k[g[imp]] = k + 1
+            keep_best(g[imp], Za, Ya, loc[imp])
+            div = ~finite | (r > 1e3 * best[g]) | (r > big)
+            diverged[g[div]] = True
+            if stop_early:
+                stop = div | (r <= tol) | ((r < 0.5) & (r > 0.75 * prev[g]))
+                restore[g[stop]] = True
+                active[g[stop]] = False
+            prev[g] = r
+    # the iterate returned: the best one after a restore or in record mode, else the last
+    use_best = restore | bool(record)
+    sel = torch.as_tensor(use_best, device=dev)[:, None, None]
+    Z_out = torch.where(sel, Zb, Z)
+    Y_out = torch.where(sel, Yb, Y)
+    last = ~use_best & ~stopped
+    if last.any():
+        best_k[last] = done[last]
+        if stop_early:
+            lt = torch.as_tensor(np.flatnonzero(last), device=dev)
+            best[last] = _residual64(Z.index_select(0, lt), Y0_64.index_select(0, lt)).cpu().numpy()
+        else:
+            best[last] = np.nan
+    return Z_out, Y_out, done, best_k, diverged, best, hist
 
 
 def _run_uncoupled(Y0, Y0_64, n_max, *, tol, stop_early):
-    """Uncoupled iteration (Eq. 7.12) ``X <- (3X - X((X X) Y_0))/2``; residuals always tracked."""
+    """Uncoupled iteration (Eq. 7.12) ``X <- (3X - X((X X) Y_0))/2``; residuals always tracked.
+
+    Returns ``(X, tracker, n_run, returned_iter, returned_r)`` like the numpy runner: the
+    best iterate after a blow-up, else the one each matrix stopped at.
+    """
     ns = _ns()
     nb, n, _ = Y0.shape
     dev = Y0.device
@@ -642,7 +769,12 @@ def _run_uncoupled(Y0, Y0_64, n_max, *, tol, stop_early):
             src = torch.as_tensor(np.flatnonzero(imp), device=dev)
             Xb = Xb.index_copy(0, sel, Xa.index_select(0, src))
         n_run = k + 1
-    return Xb, tracker, n_run
+    div = tracker.diverged
+    last = np.minimum(tracker.stop_iter, n_run)
+    X_out = torch.where(torch.as_tensor(div, device=dev)[:, None, None], Xb, X)
+    ret_iter = np.where(div, tracker.best_iter, last)
+    ret_r = np.where(div, tracker.best, tracker.hist[np.arange(nb), np.maximum(last, 1) - 1])
+    return X_out, tracker, n_run, ret_iter, ret_r
 
 
 def _validate_ns(A, method, n_iter, tol, scaling, eps, return_info):
@@ -683,6 +815,7 @@ def _input_flags(A3: torch.Tensor):
 
 
 def _raise_input(n_bad: int, rel: np.ndarray, dtype: torch.dtype):
+    """The numpy ``check_finite`` / ``check_symmetric`` errors."""
     if n_bad:
         raise ValueError(
             f"expected finite values in A, found {n_bad} NaN/inf entries; "
@@ -696,30 +829,30 @@ def _raise_input(n_bad: int, rel: np.ndarray, dtype: torch.dtype):
         )
 
 
-def _raise_probe(ok, delta, nb):
-    if not ok.all():
-        bad = np.flatnonzero(~ok)
-        raise ValueError(
-            f"expected symmetric positive semidefinite matrices, but {bad.size} of {nb} "
-            f"(first at flat batch index {bad[0]}) have an eigenvalue below -{delta[bad[0]]:.3g} "
-            f"(= 10 n eps ||A||_F, the rounding tolerance): Cholesky of A + {delta[bad[0]]:.3g} I "
-            "failed; an inverse square root needs A >= 0 — check how A was formed, or add a "
-            "ridge with eps > 0 large enough to make it positive definite"
-        )
-
-
-def _eigh_power(A64: torch.Tensor, dtype: torch.dtype, power: float):
+def _eigh_power(A64: torch.Tensor, dtype: torch.dtype, delta: np.ndarray, eps: float, power: float):
+    """Torch twin of ``newton_schulz._eigh_power``: ``V diag(lambda^power) V^T`` from a float64 ``eigh``."""
+    ns = _ns()
     lam, V = torch.linalg.eigh(A64)
+    ends = lam.detach()[:, [0, -1]].cpu().numpy()
+    lo, hi = ends[:, 0], ends[:, 1]
+    bad = lo < -delta
+    if bad.any():
+        b = int(np.flatnonzero(bad)[0])
+        raise ValueError(
+            f"expected symmetric positive semidefinite matrices, but {int(bad.sum())} of {len(lo)} "
+            f"(first at flat batch index {b}) have eigenvalue {lo[b]:.3g} below -{delta[b]:.3g} "
+            "(= 10 n eps ||A||_F, the rounding tolerance); check how A was formed, or add a ridge "
+            "with eps > 0 large enough to make it positive definite"
+        )
     if power < 0:
-        lam_min = lam.detach().min(dim=-1).values.cpu().numpy()
-        if np.any(lam_min <= 0):
-            b = int(np.flatnonzero(lam_min <= 0)[0])
-            lam_b = lam[b].detach().cpu().numpy()
+        if np.any(lo <= 0):
+            b = int(np.flatnonzero(lo <= 0)[0])
             raise ValueError(
-                f"expected positive definite matrices for method='eigh', but matrix {b} (flat batch index) "
-                f"has eigenvalue {lam_b.min():.3g} <= 0 (largest {lam_b.max():.3g}): A^(-1/2) does not "
-                "exist; pass a ridge eps > 0 (A + eps I)"
+                f"expected positive definite matrices for method='eigh', but matrix {b} (flat batch "
+                f"index) is singular: eigenvalue {lo[b]:.3g} <= 0 (largest {hi[b]:.3g}, eps={eps:g}); "
+                "A^(-1/2) does not exist — pass a ridge eps > 0 (A + eps I)"
             )
+        ns._check_singular(lo, hi, delta, eps, len(lo), stacklevel=6)
     lam = torch.clamp(lam, min=0.0)
     D = torch.matmul(V * (lam ** power)[..., None, :], V.transpose(-1, -2))
     return D.to(dtype)
@@ -734,14 +867,12 @@ def _prepare(A3: torch.Tensor, eps: float):
     return (A64 + A64.transpose(-1, -2)) * 0.5
 
 
-def _initial(A3: torch.Tensor, A64: torch.Tensor, c: torch.Tensor, eps: float):
-    """``Y_0 = A / c`` in the working dtype, formed as the numpy backend forms it."""
+def _initial(A64: torch.Tensor, c: torch.Tensor, dtype: torch.dtype):
+    """``Y_0 = A / c`` in float64 and in the working dtype (the reference divides in the working dtype)."""
     Y0_64 = A64 / c[:, None, None]
-    if A3.dtype == torch.float64:
+    if dtype == torch.float64:
         return Y0_64, Y0_64
-    base = A3 if not eps else A64.to(A3.dtype)
-    Y0 = base / c.to(A3.dtype)[:, None, None]
-    return (Y0 + Y0.transpose(-1, -2)) * 0.5, Y0_64
+    return A64.to(dtype) / c.to(dtype)[:, None, None], Y0_64
 
 
 def _finish(Z, Y, A64, c, want, dtype):
@@ -757,18 +888,20 @@ _FLAG_COLUMNS = ("n_bad", "asym", "ok", "lmin", "lmax", "delta", "scale", "out_f
 
 
 def _fixed_core(A3: torch.Tensor, n_iter: int, scaling: str, eps: float, want: str):
-    """Validation measures, probe, scaling and ``n_iter`` coupled steps, all on the device.
+    """Validation measures, probe, scaling and ``n_iter`` classic coupled steps, all on the device.
 
     Returns ``(out, flags)`` with ``flags (nb, 8)`` float64 (columns ``_FLAG_COLUMNS``) so
     that the caller needs ONE host sync to raise or warn.  This is the function captured
-    in a CUDA graph for small problems; eagerly it is also the fast path.
+    in a CUDA graph for small problems; eagerly it is the fast path on CUDA.
     """
-    nb = A3.shape[0]
+    nb, n, _ = A3.shape
     n_bad, rel = _input_flags(A3)
     A64 = _prepare(A3, eps)
-    ok, lmin, lmax, delta = _probe(A64.detach(), A3.dtype)
-    c = _scale(A64, scaling, lmax)
-    Y0, _ = _initial(A3, A64, c, eps)
+    fro = _fro(A64)
+    delta = (10.0 * n * _finfo_eps(A3.dtype)) * fro.detach()
+    ok, lmin, lmax = _probe_device(A64.detach(), delta)
+    c = _scale(A64, scaling, lmax, fro)
+    Y0, _ = _initial(A64, c, A3.dtype)
     Z, Y = _run_coupled_fixed(Y0, n_iter, want_y=want == "sqrt")
     out = _finish(Z, Y, A64, c, want, A3.dtype)
     with torch.no_grad():
@@ -859,10 +992,15 @@ def _solve(A, method, n_iter, tol, scaling, eps, return_info, *, want):
     t, method, n_iter, tol, scaling, eps, return_info = _validate_ns(
         A, method, n_iter, tol, scaling, eps, return_info)
     dtype = t.dtype
-    np_dtype = np.float32 if dtype == torch.float32 else np.float64
+    np_dtype = _np_dtype(dtype)
     batch, n = tuple(t.shape[:-2]), t.shape[-1]
     nb = int(np.prod(batch, dtype=np.int64))
-    tol_used = tol if (tol is not None or n_iter is not None) else ns.default_tol(np_dtype, n)
+    if method == "auto" or (n_iter is None and tol is None):
+        tol_used = tol if tol is not None else ns.default_tol(np_dtype, n)
+    else:
+        tol_used = tol
+    stop_early = tol_used is not None
+    n_max = n_iter if n_iter is not None else ns.MAX_ITER
 
     if nb == 0:
         out = t.new_empty(t.shape)
@@ -870,21 +1008,17 @@ def _solve(A, method, n_iter, tol, scaling, eps, return_info, *, want):
             return out
         z = np.zeros(batch, dtype=bool)
         info = ns.NewtonSchulzInfo(
-            residuals=np.empty(batch + (0 if method != "eigh" else 1,)), n_iter=0,
+            residuals=np.empty(batch + (1 if method == "eigh" else 0,)), n_iter=0,
             converged=z.copy(), diverged=z.copy(), best_iter=np.zeros(batch, dtype=np.int64),
             scale=np.empty(batch), method=method, scaling=scaling, tol=tol_used,
         )
         return out, info
 
     A3 = t.reshape(nb, n, n)
-    if method == "auto":
-        method = ns._auto_choice(n, nb, np_dtype)
-    label = method
-    stop_early = tol_used is not None and (tol is not None or n_iter is None)
-
-    if method == "coupled" and not (return_info or stop_early):
+    cuda = t.device.type == "cuda"
+    if cuda and method == "coupled" and not (return_info or stop_early):
         # fast path: everything on the device, one host sync for all checks
-        out, flags = _fixed_solve(A3, n_iter, scaling, eps, want)
+        out, flags = _fixed_solve(A3, n_max, scaling, eps, want)
         f = flags.cpu().numpy()
         _raise_input(int(f[0, 0]), f[:, 1], dtype)
         _raise_probe(f[:, 2] > 0, f[:, 5], nb)
@@ -892,72 +1026,124 @@ def _solve(A, method, n_iter, tol, scaling, eps, return_info, *, want):
             ns._check_singular(f[:, 3], f[:, 4], f[:, 5], eps, nb)
         if f[:, 7].all():
             return out.reshape(t.shape)
-        # the fast path blew up: rerun with residuals to return the best iterate (below)
+        # the fast path blew up: rerun below with residuals to return the best iterate
 
     n_bad, rel = _input_flags(A3)
     _raise_input(int(n_bad), rel.cpu().numpy(), dtype)
-    A64 = _prepare(A3, eps)
-
     with _matmul_precision(t.device):
+        A64 = _prepare(A3, eps)
+        fro = _fro(A64)
+        delta_t = (10.0 * n * _finfo_eps(dtype)) * fro.detach()
+        delta = delta_t.cpu().numpy()
+
+        label = method
+        coefs = None
+        if method != "eigh":
+            lmin, lmax = _probe(A64, delta_t)
+            if want == "isqrt":
+                ns._check_singular(lmin, lmax, delta, eps, nb)
+            c = _scale(A64, scaling, torch.as_tensor(lmax, device=t.device), fro)
+            c_np = c.detach().cpu().numpy()
+            if method in ("accelerated", "auto"):
+                bound = torch.minimum(fro, A64.detach().abs().sum(dim=-1).amax(dim=-1)).cpu().numpy()
+                p_hi = float(np.max(bound / c_np))
+                p_lo = float(np.min(np.maximum(lmin, delta) / c_np)) / ns._LMIN_SAFETY / p_hi
+                if method == "auto":
+                    if cuda:  # a GPU eigh costs far more than the CPU model of _auto_plan assumes
+                        coefs, _ = ns._accelerated_schedule(p_lo, tol_used, n, n_max)
+                        method = "accelerated"
+                    else:
+                        method, coefs, _ = ns._auto_plan(p_lo, tol_used, n, n_max)
+                    label = f"auto:{method}"
+                else:
+                    coefs, _ = ns._accelerated_schedule(
+                        p_lo, tol_used if tol_used else ns.default_tol(np_dtype, n), n, n_max)
+                if coefs is not None:
+                    h = math.sqrt(p_hi)
+                    coefs = coefs.copy()
+                    coefs[0, 0] /= h
+                    coefs[0, 1] /= h ** 3
+
         if method == "eigh":
-            D = _eigh_power(A64, dtype, -0.5 if want == "isqrt" else 0.5)
-            out = D.reshape(t.shape)
+            out = _eigh_power(A64, dtype, delta, eps, -0.5 if want == "isqrt" else 0.5).reshape(t.shape)
             if not return_info:
                 return out
-            Dinv = D if want == "isqrt" else _eigh_power(A64, dtype, -0.5)
+            Dinv = out.reshape(nb, n, n) if want == "isqrt" else _eigh_power(A64, dtype, delta, eps, -0.5)
             r = _residual64(Dinv, A64).cpu().numpy()
             finite = np.isfinite(r)
-            info = ns.NewtonSchulzInfo(
+            return out, ns.NewtonSchulzInfo(
                 residuals=r.reshape(batch + (1,)), n_iter=1,
-                converged=(finite if tol_used is None else finite & (r <= tol_used)).reshape(batch),
+                converged=(finite if tol is None else finite & (r <= tol)).reshape(batch),
                 diverged=(~finite).reshape(batch), best_iter=np.ones(batch, dtype=np.int64),
                 scale=np.ones(batch), method=label, scaling=scaling, tol=tol_used,
             )
-            return out, info
 
-        ok, lmin, lmax, delta = _probe(A64.detach(), dtype)
-        c = _scale(A64, scaling, lmax)
-        probe = torch.stack([ok.to(torch.float64), lmin, lmax, delta, c.detach()]).cpu().numpy()
-        _raise_probe(probe[0] > 0, probe[3], nb)
-        if want == "isqrt":
-            ns._check_singular(probe[1], probe[2], probe[3], eps, nb)
-        c_np = probe[4]
-        Y0, Y0_64 = _initial(A3, A64, c, eps)
-        n_max = n_iter if n_iter is not None else ns.MAX_ITER
-        Y = None
+        Y0, Y0_64 = _initial(A64, c, dtype)
+        hist = None
         if method == "uncoupled":
-            Z, tracker, n_run = _run_uncoupled(Y0, Y0_64, n_max, tol=tol_used, stop_early=stop_early)
+            Z, tracker, n_run, best_iter, best_r = _run_uncoupled(Y0, Y0_64, n_max, tol=tol_used,
+                                                                  stop_early=stop_early)
+            Y = None
+            n_done, diverged = np.minimum(tracker.stop_iter, n_run), tracker.diverged
+            hist = tracker.finish(n_run) if return_info else None
         else:
-            Z, Y, tracker, n_run = _run_coupled_tracked(Y0, Y0_64, n_max, tol=tol_used, stop_early=stop_early)
-        _warn_diverged(tracker, label, nb)
+            if not (return_info or stop_early):
+                Z, Y = _run_coupled_fixed(Y0, n_max, want_y=want == "sqrt", coefs=coefs)
+                n_done = np.full(nb, n_max, dtype=np.int64)
+                best_iter, diverged, best_r = n_done.copy(), np.zeros(nb, dtype=bool), np.full(nb, np.nan)
+                fin = torch.isfinite(Z.detach()).all(dim=-1).all(dim=-1).cpu().numpy()
+            if return_info or stop_early or not fin.all():
+                # tolerance/record mode, or the fast path blew up: residuals, best iterate
+                if coefs is None:
+                    coefs = np.tile(np.array([1.5, -0.5, 0.0]), (n_max, 1))
+                Z, Y, n_done, best_iter, diverged, best_r, hist = _run_coupled(
+                    Y0, Y0_64, coefs, n_max, tol=tol_used, record=return_info or not stop_early,
+                    stop_early=stop_early)
+            n_run = int(n_done.max())
+            if return_info:
+                hist = ns._freeze_history(hist, n_done, n_run)
+        ns._warn_diverged(diverged, best_r, best_iter, label, nb)
+        if tol is not None:
+            missed = ~diverged & ~(best_r <= tol)
+            if missed.any():
+                i = int(np.flatnonzero(missed)[0])
+                warnings.warn(
+                    f"tol={tol:g} was not reached for {int(missed.sum())} of {nb} matrices (e.g. flat batch "
+                    f"index {i}: residual {best_r[i]:.3g} after {n_done[i]} iterations); the residual floor "
+                    f"is about cond(A) * eps({np_dtype}) — raise tol, use float64, add a ridge eps, or raise n_iter",
+                    _nsiter_warning(),
+                    stacklevel=4,
+                )
         out = _finish(Z, Y, A64, c, want, dtype).reshape(t.shape)
     if not return_info:
         return out
-    hist = tracker.finish(n_run)
-    best_r = tracker.best
     finite = np.isfinite(best_r)
-    converged = finite if tol_used is None else finite & (best_r <= tol_used)
-    info = ns.NewtonSchulzInfo(
-        residuals=hist.reshape(batch + (n_run,)), n_iter=int(n_run),
-        converged=converged.reshape(batch), diverged=tracker.diverged.reshape(batch),
-        best_iter=tracker.best_iter.reshape(batch), scale=c_np.reshape(batch),
+    converged = finite & ~diverged if tol is None else finite & (best_r <= tol)
+    return out, ns.NewtonSchulzInfo(
+        residuals=hist.reshape(batch + (n_run,)), n_iter=n_run,
+        converged=converged.reshape(batch), diverged=diverged.reshape(batch),
+        best_iter=best_iter.reshape(batch), scale=c_np.reshape(batch),
         method=label, scaling=scaling, tol=tol_used,
     )
-    return out, info
 
 
-def _warn_diverged(tracker, method, nb):
-    _ns()._warn_diverged(tracker, method, nb)
+def _nsiter_warning():
+    from ._warnings import NsiterWarning
+
+    return NsiterWarning
 
 
 def inv_sqrtm(A, *, method="coupled", n_iter=None, tol=None, scaling="fro", eps=0.0, return_info=False):
     """Torch twin of :func:`nsiter.inv_sqrtm`: ``D ~= (A + eps I)^{-1/2}``, autograd through the iterations.
 
-    Same methods, validation, stopping rule, warnings and :class:`~nsiter.newton_schulz.NewtonSchulzInfo`
-    (numpy fields, residuals float64) as the numpy backend.  A fixed ``n_iter`` without
-    ``tol``/``return_info`` runs entirely on the device with one host sync (and from a
-    captured CUDA graph for small problems on CUDA without autograd); tolerance mode
-    syncs once per iteration to apply the stopping rule.
+    Same methods, validation, schedules, stopping rule, warnings and
+    :class:`~nsiter.newton_schulz.NewtonSchulzInfo` (numpy fields, residuals float64, on the
+    host) as the numpy backend.  A fixed ``n_iter`` without ``tol``/``return_info`` runs the
+    iteration with no per-step host sync; on CUDA the classic coupled method also runs its
+    checks on the device (one sync in all) and small problems without autograd are replayed
+    from captured CUDA graphs.  Tolerance mode syncs once per step to apply the stopping
+    rule.  ``method="auto"`` on CUDA always runs the accelerated iteration (a GPU ``eigh``
+    is far slower than the CPU cost model assumes).
     """
     return _solve(A, method, n_iter, tol, scaling, eps, return_info, want="isqrt")
 
