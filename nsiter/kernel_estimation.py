@@ -68,9 +68,12 @@ class KernelEstimate:
         The fitted bias ``b`` (``0.0`` when ``fit_intercept`` is False).
     history : ndarray of float64, shape (n_iter + 1,)
         Objective ``L(w, b)`` (module docstring; the data loss ``||Xw + b - y||^2 / (2M)`` when
-        ``eps == 0``) before the first iteration (``history[0]``, at ``w = 0, b = 0``) and after
-        each iteration.  Evaluated from the normal equations (``cg``: from its residual), so it
-        is accurate to about ``1e-16 * history[0]`` in absolute terms.
+        ``eps == 0``) before the first iteration (``history[0] = ||y||^2 / (2M)``, at ``w = 0, b = 0``)
+        and after each iteration.  Evaluated as ``L* + (theta - theta*)^T A (theta - theta*) / 2``
+        with the refined optimum ``theta*`` and its residual loss ``L*`` (see ``optimum_loss``), so
+        that the excess over the optimum is resolved far below ``1e-16 * history[0]``; ``cg``
+        records ``||r||^2 / (2M)`` of its own residual; a singular normal matrix falls back to
+        the expanded quadratic (absolute accuracy ``~1e-16 * history[0]``).
     n_iter : int
         Iterations run (``lstsq``: 1, the direct solve).
     method : str
@@ -87,8 +90,9 @@ class KernelEstimate:
     loss : float
         ``history[-1]``.
     optimum_loss : float or None
-        ``L`` at the exact minimiser (Cholesky solve of the normal equations); None for ``cg``
-        (matrix-free) and when the normal matrix is singular.
+        ``L*``, the objective at the exact minimiser: Cholesky solve of the normal equations, one
+        refinement step with the gradient from the correlations, the loss from the residual.
+        None for ``cg`` (matrix-free) and when the normal matrix is singular.
     condition : float or None
         2-norm condition number of the problem's Hessian (``X^T X / M + eps I``, augmented by the
         intercept row/column when ``fit_intercept``); None for ``cg``.
@@ -212,8 +216,18 @@ class _Quadratic:
         self.c_norm = float(np.linalg.norm(c))
         self._eigs = None
         self._chol = None
+        self._optimum = None
 
     def loss(self, theta: np.ndarray) -> float:
+        """``L(theta)``; once :meth:`optimum` is known, as ``L* + (theta - theta*)^T A (theta - theta*) / 2``.
+
+        The anchored form has no cancellation near the optimum (the expanded
+        ``theta^T A theta / 2 - theta^T c + yy / 2`` loses everything below ``u * yy``).
+        """
+        if self._optimum is not None:
+            theta_s, l_s = self._optimum
+            e = theta - theta_s
+            return float(l_s + 0.5 * e @ (self.a @ e))
         return float(0.5 * theta @ (self.a @ theta) - theta @ self.c + 0.5 * self.prob.yy)
 
     def grad(self, theta: np.ndarray) -> np.ndarray:
@@ -252,7 +266,7 @@ class _Quadratic:
                 warnings.warn(
                     f"the normal matrix has condition number {self.condition():.3g}; the kernel is "
                     f"accurate to about cond * 1e-16 only; pass eps > 0 (ridge) to regularise",
-                    IllConditionedWarning, stacklevel=4)
+                    IllConditionedWarning, stacklevel=5)
         return self._chol
 
     def precondition(self, grad: np.ndarray) -> np.ndarray:
@@ -274,13 +288,21 @@ class _Quadratic:
         w = scipy.linalg.cho_solve(chol, self.g - self.mu * prob.ybar, check_finite=False)
         return np.append(w, prob.ybar - self.mu @ w)
 
-    def optimum_loss(self) -> float | None:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", IllConditionedWarning)
-                return self.loss(self.solve())
-        except ValueError:
-            return None
+    def optimum(self):
+        """``(theta*, L*)``: Cholesky solve of Eq. (3), one refinement step, ``L*`` from the residual.
+
+        The refinement step takes the gradient from ``X`` itself (two correlations), not from the
+        rounded normal matrix, which removes the error of the solve down to about
+        ``(cond * u)^2``; ``L*`` is evaluated from the residual ``X w* + b* - y`` (a sum of squares,
+        accurate to ``u * L*``).  Cached; afterwards :meth:`loss` is anchored at it.
+        """
+        if self._optimum is None:
+            theta = self.solve()
+            _, grad = _exact_loss_grad(self.prob, theta)
+            theta = theta - self.precondition(grad)
+            loss, _ = _exact_loss_grad(self.prob, theta, grad=False)
+            self._optimum = (theta, loss)
+        return self._optimum
 
     def transform(self, kind: str, sqrtm_method: str) -> np.ndarray:
         """Change of coordinates ``theta = T phi`` onto standardised or whitened features.
@@ -330,14 +352,18 @@ def _minibatch_grad(prob: _Problem, theta: np.ndarray, rows: np.ndarray) -> np.n
     return np.append(gw, res.mean()) if prob.fit_intercept else gw
 
 
-def _exact_grad(prob: _Problem, theta: np.ndarray) -> np.ndarray:
-    """``grad L(theta)`` from the residual ``X w + b - y`` (correlations, no normal matrix)."""
+def _exact_loss_grad(prob: _Problem, theta: np.ndarray, *, grad: bool = True):
+    """``(L(theta), grad L(theta))`` from the residual ``X w + b - y`` (correlations, no normal matrix)."""
     f, m = prob.f, prob.m
-    res = prob.xw(theta[:f]) - prob.y
+    w = theta[:f]
+    res = prob.xw(w) - prob.y
     if prob.fit_intercept:
         res += theta[f]
-    gw = prob.xtr(res) / m + prob.eps * theta[:f]
-    return np.append(gw, res.sum() / m) if prob.fit_intercept else gw
+    loss = 0.5 * float(np.vdot(res, res)) / m + 0.5 * prob.eps * float(w @ w)
+    if not grad:
+        return loss, None
+    gw = prob.xtr(res) / m + prob.eps * w
+    return loss, (np.append(gw, res.sum() / m) if prob.fit_intercept else gw)
 
 
 def _descent(quad: _Quadratic, *, t, precondition: bool, lr: float, n_iter: int, tol, batch_size,
@@ -357,7 +383,7 @@ def _descent(quad: _Quadratic, *, t, precondition: bool, lr: float, n_iter: int,
         c_t = t.T @ quad.c
     phi = np.zeros(prob.p)
     theta = np.zeros(prob.p)
-    history = [quad.loss(theta)]
+    history = [0.5 * prob.yy]  # L(0), exactly
     converged = None
     it = 0
     with np.errstate(over="ignore", invalid="ignore"):  # a blow-up is detected and reported below
@@ -483,7 +509,9 @@ def estimate_kernel(x, y, kernel_size, *, method: str = "lstsq", n_iter: int | N
     method : str, default "lstsq"
         One of :data:`METHODS`:
 
-        - ``"lstsq"``: the normal equations, solved by Cholesky in float64 — the optimum.
+        - ``"lstsq"``: the normal equations, solved by Cholesky in float64 plus one step of
+          iterative refinement whose gradient ``X^T (X w - y)`` comes from the correlation kernels
+          (not from the rounded normal matrix) — the optimum, to about ``(cond u)^2`` relative.
         - ``"gd"``: Eq. (2) with a fixed ``lr`` (default ``1 / lambda_max`` of the Hessian).
         - ``"gd_standardized"``: GD on per-feature standardised features ``(x - mu) / sqrt(var + eps)``
           plus a bias — the batch-norm analogue (default ``lr = 1 / lambda_max`` of the new Hessian).
@@ -640,13 +668,19 @@ def estimate_kernel(x, y, kernel_size, *, method: str = "lstsq", n_iter: int | N
             prob, n_iter=n_max, tol=_CG_DEFAULT_TOL if tol is None else tol, callback=callback, emit=emit)
     else:
         quad = _Quadratic(prob)
+        # the optimum anchors the loss history (and is the answer of "lstsq"); the gradient
+        # methods need it only for that, so a singular normal matrix is not an error for them
+        try:
+            with warnings.catch_warnings():
+                if method in ("gd", "gd_standardized", "gd_whitened"):
+                    warnings.simplefilter("ignore", IllConditionedWarning)
+                theta_star, optimum = quad.optimum()
+        except ValueError:
+            if method in ("lstsq", "preconditioned"):
+                raise
         if method == "lstsq":
-            theta = quad.solve()
-            # one step of iterative refinement, the gradient computed from X itself (correlations)
-            # rather than from the rounded normal matrix: removes the Cholesky/rounding error
-            # of the solve down to about cond(X^T X) * u times itself
-            theta = theta - quad.precondition(_exact_grad(prob, theta))
-            history = np.array([quad.loss(np.zeros(prob.p)), quad.loss(theta)])
+            theta = theta_star
+            history = np.array([0.5 * prob.yy, optimum])
             it, converged = 1, True
             if callback is not None:
                 emit(callback, theta)
@@ -670,7 +704,6 @@ def estimate_kernel(x, y, kernel_size, *, method: str = "lstsq", n_iter: int | N
                 quad, t=t, precondition=method == "preconditioned", lr=lr_used, n_iter=n_max, tol=tol,
                 batch_size=batch_size, rng=rng, callback=callback, emit=emit)
         grad_norm = quad.rel_grad(theta)
-        optimum = quad.loss(theta) if method == "lstsq" else quad.optimum_loss()
         condition = quad.condition()
         if tol is None and method != "lstsq":
             converged = None
