@@ -319,6 +319,19 @@ def test_too_large_a_learning_rate_warns_and_returns_the_last_finite_iterate():
     assert est.n_iter < 5000 and np.all(np.isfinite(est.history)) and np.all(np.isfinite(est.kernel))
 
 
+def test_a_mini_batch_of_every_patch_is_the_full_batch_step():
+    rng = np.random.default_rng(26)
+    x = smooth_image((2, 16, 18), rng) + 0.5
+    y = correlate(x, rng.standard_normal((2, 3, 3))) + 0.01 * rng.standard_normal((14, 16))
+    full = nsiter.estimate_kernel(x, y, 3, method="gd_whitened")
+    batch = nsiter.estimate_kernel(x, y, 3, method="gd_whitened", batch_size=14 * 16, rng=3)
+    np.testing.assert_allclose(batch.kernel, full.kernel, rtol=1e-9, atol=1e-9 * np.abs(full.kernel).max())
+    for method in ("gd", "gd_standardized"):
+        a = nsiter.estimate_kernel(x, y, 3, method=method, n_iter=3, fit_intercept=True)
+        b = nsiter.estimate_kernel(x, y, 3, method=method, n_iter=3, fit_intercept=True, batch_size=14 * 16)
+        np.testing.assert_allclose(b.history, a.history, rtol=1e-10)
+
+
 def test_whitened_sgd_reaches_a_low_cost_in_a_few_mini_batch_steps():
     rng = np.random.default_rng(23)
     x = smooth_image((60, 60), rng, passes=2)
@@ -413,3 +426,13 @@ def test_singular_normal_matrix_asks_for_a_ridge():
             nsiter.estimate_kernel(x, y, 3, method=method, fit_intercept=True)
     est = nsiter.estimate_kernel(x, y, 3, eps=1e-6, fit_intercept=True)
     assert np.all(np.isfinite(est.kernel)) and est.loss == pytest.approx(0.0, abs=1e-12)
+    gd = nsiter.estimate_kernel(x, y, 3, method="gd", n_iter=50)  # GD needs no factorisation
+    assert gd.optimum_loss is None and gd.history[-1] < 1e-6 * gd.history[0]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_zero_targets_give_the_zero_kernel(method):
+    x = random_images((12, 12), np.random.default_rng(25))
+    est = nsiter.estimate_kernel(x, np.zeros((10, 10)), 3, method=method, tol=1e-8)
+    np.testing.assert_array_equal(est.kernel, 0.0)
+    assert est.loss == 0.0 and est.converged is True
