@@ -224,9 +224,11 @@ def _im2col(imgs: torch.Tensor, g: Geometry) -> torch.Tensor:
     if g.dh > 1 or g.dw > 1:
         u = u[..., :: g.dh, :: g.dw]
     out = u.permute(0, 2, 3, 1, 4, 5).reshape(g.n * g.oh * g.ow, g.c * g.kh * g.kw)
+    # reshape may return a view (1x1 kernels): always row-major, never the caller's memory
+    if not out.is_contiguous():
+        out = out.contiguous()
     if out.untyped_storage().data_ptr() == imgs.untyped_storage().data_ptr():
-        # reshape returned a view (1x1 kernels): never alias the caller's data, always row-major
-        out = out.clone(memory_format=torch.contiguous_format)
+        out = out.clone()
     return out
 
 

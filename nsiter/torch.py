@@ -22,6 +22,7 @@ torch.Size([4, 8, 16, 16])
 """
 from __future__ import annotations
 
+import importlib
 import math
 
 import numpy as np
@@ -34,7 +35,9 @@ from ._conventions import geometry
 from ._torch_backend import allow_tf32, set_allow_tf32, set_cuda_graphs
 from ._validation import as_pair, check_nonnegative_float, check_option, check_positive_int
 from .covariance import PatchStatistics as _NumpyPatchStatistics
-from .covariance import _check_block, _merge_moments, _sampled_geometry
+
+# the module (the package attribute ``nsiter.covariance`` is the function of that name)
+_cov = importlib.import_module("nsiter.covariance")
 
 __all__ = ["Deconv2d", "PatchStatistics", "set_allow_tf32", "allow_tf32", "set_cuda_graphs", "GROUPINGS"]
 
@@ -290,21 +293,29 @@ class PatchStatistics(_NumpyPatchStatistics):
         self.device = None
 
     def update(self, x):
-        """Add the patches of a tensor (or array) batch ``x``; returns ``self``."""
+        """Add the patches of a tensor (or array) batch ``x``; returns ``self``.
+
+        Validation as in :func:`nsiter.patch_covariance`; a failed update leaves ``self`` unchanged.
+        """
         t = _tb._as_float(torch.as_tensor(x), "x")
         imgs = _tb._as_images(t, "x")
         _tb._check_nonempty(imgs, "x")
-        g = _sampled_geometry(tuple(imgs.shape), self.kernel_size, self.stride, self.padding, self.dilation,
-                              self.sampling_stride)
-        block = _check_block(self.block_size, g.c)
-        np_dtype = np.float32 if t.dtype == torch.float32 else np.float64
+        g = _cov._sampled_geometry(tuple(imgs.shape), self.kernel_size, self.stride, self.padding,
+                                   self.dilation, self.sampling_stride)
         if self.channels is not None and g.c != self.channels:
-            self._bind(g.c, np_dtype)  # raises
+            raise ValueError(
+                f"expected images with {self.channels} channels (fixed by the first update), got {g.c}; "
+                "use one PatchStatistics per channel count"
+            )
+        block = _cov._check_block(self.block_size, g.c)
         _tb._check_finite(imgs, "x")
+        plan = self._plan if self._plan is not None else _cov._plan(g.c, g.kh * g.kw, block, self.grouping)
         n, mean, M2 = _tb._patch_stats(imgs, g, block, self.grouping)
         stats = (n, mean.detach().double().cpu().numpy(), M2.detach().double().cpu().numpy())
-        self._bind(g.c, np_dtype)
-        self._stats = stats if self._stats is None else _merge_moments(self._stats, stats)
+        self._stats = stats if self._stats is None else _cov._merge_moments(self._stats, stats)
+        self.channels, self._plan = g.c, plan
+        dtype = np.dtype(np.float32) if t.dtype == torch.float32 else np.dtype(np.float64)
+        self.dtype = dtype if self.dtype is None else np.promote_types(self.dtype, dtype)
         self.device = t.device
         return self
 
