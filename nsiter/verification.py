@@ -730,8 +730,8 @@ def verify_whitening(C, *, methods: Sequence[str] = DEFAULT_METHODS, n_iter: int
             )
     if floor >= 1e-2:
         notes.insert(0, (
-            f"kappa*u = {_fmt(floor)}: {work.name} cannot whiten this matrix to better than about "
-            f"{_fmt(floor)} in ||DDC-I||_F; use float64 or a ridge eps (smaller kappa)"
+            f"kappa*u = {_fmt(floor)}: rounding in {work.name} alone can leave errors of about this size in "
+            "||DDC-I||_F; to whiten this matrix reliably use float64, or a ridge eps (smaller kappa)"
         ))
     return WhiteningReport(
         n=n, dtype=work.name, input_dtype=input_dtype.name, eps=eps, eigenvalues=lam,
