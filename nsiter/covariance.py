@@ -26,11 +26,17 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import numba
 import numpy as np
 
 from ._conventions import as_images, geometry
 from ._dispatch import is_tensor, torch_backend
-from ._numba._covariance import _patch_rows, _scatter_moments, _shifted_moments
+from ._numba._covariance import (
+    _patch_rows,
+    _row_patches,
+    _scatter_moments,
+    _shifted_moments,
+)
 from ._validation import (
     as_float_array,
     as_pair,
@@ -49,19 +55,20 @@ GROUPINGS = ("contiguous", "reference")
 
 #: Kernels behind ``patch_covariance`` (chosen automatically; the private ``_kernel``
 #: argument of :func:`_patch_moments` forces one, for tests and benchmarks).
-KERNELS = ("im2col", "shifted")
+KERNELS = ("gemm", "rowshift", "shifted")
 
 _BUFFER_BYTES = 8 * 2**20  # one chunk of shifted patch rows
 _F32_ROWS = 2048  # rows per float32 BLAS product (its rounding grows like sqrt(rows))
 _F64_ROWS = 65536
 _F32_MIN_FEATURES = 64  # narrower blocks are fill-bound: their products run in float64
 _DENSE_BYTES = 32 * 2**20  # one piece of padded, shifted float64 images ("shifted" kernel)
+_ROWS_BYTES = 32 * 2**20  # one piece of 1-row patch matrices ("rowshift" kernel)
 
-# cost model (seconds = work / rate), measured on a 2-core AVX2 machine; only ratios matter
-_RATE_SYRK = {np.dtype(np.float32): 40e9, np.dtype(np.float64): 20e9}  # multiply-adds / s
-_RATE_FILL = 0.6e9  # patch-row entries written / s
-_RATE_SHIFTED = 2.5e9  # multiply-adds / s of the shifted-product kernel
-_CALL_OVERHEAD = 30e-6  # per chunk (kernel launch + BLAS call)
+# cost model (seconds = work / rate), per thread, measured on a 2-core AVX2 machine
+_RATE_MAC = {np.dtype(np.float32): 27e9, np.dtype(np.float64): 14e9}  # BLAS multiply-adds / s
+_RATE_FILL = 0.5e9  # patch entries written / s (serial fills)
+_RATE_SHIFTED = 2.0e9  # multiply-adds / s, shifted-product kernel
+_CALL_OVERHEAD = 10e-6  # per BLAS call
 
 
 # --------------------------------------------------------------------------------------
@@ -203,21 +210,34 @@ def _valid_fraction(out: int, step: int, pad: int, dil: int, k: int, size: int) 
     return ((pos >= 0) & (pos < size)).mean(axis=0)
 
 
-def _im2col_moments(imgs: np.ndarray, g, plan: _Plan):
-    """Moments of the (grouped, stacked) patch rows, chunk by chunk through BLAS."""
+def _patch_shift(imgs: np.ndarray, g, plan: _Plan):
+    """Per-column shift ``m_c * (fraction of the grid where tap (i, j) is inside the image)``.
+
+    This is the column mean of a stationary image, padding included.  For the reference
+    grouping the shift is averaged over the stacked groups (one shift per shared feature).
+    Returns ``(shift per im2col column (F,), shift per output feature (G, fb))``.
+    """
     m_c = _channel_means(imgs)
     fh = _valid_fraction(g.oh, g.sh, g.ph, g.dh, g.kh, g.h)
     fw = _valid_fraction(g.ow, g.sw, g.pw, g.dw, g.kw, g.w)
     shift_col = (m_c[:, None, None] * fh[None, :, None] * fw[None, None, :]).reshape(-1)
     if plan.mode == "reference":
         shift_out = shift_col.reshape(plan.fb, plan.stack).mean(axis=1)
-        shift_col = shift_out[plan.feat]
-        shift_out = shift_out[None]
-    else:
-        shift_out = shift_col.reshape(plan.groups, plan.fb)
+        return np.ascontiguousarray(shift_out[plan.feat]), shift_out[None]
+    return shift_col, shift_col.reshape(plan.groups, plan.fb)
+
+
+def _lanes(plan: _Plan) -> int:
+    """Group rows per patch row: the stacked groups (reference) or the blocks."""
+    return plan.stack if plan.mode == "reference" else plan.groups
+
+
+def _gemm_moments(imgs: np.ndarray, g, plan: _Plan):
+    """Moments of the (grouped, stacked) patch rows, chunk by chunk through BLAS."""
+    shift_col, shift_out = _patch_shift(imgs, g, plan)
     fb1 = plan.fb + 1
     stacked = plan.mode == "reference"
-    lanes = plan.stack if stacked else plan.groups  # group rows per patch row
+    lanes = _lanes(plan)
     bdt = _buffer_dtype(imgs.dtype, plan.fb)
     total = g.n * g.oh * g.ow
     rows = min(_chunk_rows(lanes * fb1, bdt), total)
@@ -225,18 +245,22 @@ def _im2col_moments(imgs: np.ndarray, g, plan: _Plan):
     tmp = np.empty((plan.groups, fb1, fb1), dtype=bdt)
     acc = np.zeros((plan.groups, fb1, fb1))
     x = np.ascontiguousarray(imgs)
+    if stacked:  # (R, G, fb1): row stride lanes*fb1
+        base = plan.grp * fb1 + plan.feat
+        ones = np.arange(lanes, dtype=np.int64) * fb1 + plan.fb
     for p0 in range(0, total, rows):
         r = min(rows, total - p0)
         if stacked:
-            buf = flat[: r * lanes * fb1].reshape(r, lanes, fb1)
-        else:
-            buf = flat[: r * lanes * fb1].reshape(lanes, r, fb1)
-        _patch_rows(x, shift_col, plan.grp, plan.feat, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw,
-                    g.oh, g.ow, p0, stacked, buf)
-        if stacked:
-            b2 = buf.reshape(r * lanes, fb1)
+            _patch_rows(x, shift_col, base, ones, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.oh, g.ow,
+                        p0, r, lanes * fb1, flat)
+            b2 = flat[: r * lanes * fb1].reshape(r * lanes, fb1)
             np.matmul(b2.T, b2, out=tmp[0])
-        else:
+        else:  # (G, R, fb1): group stride r*fb1, row stride fb1
+            base = plan.grp * (r * fb1) + plan.feat
+            ones = np.arange(lanes, dtype=np.int64) * (r * fb1) + plan.fb
+            _patch_rows(x, shift_col, base, ones, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.oh, g.ow,
+                        p0, r, fb1, flat)
+            buf = flat[: r * lanes * fb1].reshape(lanes, r, fb1)
             np.matmul(buf.transpose(0, 2, 1), buf, out=tmp)
         acc += tmp
     count = total * plan.stack
@@ -265,7 +289,7 @@ def _dense_tasks(plan: _Plan, kh: int) -> np.ndarray:
 
 def _dense_pieces(g):
     """``(n0, n1, a0, a1)``: image ranges and output-row bands whose padded rows fit the budget."""
-    wp = g.ow + (g.kw - 1) * g.dw
+    wp = 2 * g.ow + 4 * (g.kw - 1) * g.dw  # two copies, one with zero margins
     hp = g.oh + (g.kh - 1) * g.dh
     per_image = g.c * hp * wp * 8
     if per_image <= _DENSE_BYTES:
@@ -281,6 +305,7 @@ def _shifted_moments_driver(imgs: np.ndarray, g, plan: _Plan):
     m_c = _channel_means(imgs)
     kh, kw, dh, dw = g.kh, g.kw, g.dh, g.dw
     wp = g.ow + (kw - 1) * dw
+    margin = (kw - 1) * dw
     halo = (kh - 1) * dh
     tasks = _dense_tasks(plan, kh)
     acc = np.zeros((len(tasks), kh, 2 * kw - 1, kw))
@@ -297,7 +322,9 @@ def _shifted_moments_driver(imgs: np.ndarray, g, plan: _Plan):
         if r1 > r0:
             dst = xs[:, :, r0 + g.ph - a0:r1 + g.ph - a0, g.pw:g.pw + g.w]
             np.subtract(imgs[n0:n1, :, r0:r1], m_c[None, :, None, None], out=dst)
-        _shifted_moments(xs, tasks, kh, kw, dh, dw, a1 - a0, g.ow, acc)
+        xb = np.zeros((n1 - n0, g.c, rows, wp + 2 * margin))
+        xb[..., margin:margin + wp] = xs
+        _shifted_moments(xs, xb, tasks, kh, kw, dh, dw, a1 - a0, g.ow, acc)
         sat = np.zeros((g.c, rows + 1, wp + 1))
         np.cumsum(np.cumsum(xs.sum(axis=0), axis=1), axis=2, out=sat[:, 1:, 1:])
         oh = a1 - a0
@@ -310,6 +337,91 @@ def _shifted_moments_driver(imgs: np.ndarray, g, plan: _Plan):
     shift = np.repeat(m_c, kh * kw)
     n, mean, m2 = _finish_shifted(count, shift, colsum.reshape(-1), second)
     return _regroup(n, mean, m2, plan)
+
+
+def _row_pieces(g, width: int, itemsize: int):
+    """Like :func:`_dense_pieces` for 1-row patch matrices of ``width`` columns."""
+    halo = (g.kh - 1) * g.dh
+    per_row = g.ow * width * itemsize
+    per_image = (g.oh + halo) * per_row
+    if per_image <= _ROWS_BYTES:
+        step = max(1, _ROWS_BYTES // per_image)
+        return [(n0, min(g.n, n0 + step), 0, g.oh) for n0 in range(0, g.n, step)]
+    band = max(1, _ROWS_BYTES // per_row - halo)
+    return [(n, n + 1, a0, min(g.oh, a0 + band)) for n in range(g.n) for a0 in range(0, g.oh, band)]
+
+
+def _rowshift_moments(imgs: np.ndarray, g, plan: _Plan):
+    r"""Moments of a patch grid with vertical step 1 from row-shifted products of 1-row patches.
+
+    With ``Z_u`` the im2col matrix of padded row ``u`` for a ``1 x kw`` kernel (rows over
+    images and horizontal positions, columns ``(c, j)``), the im2col moment of taps
+    ``(c, i, j)`` and ``(c', i + di, j')`` is
+
+    .. math::  \sum_{u = i d_h}^{i d_h + oh - 1} (Z_u^T Z_{u + di\,d_h})_{(c, j), (c', j')},
+
+    i.e. a window of the running sum over ``u`` of one product per row shift ``di``: the
+    rows between consecutive window boundaries are multiplied once (one BLAS product per
+    segment), for ``kh`` shifts instead of ``kh^2`` tap-row pairs, and the im2col fill shrinks
+    by ``kh``.  Contiguous blocks are computed block by block; the reference grouping and
+    ``block_size=None`` from the full matrix.
+    """
+    m_c = _channel_means(imgs)
+    kh, kw, dh = g.kh, g.kw, g.dh
+    halo = (kh - 1) * dh
+    cw = g.c * kw
+    blocks = plan.groups if plan.mode == "contiguous" else 1
+    cb = g.c // blocks  # channels per computed block
+    bw = cb * kw
+    zdt = _buffer_dtype(imgs.dtype, cb * g.kh * kw)
+    cap = _F32_ROWS if zdt == np.float32 else _F64_ROWS
+    acc = np.zeros((blocks, cb, kh, kw, cb, kh, kw))
+    colsum = np.zeros((g.c, kh, kw))
+    x = np.ascontiguousarray(imgs)
+    tmp = np.empty((bw, bw), dtype=zdt)
+    for n0, n1, a0, a1 in _row_pieces(g, cw, zdt.itemsize):
+        oh = a1 - a0
+        rows = oh + halo
+        Z = np.empty((rows, n1 - n0, g.ow, cw), dtype=zdt)
+        _row_patches(x, m_c, kw, g.sw, g.ph, g.pw, g.dw, g.ow, n0, a0, Z)
+        per_row = (n1 - n0) * g.ow
+        Zm = Z.reshape(rows * per_row, cw)
+        rs = Z.sum(axis=(1, 2), dtype=np.float64)  # (rows, cw)
+        pre = np.zeros((rows + 1, cw))
+        np.cumsum(rs, axis=0, out=pre[1:])
+        ii = np.arange(kh) * dh
+        colsum += (pre[ii + oh] - pre[ii]).reshape(kh, g.c, kw).transpose(1, 0, 2)
+        for blk in range(blocks):
+            cols = slice(blk * bw, (blk + 1) * bw)
+            for di in range(kh):
+                starts = [i * dh for i in range(kh - di)]
+                bounds = sorted(set(starts) | {u + oh for u in starts})
+                prefix = {bounds[0]: np.zeros((bw, bw))}
+                run = np.zeros((bw, bw))
+                for u0, u1 in zip(bounds[:-1], bounds[1:]):
+                    for v0 in range(u0, u1, max(1, cap // per_row)):
+                        v1 = min(u1, v0 + max(1, cap // per_row))
+                        A = Zm[v0 * per_row:v1 * per_row, cols]
+                        if di == 0:
+                            np.matmul(A.T, A, out=tmp)
+                        else:
+                            B = Zm[(v0 + di * dh) * per_row:(v1 + di * dh) * per_row, cols]
+                            np.matmul(A.T, B, out=tmp)
+                        run += tmp
+                    prefix[u1] = run.copy()
+                for i, u in enumerate(starts):
+                    win = (prefix[u + oh] - prefix[u]).reshape(cb, kw, cb, kw)
+                    acc[blk, :, i, :, :, i + di, :] += win
+                    if di:
+                        acc[blk, :, i + di, :, :, i, :] += win.transpose(2, 3, 0, 1)
+    count = g.n * g.oh * g.ow
+    fb = cb * kh * kw
+    second = acc.reshape(blocks, fb, fb)
+    shift = np.repeat(m_c, kh * kw).reshape(blocks, fb)
+    n, mean, m2 = _finish_shifted(count, shift, colsum.reshape(blocks, fb), second)
+    if plan.mode == "contiguous":
+        return n, mean, m2
+    return _regroup(n, mean[0], m2[0], plan)
 
 
 def _regroup(n, mean, m2, plan: _Plan):
@@ -329,29 +441,59 @@ def _regroup(n, mean, m2, plan: _Plan):
     return n_all, mu[None], M[None]
 
 
+def _gemm_seconds(macs: float, width: int, dtype) -> float:
+    """BLAS time of ``macs`` multiply-adds producing ``width``-wide outputs (narrow ones are memory-bound)."""
+    eff = min(1.0, (width / 64.0) ** 0.5)
+    return macs / (_RATE_MAC[np.dtype(dtype)] * eff * numba.get_num_threads())
+
+
 def _cost(g, plan: _Plan, dtype) -> dict:
-    """Estimated seconds of both kernels for this geometry (a coarse, machine-calibrated model)."""
+    """Estimated seconds of each kernel for this geometry (a coarse model; only the ranking matters).
+
+    Rates are per thread, measured on a 2-core AVX2 machine: BLAS multiply-adds (scaled by
+    the thread count and by a width efficiency for narrow outputs), the serial patch fill,
+    and the shifted-product kernel (parallel).
+    """
+    threads = numba.get_num_threads()
     rows = g.n * g.oh * g.ow
     fb1 = plan.fb + 1
+    f = plan.n_features
+    lanes = _lanes(plan)
     bdt = _buffer_dtype(np.dtype(dtype), plan.fb)
-    lanes = plan.stack if plan.mode == "reference" else plan.groups
     chunks = -(-rows // _chunk_rows(lanes * fb1, bdt))
-    t_im2col = (rows * lanes * fb1 * (fb1 + 1) / 2 / _RATE_SYRK[bdt] + rows * plan.n_features / _RATE_FILL
-                + chunks * _CALL_OVERHEAD)
-    if g.sh != 1 or g.sw != 1:
-        return {"im2col": t_im2col, "shifted": math.inf}
-    hp = g.oh + (g.kh - 1) * g.dh
-    wp = g.ow + (g.kw - 1) * g.dw
-    cols = sum(wp - abs(dj) * g.dw for dj in range(-(g.kw - 1), g.kw))
+    macs = rows * lanes * fb1 * (fb1 + 1) / 2  # syrk: upper triangles
+    cost = {
+        "gemm": rows * f / _RATE_FILL + _gemm_seconds(macs, fb1, bdt) + chunks * plan.groups * _CALL_OVERHEAD,
+        "rowshift": math.inf,
+        "shifted": math.inf,
+    }
+    if g.sh != 1:
+        return cost
+    kh, kw, dh, dw = g.kh, g.kw, g.dh, g.dw
+    hp = g.oh + (kh - 1) * dh
+    blocks = plan.groups if plan.mode == "contiguous" else 1
+    bw = g.c // blocks * kw
+    zdt = _buffer_dtype(np.dtype(dtype), g.c // blocks * kh * kw)
+    per_row = g.n * g.ow
+    macs = 0.0
+    for di in range(kh):
+        macs += ((kh - 1 - di) * dh + g.oh) * per_row * bw * bw * (0.5 if di == 0 else 1.0)
+    calls = blocks * kh * 2 * kh * max(1, -(-hp * per_row // (_F32_ROWS if zdt == np.float32 else _F64_ROWS)))
+    cost["rowshift"] = (g.n * hp * g.ow * g.c * kw / _RATE_FILL + _gemm_seconds(blocks * macs, bw, zdt)
+                        + calls * _CALL_OVERHEAD)
+    if g.sw != 1:
+        return cost
+    wp = g.ow + (kw - 1) * dw
+    cols = (2 * kw - 1) * wp
     a, b = _dense_pairs(plan)
     n_same = int(np.count_nonzero(a == b))
     n_diff = len(a) - n_same
-    rows_pos = sum(hp - di * g.dh for di in range(g.kh))  # di >= 0
+    rows_pos = sum(hp - di * dh for di in range(kh))  # di >= 0
     rows_all = 2 * rows_pos - hp
-    events = 2 * g.kh * (2 * g.kw - 1) * wp
-    work = n_same * (rows_pos * cols + g.kh * events) + n_diff * (rows_all * cols + (2 * g.kh - 1) * events)
-    t_shifted = g.n * work / _RATE_SHIFTED + g.n * g.c * hp * wp / _RATE_FILL
-    return {"im2col": t_im2col, "shifted": t_shifted}
+    events = 2 * kh * (2 * kw - 1) * wp
+    work = n_same * (rows_pos * cols + kh * events) + n_diff * (rows_all * cols + (2 * kh - 1) * events)
+    cost["shifted"] = g.n * work / (_RATE_SHIFTED * threads) + 3 * g.n * g.c * hp * wp / _RATE_FILL
+    return cost
 
 
 def _choose_kernel(g, plan: _Plan, dtype) -> str:
@@ -366,7 +508,11 @@ def _patch_moments(imgs: np.ndarray, g, plan: _Plan, _kernel: str | None = None)
         if g.sh != 1 or g.sw != 1:
             raise ValueError("the 'shifted' kernel needs an effective stride (stride * sampling_stride) of 1")
         return _shifted_moments_driver(imgs, g, plan)
-    return _im2col_moments(imgs, g, plan)
+    if kernel == "rowshift":
+        if g.sh != 1:
+            raise ValueError("the 'rowshift' kernel needs a vertical effective stride of 1")
+        return _rowshift_moments(imgs, g, plan)
+    return _gemm_moments(imgs, g, plan)
 
 
 # --------------------------------------------------------------------------------------

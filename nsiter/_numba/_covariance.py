@@ -21,82 +21,146 @@ import numpy as np
 from .._config import jit, prange
 
 
-@jit(parallel=True)
-def _patch_rows(x, shift, grp, feat, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, p0, stacked, out):
-    """Shifted patch rows ``p0 .. p0 + R`` of the im2col matrix, one output slot per column.
+@jit
+def _patch_rows(x, shift, base, ones, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, p0, n_rows, rs, out):
+    """Shifted patch rows ``p0 .. p0 + n_rows`` of the im2col matrix, scattered into ``out`` (1-D).
 
     Patch ``p = n*oh*ow + a*ow + b`` has im2col column ``j = (c*kh + i)*kw + jj`` equal
     to ``xpad[n, c, a*sh + i*dh, b*sw + jj*dw]`` (zero outside ``x``); the kernel stores
-    ``value - shift[j]`` at group ``grp[j]``, feature ``feat[j]``:
+    ``value - shift[j]`` at ``out[base[j] + r*rs]`` and 1 at ``out[ones[g] + r*rs]`` for
+    every group ``g`` (``r = p - p0``).  The caller's ``base``/``rs`` lay the chunk out per
+    group ``(G, R, Fb + 1)`` or with the groups stacked ``(R, G, Fb + 1)``.
 
-    * ``stacked=False``: ``out[grp[j], r, feat[j]]`` with ``out`` of shape ``(G, R, Fb + 1)``;
-    * ``stacked=True``:  ``out[r, grp[j], feat[j]]`` with ``out`` of shape ``(R, G, Fb + 1)``
-      (rows of all groups stacked, the reference grouping).
-
-    The last slot of every group row is set to 1.  Parallel over rows (disjoint writes).
+    Serial on purpose: the chunk is then multiplied by a multi-threaded BLAS, and a
+    parallel fill would compete with the BLAS worker threads that keep spinning between
+    calls.
     """
     n_ch = x.shape[1]
     h = x.shape[2]
     w = x.shape[3]
-    if stacked:
-        n_rows = out.shape[0]
-        n_grp = out.shape[1]
-    else:
-        n_rows = out.shape[1]
-        n_grp = out.shape[0]
-    fb = out.shape[2] - 1
     n_patch = oh * ow
-    for r in prange(n_rows):
-        p = p0 + r
+    p = p0
+    p_end = p0 + n_rows
+    while p < p_end:  # one output row (n, a) per pass, columns b in [b_lo, b_hi)
         n = p // n_patch
         rem = p - n * n_patch
         a = rem // ow
+        b_lo = rem - a * ow
+        b_hi = min(ow, b_lo + (p_end - p))
+        r0 = p - p0 - b_lo  # chunk row of b = 0
+        for g in range(ones.shape[0]):
+            o = ones[g]
+            for b in range(b_lo, b_hi):
+                out[o + (r0 + b) * rs] = 1.0
         h0 = a * sh - ph
-        w0 = (rem - a * ow) * sw - pw
-        inside = h0 >= 0 and h0 + (kh - 1) * dh < h and w0 >= 0 and w0 + (kw - 1) * dw < w
         col = 0
         for c in range(n_ch):
             for i in range(kh):
                 hh = h0 + i * dh
-                row_ok = hh >= 0 and hh < h
-                for jj in range(kw):
-                    ww = w0 + jj * dw
-                    if inside or (row_ok and ww >= 0 and ww < w):
-                        v = x[n, c, hh, ww] - shift[col]
-                    else:
-                        v = -shift[col]
-                    if stacked:
-                        out[r, grp[col], feat[col]] = v
-                    else:
-                        out[grp[col], r, feat[col]] = v
-                    col += 1
-        for g in range(n_grp):
-            if stacked:
-                out[r, g, fb] = 1.0
-            else:
-                out[g, r, fb] = 1.0
+                if hh < 0 or hh >= h:
+                    for jj in range(kw):
+                        o = base[col + jj]
+                        v = -shift[col + jj]
+                        for b in range(b_lo, b_hi):
+                            out[o + (r0 + b) * rs] = v
+                else:
+                    src = x[n, c, hh]
+                    for jj in range(kw):
+                        o = base[col + jj]
+                        sv = shift[col + jj]
+                        off = jj * dw - pw
+                        lo = b_lo  # valid b: 0 <= b*sw + off < w
+                        while lo < b_hi and lo * sw + off < 0:
+                            lo += 1
+                        hi = b_hi
+                        while hi > lo and (hi - 1) * sw + off >= w:
+                            hi -= 1
+                        for b in range(b_lo, lo):
+                            out[o + (r0 + b) * rs] = -sv
+                        for b in range(lo, hi):
+                            out[o + (r0 + b) * rs] = src[b * sw + off] - sv
+                        for b in range(hi, b_hi):
+                            out[o + (r0 + b) * rs] = -sv
+                col += kw
+        p += b_hi - b_lo
+
+
+@jit
+def _row_patches(x, m, kw, sw, ph, pw, dw, ow, n0, u0, out):
+    """Shifted 1-row patches: ``out[u, t, b, c*kw + j] = xpad[n0 + t, c, u0 + u, b*sw + j*dw] - m[c]``.
+
+    ``xpad`` is ``x`` zero-padded by ``ph``/``pw`` (padding entries become ``-m[c]``), so
+    ``out[u]`` stacks the im2col matrices of padded row ``u0 + u`` of images ``n0, n0 + 1,
+    ...`` for a ``1 x kw`` kernel (row-major in ``u``: any range of rows is one matrix).
+    Serial (the caller multiplies the result with BLAS).
+    """
+    n_ch = x.shape[1]
+    h = x.shape[2]
+    w = x.shape[3]
+    for t in range(out.shape[1]):
+        n = n0 + t
+        for u in range(out.shape[0]):
+            hh = u0 + u - ph
+            dst = out[u, t]
+            for c in range(n_ch):
+                mc = m[c]
+                for j in range(kw):
+                    col = c * kw + j
+                    if hh < 0 or hh >= h:
+                        for b in range(ow):
+                            dst[b, col] = -mc
+                        continue
+                    src = x[n, c, hh]
+                    off = j * dw - pw
+                    lo = 0  # valid b: 0 <= b*sw + off < w
+                    while lo < ow and lo * sw + off < 0:
+                        lo += 1
+                    hi = ow
+                    while hi > lo and (hi - 1) * sw + off >= w:
+                        hi -= 1
+                    for b in range(lo):
+                        dst[b, col] = -mc
+                    for b in range(lo, hi):
+                        dst[b, col] = src[b * sw + off] - mc
+                    for b in range(hi, ow):
+                        dst[b, col] = -mc
+
+
+@jit
+def _next_boundary(u, i_lo, i_hi, dh, oh, u_hi):
+    """The first window boundary (``i*dh`` or ``i*dh + oh``) after row ``u``, at most ``u_hi``."""
+    nxt = u_hi
+    for i in range(i_lo, i_hi):
+        for e in (i * dh, i * dh + oh):
+            if u < e < nxt:
+                nxt = e
+    return nxt
 
 
 @jit(parallel=True)
-def _shifted_moments(xs, tasks, kh, kw, dh, dw, oh, ow, acc):
+def _shifted_moments(xa, xb, tasks, kh, kw, dh, dw, oh, ow, acc):
     """Raw moments of a dense (stride 1) patch grid from shifted inner products.
 
-    ``xs`` is ``(N, C, Hp, Wp)`` float64: padded, shifted images with
-    ``Hp = oh + (kh - 1)*dh`` and ``Wp = ow + (kw - 1)*dw``.  Task ``t = (c, c2, di)``
-    adds to ``acc[t, i, dj + kw - 1, j]`` (for the valid ``i``, ``dj``, ``j``)
+    ``xa`` is ``(N, C, Hp, Wp)`` float64, padded and shifted images with
+    ``Hp = oh + (kh - 1)*dh`` and ``Wp = ow + (kw - 1)*dw``; ``xb`` is the same with
+    ``margin = (kw - 1)*dw`` zero columns on each side (so that every shifted row product
+    runs over the same range).  Task ``t = (c, c2, di)`` adds to ``acc[t, i, dj + kw - 1, j]``
+    (for the valid ``i``, ``dj``, ``j``)
 
     .. math::
 
-        \\sum_n \\sum_{u = i d_h}^{i d_h + oh - 1} \\sum_{v = j d_w}^{j d_w + ow - 1}
-        xs[n, c, u, v] \\; xs[n, c_2, u + d_i d_h, v + d_j d_w],
+        \sum_n \sum_{u = i d_h}^{i d_h + oh - 1} \sum_{v = j d_w}^{j d_w + ow - 1}
+        xa[n, c, u, v] \; xa[n, c_2, u + d_i d_h, v + d_j d_w],
 
     the im2col inner product of columns ``(c, i, j)`` and ``(c2, i + di, j + dj)``.
-    Row sums over ``u`` are accumulated once for all windows (``cum``); a window's sum
-    is the difference of the prefix sums along ``v`` of ``cum`` recorded at its last
-    and first row.  Parallel over tasks, each owning ``acc[t]``.
+    Row products are summed over ``u`` once for all windows (``cum``, four rows per pass
+    between window boundaries); a window's sum is the difference of the prefix sums along
+    ``v`` of ``cum`` recorded at its last and first row.  Parallel over tasks, each owning
+    ``acc[t]``.
     """
-    nb = xs.shape[0]
-    wp = xs.shape[3]
+    nb = xa.shape[0]
+    wp = xa.shape[3]
+    margin = (xb.shape[3] - wp) // 2
     ndj = 2 * kw - 1
     for t in prange(tasks.shape[0]):
         c = tasks[t, 0]
@@ -110,10 +174,11 @@ def _shifted_moments(xs, tasks, kh, kw, dh, dw, oh, ow, acc):
         cum = np.zeros((ndj, wp))
         pref = np.empty(wp + 1)
         for n in range(nb):
-            a_img = xs[n, c]
-            b_img = xs[n, c2]
+            a_img = xa[n, c]
+            b_img = xb[n, c2]
             cum[:, :] = 0.0
-            for u in range(u_lo, u_hi + 1):
+            u = u_lo
+            while True:
                 # window boundaries at row u: cum holds the row sums of rows [u_lo, u)
                 event = False
                 for i in range(i_lo, i_hi):
@@ -122,8 +187,6 @@ def _shifted_moments(xs, tasks, kh, kw, dh, dw, oh, ow, acc):
                 if event:
                     for q in range(ndj):
                         dj = q - (kw - 1)
-                        j_lo = max(0, -dj)
-                        j_hi = kw - max(0, dj)
                         row = cum[q]
                         s = 0.0
                         pref[0] = 0.0
@@ -137,20 +200,37 @@ def _shifted_moments(xs, tasks, kh, kw, dh, dw, oh, ow, acc):
                             if i * dh == u:
                                 sign -= 1.0
                             if sign != 0.0:
-                                for j in range(j_lo, j_hi):
+                                for j in range(max(0, -dj), kw - max(0, dj)):
                                     v0 = j * dw
                                     acc[t, i, q, j] += sign * (pref[v0 + ow] - pref[v0])
                 if u == u_hi:
                     break
-                a = a_img[u]
-                b = b_img[u + ddh]
-                for q in range(ndj):
-                    off = (q - (kw - 1)) * dw
-                    v_lo = max(0, -off)
-                    v_hi = wp - max(0, off)
-                    row = cum[q]
-                    for v in range(v_lo, v_hi):
-                        row[v] += a[v] * b[v + off]
+                nxt = _next_boundary(u, i_lo, i_hi, dh, oh, u_hi)
+                while u + 4 <= nxt:
+                    a0 = a_img[u]
+                    a1 = a_img[u + 1]
+                    a2 = a_img[u + 2]
+                    a3 = a_img[u + 3]
+                    b0 = b_img[u + ddh]
+                    b1 = b_img[u + 1 + ddh]
+                    b2 = b_img[u + 2 + ddh]
+                    b3 = b_img[u + 3 + ddh]
+                    for q in range(ndj):
+                        st = margin + (q - (kw - 1)) * dw
+                        row = cum[q]
+                        for v in range(wp):
+                            row[v] += (a0[v] * b0[st + v] + a1[v] * b1[st + v]) + (
+                                a2[v] * b2[st + v] + a3[v] * b3[st + v])
+                    u += 4
+                while u < nxt:
+                    a0 = a_img[u]
+                    b0 = b_img[u + ddh]
+                    for q in range(ndj):
+                        st = margin + (q - (kw - 1)) * dw
+                        row = cum[q]
+                        for v in range(wp):
+                            row[v] += a0[v] * b0[st + v]
+                    u += 1
 
 
 @jit
