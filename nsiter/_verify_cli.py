@@ -217,7 +217,8 @@ def load_matrix(path, key: str | None = None):
             return np.load(path, allow_pickle=False)
         except ValueError as exc:
             if "pickle" in str(exc):
-                _fail(f"{path!r} holds an object (pickled) array; save a numeric array, e.g. np.save(path, C.astype(float))")
+                _fail(f"{path!r} holds an object (pickled) array; save a numeric array, "
+                      "e.g. np.save(path, C.astype(float))")
             _fail(f"cannot read {path!r} as a .npy file ({_one_line(exc)}); re-save it with numpy.save")
         except Exception as exc:  # truncated / corrupt files raise various errors
             _fail(f"cannot read {path!r} as a .npy file ({type(exc).__name__}: {_one_line(exc)}); "
@@ -248,7 +249,8 @@ def load_matrix(path, key: str | None = None):
                 _fail(f"cannot read array {key!r} from {path!r} ({type(exc).__name__}: {_one_line(exc)}); "
                       "re-save it with numpy.savez")
     if ext in (".npy", ".npz"):
-        _fail(f"{path!r} is not a valid {ext} file (wrong header); re-save it with numpy.{'save' if ext == '.npy' else 'savez'}")
+        saver = "save" if ext == ".npy" else "savez"
+        _fail(f"{path!r} is not a valid {ext} file (wrong header); re-save it with numpy.{saver}")
     if key is not None:
         _fail(f"--key {key!r} applies to .npz files, but {path!r} is a text file; drop --key")
     return _load_text(path)

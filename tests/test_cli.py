@@ -191,7 +191,8 @@ def test_missing_file_and_directory(tmp_path, capsys):
 
 def test_garbage_files(tmp_path, capsys):
     (tmp_path / "bin.dat").write_bytes(b"\x00\x01\x02garbage" * 10)
-    _assert_usage_error(capsys, r"binary file but not \.npy/\.npz; save the matrix with numpy.save", tmp_path / "bin.dat")
+    _assert_usage_error(capsys, r"binary file but not \.npy/\.npz; save the matrix with numpy.save",
+                        tmp_path / "bin.dat")
     (tmp_path / "latin.txt").write_bytes(b"1 2\n\xe9\xe9 3\n")
     _assert_usage_error(capsys, r"not UTF-8 text", tmp_path / "latin.txt")
     (tmp_path / "words.txt").write_text("hello world\nfoo bar\n")
