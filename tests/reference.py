@@ -147,3 +147,55 @@ def estimate_kernel(x, y, kernel_size, stride=1, padding=0, dilation=1, fit_inte
         y = np.concatenate([y, np.zeros(f)])
     theta = np.linalg.lstsq(X, y, rcond=None)[0]
     return theta[:f], (float(theta[f]) if fit_intercept else 0.0)
+
+
+def patch_covariance(x, kernel_size, stride=1, padding=0, dilation=1, sampling_stride=1, block_size=None,
+                     grouping="contiguous"):
+    """Algorithm 1 spelled out: loop im2col on the subsampled grid, explicit column groups, two-pass cov.
+
+    ``"contiguous"``: one covariance per channel block ``[gB, (g+1)B)``; ``"reference"``:
+    column ``j`` -> group ``j % G`` feature ``j // G``, groups stacked as rows (FastDeconv).
+    """
+    x4 = _as4(np.asarray(x, dtype=np.float64))
+    sh, sw = _pair(stride)
+    X = im2col(x4, kernel_size, (sh * sampling_stride, sw * sampling_stride), padding, dilation)
+    if block_size is None:
+        return covariance(X)
+    c = x4.shape[1]
+    G = c // block_size
+    F = X.shape[1]
+    fb = F // G
+    if grouping == "contiguous":
+        covs, means = zip(*(covariance(X[:, g * fb:(g + 1) * fb]) for g in range(G)))
+        return np.stack(covs), np.stack(means)
+    rows = []
+    for r in range(X.shape[0]):
+        for g in range(G):
+            rows.append([X[r, f * G + g] for f in range(fb)])
+    return covariance(np.asarray(rows))
+
+
+def whiten(X, mean, D, block_size_features, grouping="contiguous"):
+    """Loop whitening of a data matrix: ``(X - mu) D`` per block of ``block_size_features`` columns.
+
+    ``"contiguous"``: ``D[g]`` acts on columns ``[g fb, (g+1) fb)``; ``"reference"``: the
+    shared ``D`` acts on columns ``g, g + G, g + 2G, ...`` of every group ``g``.
+    """
+    X = np.asarray(X, dtype=np.float64)
+    n, F = X.shape
+    fb = block_size_features
+    G = F // fb
+    out = np.zeros((n, F))
+    for g in range(G):
+        if grouping == "contiguous":
+            cols = np.arange(g * fb, (g + 1) * fb)
+            Dg = np.asarray(D, dtype=np.float64).reshape(G, fb, fb)[g]
+            mg = np.asarray(mean, dtype=np.float64).reshape(G, fb)[g]
+        else:
+            cols = np.arange(fb) * G + g
+            Dg = np.asarray(D, dtype=np.float64)
+            mg = np.asarray(mean, dtype=np.float64).reshape(fb)
+        for r in range(n):
+            for b in range(fb):
+                out[r, cols[b]] = sum((X[r, cols[a]] - mg[a]) * Dg[a, b] for a in range(fb))
+    return out
