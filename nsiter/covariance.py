@@ -6,20 +6,27 @@ image batch, per channel block and on a subsampled patch grid (§4.5.2, Algorith
 computed without materialising the im2col matrix.  ``PatchStatistics`` accumulates it
 batch by batch and merges shards exactly.
 
-Numerics (all paths): second moments are accumulated in float64 about a *shift* close to the
-feature means and corrected exactly at the end (``M2 = S_2 - s s^T / N`` with ``s`` the
-shifted column sums), so data with a large mean does not cancel the way the reference code's
-``E[x x^T] - mu mu^T`` in float32 does.  Two kernels compute the moments:
+Numerics (every kernel): second moments are accumulated in float64 about a *shift* close to
+the feature means (the channel mean times the fraction of the grid where a tap sees the
+image, so padding is accounted for) and corrected exactly at the end,
+``M2 = S_2 - s s^T / N`` with ``s`` the shifted column sums.  Data with a large mean
+therefore does not cancel the way the reference code's ``E[x x^T] - mu mu^T`` in float32
+does.  Three kernels compute the moments (:data:`KERNELS`):
 
-* ``"im2col"``: chunks of shifted patch rows (at most ``_BUFFER_BYTES``), each augmented by a
+* ``"gemm"`` (any geometry): chunks of shifted patch rows (at most 8 MB), each augmented by a
   column of ones, and one BLAS product ``B^T B`` per chunk (moments and column sums at once);
-  the chunk results are summed in float64.  For float32 input with wide blocks the products
-  of one chunk (at most ``_F32_ROWS`` rows) run in float32 BLAS, otherwise in float64.
-* ``"shifted"`` (dense grid, effective stride 1): the moment of two taps is a window sum of the
-  product of the image with a shifted copy of itself; see :mod:`nsiter._numba._covariance`.
-  ``O(C^2 k^2 H W)`` work instead of ``O(C^2 k^4 H W)``, all in float64.
+  chunk results are summed in float64.  For float32 input with blocks of at least 64
+  features one chunk's product (at most 2048 rows) runs in float32 BLAS, otherwise in
+  float64.
+* ``"rowshift"`` (vertical step 1): BLAS products of 1-row patch matrices ``Z_u^T Z_{u+di}``,
+  one per row shift ``di`` and window segment, instead of one per tap-row pair; ``kh`` times
+  less fill and about ``kh/2`` times fewer multiply-adds than ``"gemm"``.
+* ``"shifted"`` (step 1 both ways): the moment of two taps is a window sum of the product of
+  the image with a shifted copy of itself, ``O(C^2 k^2 H W)`` work instead of
+  ``O(C^2 k^4 H W)``, in float64 (:func:`nsiter._numba._covariance._shifted_moments`).
 
-The faster one is picked by a cost model (:func:`_choose_kernel`).
+A cost model (:func:`_cost`, rates measured on this project's 2-core machine) picks the
+cheapest; all three agree to rounding (the tests compare each with the loop reference).
 """
 from __future__ import annotations
 
@@ -131,10 +138,8 @@ class _Plan(NamedTuple):
 def _plan(c: int, taps: int, block_size, grouping: str) -> _Plan:
     f = c * taps
     j = np.arange(f, dtype=np.int64)
-    if block_size is None or (grouping == "contiguous" and block_size == c):
-        if block_size is None:
-            return _Plan("full", c, taps, 1, 1, f, np.zeros(f, np.int64), j)
-        return _Plan("contiguous", c, taps, 1, 1, f, np.zeros(f, np.int64), j)
+    if block_size is None:
+        return _Plan("full", c, taps, 1, 1, f, np.zeros(f, np.int64), j)
     g = c // block_size
     fb = block_size * taps
     if grouping == "contiguous":
@@ -385,6 +390,7 @@ def _rowshift_moments(imgs: np.ndarray, g, plan: _Plan):
         Z = np.empty((rows, n1 - n0, g.ow, cw), dtype=zdt)
         _row_patches(x, m_c, kw, g.sw, g.ph, g.pw, g.dw, g.ow, n0, a0, Z)
         per_row = (n1 - n0) * g.ow
+        step = max(1, cap // per_row)  # rows of Z per BLAS product (bounded rounding in float32)
         Zm = Z.reshape(rows * per_row, cw)
         rs = Z.sum(axis=(1, 2), dtype=np.float64)  # (rows, cw)
         pre = np.zeros((rows + 1, cw))
@@ -396,11 +402,10 @@ def _rowshift_moments(imgs: np.ndarray, g, plan: _Plan):
             for di in range(kh):
                 starts = [i * dh for i in range(kh - di)]
                 bounds = sorted(set(starts) | {u + oh for u in starts})
-                prefix = {bounds[0]: np.zeros((bw, bw))}
-                run = np.zeros((bw, bw))
+                run = np.zeros((bw, bw))  # sum of Z_u^T Z_{u + di dh} over rows [bounds[0], u)
                 for u0, u1 in zip(bounds[:-1], bounds[1:]):
-                    for v0 in range(u0, u1, max(1, cap // per_row)):
-                        v1 = min(u1, v0 + max(1, cap // per_row))
+                    for v0 in range(u0, u1, step):
+                        v1 = min(u1, v0 + step)
                         A = Zm[v0 * per_row:v1 * per_row, cols]
                         if di == 0:
                             np.matmul(A.T, A, out=tmp)
@@ -408,12 +413,15 @@ def _rowshift_moments(imgs: np.ndarray, g, plan: _Plan):
                             B = Zm[(v0 + di * dh) * per_row:(v1 + di * dh) * per_row, cols]
                             np.matmul(A.T, B, out=tmp)
                         run += tmp
-                    prefix[u1] = run.copy()
-                for i, u in enumerate(starts):
-                    win = (prefix[u + oh] - prefix[u]).reshape(cb, kw, cb, kw)
-                    acc[blk, :, i, :, :, i + di, :] += win
-                    if di:
-                        acc[blk, :, i + di, :, :, i, :] += win.transpose(2, 3, 0, 1)
+                    # window i spans rows [i dh, i dh + oh): add the running sum at its end,
+                    # subtract it at its start (the first start has run == 0)
+                    for i, u in enumerate(starts):
+                        sign = (u + oh == u1) - (u == u1)
+                        if sign:
+                            win = run.reshape(cb, kw, cb, kw)
+                            acc[blk, :, i, :, :, i + di, :] += sign * win
+                            if di:
+                                acc[blk, :, i + di, :, :, i, :] += sign * win.transpose(2, 3, 0, 1)
     count = g.n * g.oh * g.ow
     fb = cb * kh * kw
     second = acc.reshape(blocks, fb, fb)

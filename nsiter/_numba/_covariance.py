@@ -139,7 +139,7 @@ def _next_boundary(u, i_lo, i_hi, dh, oh, u_hi):
 
 @jit(parallel=True)
 def _shifted_moments(xa, xb, tasks, kh, kw, dh, dw, oh, ow, acc):
-    """Raw moments of a dense (stride 1) patch grid from shifted inner products.
+    r"""Raw moments of a dense (stride 1) patch grid from shifted inner products.
 
     ``xa`` is ``(N, C, Hp, Wp)`` float64, padded and shifted images with
     ``Hp = oh + (kh - 1)*dh`` and ``Wp = ow + (kw - 1)*dw``; ``xb`` is the same with
