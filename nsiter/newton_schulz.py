@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._dispatch import is_tensor, torch_backend
-from ._numba._newton_schulz import _coupled_ns_parallel, _coupled_ns_serial, _psd_probe
+from ._numba._newton_schulz import _coupled_ns_parallel, _coupled_ns_serial, _psd_probe, _spectrum_estimates
 from ._validation import (
     as_float_array,
     check_finite,
@@ -56,16 +56,18 @@ SCALINGS = ("fro", "trace", "spectral")
 #: Iteration cap when the count is driven by a tolerance.
 MAX_ITER = 100
 
-# power/inverse-iteration steps of the cheap spectrum probe
-_PROBE_STEPS = 8
-# the probe runs in Numba up to this size, via LAPACK above
-_PROBE_NUMBA_MAX_N = 96
+# inverse-iteration steps of the spectrum probe: enough to flag a singular matrix, more
+# where the estimate of lambda_min designs the accelerated schedule; power-iteration
+# steps for the spectral scaling
+_PROBE_INVERSE_STEPS = 3
+_PROBE_INVERSE_STEPS_SCHEDULE = 6
+_PROBE_POWER_STEPS = 8
 # the fused kernel runs one matrix per thread up to this size; above it the batch is
 # processed in order and the BLAS library's own threads share each product
 _PARALLEL_MAX_N = 64
 # the inverse-iteration estimate of lambda_min is an upper bound; the accelerated
 # schedule is designed for lambda_min / _LMIN_SAFETY
-_LMIN_SAFETY = 4.0
+_LMIN_SAFETY = 2.0
 
 
 def default_tol(dtype, n: int) -> float:
@@ -150,22 +152,28 @@ def _validate(A, method, n_iter, tol, scaling, eps, return_info, name="A"):
     return arr, method, n_iter, tol, scaling, eps, bool(return_info)
 
 
-def _probe(A64: np.ndarray, delta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _probe(A64: np.ndarray, delta: np.ndarray, n_inverse: int, n_power: int) -> tuple[np.ndarray, np.ndarray]:
     """PSD check + eigenvalue estimates ``(lmin, lmax)``; raises on indefinite input.
 
     ``delta = 10 n eps(dtype) ||A||_F`` is the rounding tolerance: the Cholesky
-    factorisation of ``A + delta I`` fails exactly when ``A`` has an eigenvalue below
-    ``-delta`` (up to float64 rounding), i.e. ``A`` is indefinite beyond tolerance.
+    factorisation of ``A + delta I`` (LAPACK, batched) fails exactly when ``A`` has an
+    eigenvalue below ``-delta`` (up to float64 rounding), i.e. ``A`` is indefinite beyond
+    tolerance; a Numba Cholesky then finds which matrices failed.  From the factor,
+    ``n_inverse`` steps of inverse iteration over-estimate ``lambda_min``; ``n_power``
+    steps of power iteration under-estimate ``lambda_max`` (0 when ``n_power == 0``).
     """
     nb, n, _ = A64.shape
     lmin = np.empty(nb)
     lmax = np.empty(nb)
-    ok = np.empty(nb, dtype=np.bool_)
-    if n <= _PROBE_NUMBA_MAX_N:
-        _psd_probe(A64, delta, _PROBE_STEPS, lmin, lmax, ok)
-    else:
-        _probe_lapack(A64, delta, lmin, lmax, ok)
-    if not ok.all():
+    S = A64.copy()
+    S[:, np.arange(n), np.arange(n)] += delta[:, None]
+    try:
+        L = np.linalg.cholesky(S)
+    except np.linalg.LinAlgError:
+        ok = np.empty(nb, dtype=np.bool_)
+        _psd_probe(A64, delta, n_inverse, n_power, lmin, lmax, ok)
+        if ok.all():  # LAPACK and the Numba factorisation disagree at the rounding level
+            return lmin, lmax
         bad = np.flatnonzero(~ok)
         raise ValueError(
             f"expected symmetric positive semidefinite matrices, but {bad.size} of {nb} "
@@ -173,57 +181,24 @@ def _probe(A64: np.ndarray, delta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             f"(= 10 n eps ||A||_F, the rounding tolerance): Cholesky of A + {delta[bad[0]]:.3g} I "
             "failed; an inverse square root needs A >= 0 — check how A was formed, or add a "
             "ridge with eps > 0 large enough to make it positive definite"
-        )
+        ) from None
+    _spectrum_estimates(A64, L, delta, n_inverse, n_power, lmin, lmax)
     return lmin, lmax
 
 
-def _probe_lapack(A64, delta, lmin, lmax, ok):
-    from scipy.linalg import lapack
-
-    n = A64.shape[-1]
-    for b in range(A64.shape[0]):
-        a = A64[b] + delta[b] * np.eye(n)
-        c, info = lapack.dpotrf(a, lower=1, clean=1)
-        ok[b] = info == 0
-        v = np.sqrt(np.abs(np.diag(A64[b]))) + 1e-3 * np.cos(1.7 * np.arange(n) + 0.3)
-        est = 0.0
-        for _ in range(_PROBE_STEPS):
-            v = v / np.linalg.norm(v)
-            v = A64[b] @ v
-            est = float(np.linalg.norm(v))
-        lmax[b] = est
-        if info != 0:
-            lmin[b] = np.nan
-            continue
-        v = np.cos(2.3 * np.arange(n) + 0.7) + 0.25
-        inv_est = 0.0
-        for _ in range(_PROBE_STEPS):
-            v = v / np.linalg.norm(v)
-            v, _info = lapack.dpotrs(c, v, lower=1)
-            inv_est = float(np.linalg.norm(v))
-        est_min = min(1.0 / inv_est, float(np.min(np.diag(c)) ** 2))
-        lmin[b] = est_min - delta[b]
-
-
-def _check_singular(lmin, lmax, sing_tol, eps, nb, stacklevel=4):
-    """Warn (naming ``eps``) when ``lambda_min <= sing_tol``; raise for the zero matrix.
+def _check_singular(lmin, fro, sing_tol, eps, nb, stacklevel=4):
+    """Warn (naming ``eps``) when ``lambda_min <= sing_tol`` for some matrix.
 
     ``sing_tol = n eps(dtype) ||A||_F``: an eigenvalue at the rounding level of the entries.
     """
-    if np.any(lmax <= 0):
-        raise ValueError(
-            "expected a nonzero positive semidefinite matrix, got the zero matrix (all eigenvalues 0): "
-            "its inverse square root does not exist; pass a ridge eps > 0 (A + eps I)"
-        )
     sing = lmin <= sing_tol
     if np.any(sing):
         i = int(np.flatnonzero(sing)[0])
         warnings.warn(
-            f"{int(sing.sum())} of {nb} matrices are numerically singular (smallest eigenvalue "
-            f"~{max(lmin[i], 0.0):.3g} <= {sing_tol[i]:.3g} = n eps(dtype) ||A||_F, largest ~{lmax[i]:.3g}; "
-            f"eps={eps:g}): "
-            "A^(-1/2) is unbounded and Newton–Schulz iterates grow without limit on the null space; "
-            f"pass a ridge eps > 0 (e.g. eps={max(1e-5 * lmax[i], np.finfo(float).tiny):.1g})",
+            f"{int(sing.sum())} of {nb} matrices are numerically singular (e.g. flat batch index {i}: "
+            f"smallest eigenvalue ~{max(lmin[i], 0.0):.3g} <= {sing_tol[i]:.3g} = n eps(dtype) ||A||_F, "
+            f"||A||_F = {fro[i]:.3g}; eps={eps:g}): A^(-1/2) is unbounded and Newton–Schulz iterates grow "
+            f"without limit on the null space; pass a ridge eps > 0 (e.g. eps={1e-5 * fro[i]:.1g})",
             IllConditionedWarning,
             stacklevel=stacklevel,
         )
@@ -422,7 +397,7 @@ def _classic_count(p_lo: float, tol: float, n: int, n_max: int) -> int:
     return n_max
 
 
-def _run_coupled(Y0, Y0_64, coefs, n_max, *, tol, record, stop_early):
+def _run_coupled(Y0, Y0_64, coefs, n_max, *, tol, record, stop_early, k_last=None):
     """Run the fused Numba kernel; returns ``(Z, Y, n_done, best_iter, diverged, best_r, hist)``."""
     nb, n, _ = Y0.shape
     Z = np.empty_like(Y0)
@@ -432,7 +407,8 @@ def _run_coupled(Y0, Y0_64, coefs, n_max, *, tol, record, stop_early):
     info_f = np.zeros((nb, 1))
     coefs = np.ascontiguousarray(coefs[:, :n_max], dtype=Y0.dtype)
     kernel = _coupled_ns_parallel if (n <= _PARALLEL_MAX_N and nb > 1) else _coupled_ns_serial
-    kernel(Y0, Y0_64, coefs, n_max, record, stop_early, float(tol or 0.0), Z, Y, hist, info_i, info_f)
+    k_last = np.zeros(nb, dtype=np.int64) if k_last is None else np.ascontiguousarray(k_last, dtype=np.int64)
+    kernel(Y0, Y0_64, coefs, n_max, k_last, record, stop_early, float(tol or 0.0), Z, Y, hist, info_i, info_f)
     return Z, Y, info_i[:, 0], info_i[:, 1], info_i[:, 2].astype(bool), info_f[:, 0], hist
 
 
@@ -473,7 +449,8 @@ def _eigh_power(A64, dtype, delta, eps, power=-0.5):
                 f"index) is singular: eigenvalue {lo[b]:.3g} <= 0 (largest {lam[b, -1]:.3g}, eps={eps:g}); "
                 "A^(-1/2) does not exist — pass a ridge eps > 0 (A + eps I)"
             )
-        _check_singular(lo, lam[:, -1], delta / 10.0, eps, len(lo), stacklevel=5)
+        _check_singular(lo, delta / (10.0 * A64.shape[-1] * np.finfo(dtype).eps), delta / 10.0, eps,
+                        len(lo), stacklevel=5)
     lam = np.maximum(lam, 0.0)
     D = (V * lam[:, None, :] ** power) @ np.swapaxes(V, -1, -2)
     return D.astype(dtype), lam
@@ -505,10 +482,10 @@ def _auto_plan(K, n):
     """Per matrix: True where ``eigh`` is cheaper than ``K`` accelerated steps.
 
     Cost of the accelerated iteration in products: ``3K - 2`` (the first step needs one),
-    ``+1`` for the last residual by-product, ``+2`` for the float64 confirmation and
-    ``~0.3`` for the Cholesky probe; ``eigh``: :func:`_eigh_cost`.
+    ``-1`` (the last step skips ``Y``), ``+2`` for the float64 confirmation and ``~0.3``
+    for the Cholesky probe; ``eigh``: :func:`_eigh_cost`.
     """
-    return 3 * K + 1.3 > _eigh_cost(n)
+    return 3 * K - 1 + 0.3 > _eigh_cost(n)
 
 
 def _empty_info(batch, method, scaling, tol):
@@ -565,12 +542,15 @@ def _solve(A, method, n_iter, tol, scaling, eps, return_info, *, want):
         )
         return out.reshape(arr.shape), info
 
-    lmin, lmax = _probe(A64, delta)
+    scheduled = method in ("accelerated", "auto")
+    lmin, lmax = _probe(A64, delta, _PROBE_INVERSE_STEPS_SCHEDULE if scheduled else _PROBE_INVERSE_STEPS,
+                        _PROBE_POWER_STEPS if scaling == "spectral" else 0)
     if want == "isqrt":
-        _check_singular(lmin, lmax, delta / 10.0, eps, nb)
+        _check_singular(lmin, fro, delta / 10.0, eps, nb)
     c = _scale(A64, scaling, lmax)
     c = np.where(c > 0, c, 1.0)
     coefs = None
+    k_last = None
     use_eigh = np.zeros(nb, dtype=bool)
     if method in ("accelerated", "auto"):
         # eigenvalues of Y_0 = A/c lie in [p_lo, p_hi]: p_hi from rigorous bounds on
@@ -585,6 +565,8 @@ def _solve(A, method, n_iter, tol, scaling, eps, return_info, *, want):
         coefs[:, 0, 1] /= h ** 3
         if method == "auto":
             use_eigh = _auto_plan(K, n)
+        if want == "isqrt" and stop_early:
+            k_last = K
     label = method
     if method == "auto":
         label = "auto:" + "+".join(m for m, on in (("accelerated", not use_eigh.all()), ("eigh", use_eigh.any()))
@@ -621,7 +603,8 @@ def _solve(A, method, n_iter, tol, scaling, eps, return_info, *, want):
             else:
                 cf = coefs[sub]
             Z, Y, n_d, b_it, div, b_r, h_ns = _run_coupled(
-                Y0s, Y0s_64, cf, n_max, tol=tol_used, record=return_info, stop_early=stop_early)
+                Y0s, Y0s_64, cf, n_max, tol=tol_used, record=return_info, stop_early=stop_early,
+                k_last=None if k_last is None else k_last[sub])
             if not (return_info or stop_early) and not np.isfinite(Z).all():
                 # the cheap path blew up: rerun with residuals to return the best iterate
                 Z, Y, n_d, b_it, div, b_r, h_ns = _run_coupled(

@@ -10,106 +10,120 @@ import numpy as np
 
 from .._config import jit, prange
 
-__all__ = ["_psd_probe", "_coupled_ns_parallel", "_coupled_ns_serial"]
+__all__ = ["_psd_probe", "_spectrum_estimates", "_coupled_ns_parallel", "_coupled_ns_serial"]
+
+
+@jit
+def _power_one(a, n_steps, v, w):
+    """``n_steps`` of power iteration on symmetric ``a``: an estimate ``<= lambda_max``.
+
+    ``A v = sum_k v_k A[k, :]`` by symmetry: contiguous rows, vectorisable.
+    """
+    n = a.shape[0]
+    est = 0.0
+    for i in range(n):
+        v[i] = np.sqrt(abs(a[i, i])) + 1e-3 * np.cos(1.7 * i + 0.3)
+    for _ in range(n_steps):
+        nv = np.sqrt(np.sum(v * v))
+        if not (nv > 0.0):
+            break
+        for i in range(n):
+            w[i] = 0.0
+        for k in range(n):
+            vk = v[k] / nv
+            for i in range(n):
+                w[i] += vk * a[k, i]
+        est = np.sqrt(np.sum(w * w))
+        for i in range(n):
+            v[i] = w[i]
+    return est
+
+
+@jit
+def _inverse_one(L, n_steps, v, w):
+    """``n_steps`` of inverse iteration with the Cholesky factor ``L``: an estimate
+    ``>= lambda_min(L L^T)`` (also bounded by the smallest pivot ``L_jj^2``)."""
+    n = L.shape[0]
+    min_pivot = np.inf
+    for i in range(n):
+        p = L[i, i] * L[i, i]
+        if p < min_pivot:
+            min_pivot = p
+        v[i] = np.cos(2.3 * i + 0.7) + 0.25
+    inv_est = 0.0
+    for _ in range(n_steps):
+        nv = np.sqrt(np.sum(v * v))
+        for i in range(n):
+            v[i] /= nv
+        for i in range(n):  # forward: L y = v
+            t = v[i]
+            for k in range(i):
+                t -= L[i, k] * w[k]
+            w[i] = t / L[i, i]
+        for i in range(n - 1, -1, -1):  # backward, column oriented: L^T x = y
+            w[i] /= L[i, i]
+            xi = w[i]
+            for k in range(i):
+                w[k] -= L[i, k] * xi
+        inv_est = np.sqrt(np.sum(w * w))
+        for i in range(n):
+            v[i] = w[i]
+    est = 1.0 / inv_est if inv_est > 0.0 else min_pivot
+    return min(est, min_pivot)
 
 
 @jit(parallel=True)
-def _psd_probe(A, shift, n_steps, lmin, lmax, ok):
-    """Cholesky test of ``A + shift I`` and cheap bounds on the extreme eigenvalues.
+def _spectrum_estimates(A, L, shift, n_inverse, n_power, lmin, lmax):
+    """Per matrix: ``lmin[b] ~ lambda_min(A_b)`` (an over-estimate, from the Cholesky factor
+    ``L_b`` of ``A_b + shift_b I``) and ``lmax[b] ~ lambda_max(A_b)`` (an under-estimate;
+    0 when ``n_power == 0``).  Cost ``(n_inverse + n_power) 2 n^2`` flops per matrix."""
+    nb, n, _ = A.shape
+    for b in prange(nb):
+        v = np.empty(n)
+        w = np.empty(n)
+        lmax[b] = _power_one(A[b], n_power, v, w) if n_power > 0 else 0.0
+        lmin[b] = _inverse_one(L[b], n_inverse, v, w) - shift[b]
 
-    For each matrix ``b`` (float64, symmetric): a hand-written Cholesky factorisation
-    ``L L^T = A_b + shift_b I``.  When it breaks down (a pivot ``<= 0`` or NaN), ``ok[b] =
-    False`` and ``A_b`` has an eigenvalue below ``-shift_b``.  Otherwise ``n_steps`` steps of
-    inverse iteration (two triangular solves each) give ``lmin[b] >= lambda_min(A_b)``
-    (tight for a separated smallest eigenvalue; the smallest Cholesky pivot is a second upper
-    bound), and ``n_steps`` steps of power iteration give ``lmax[b] <= lambda_max(A_b)``.
-    Cost: ``n^3/3 + 3 n_steps n^2`` flops per matrix.
+
+@jit(parallel=True)
+def _psd_probe(A, shift, n_inverse, n_power, lmin, lmax, ok):
+    """Cholesky test of ``A + shift I`` and the estimates of :func:`_spectrum_estimates`.
+
+    For each matrix ``b`` (float64, symmetric): a hand-written right-looking Cholesky
+    factorisation ``L L^T = A_b + shift_b I``.  When it breaks down (a pivot ``<= 0`` or
+    NaN), ``ok[b] = False``: ``A_b`` has an eigenvalue below ``-shift_b``, and
+    ``lmin[b] = nan``.  Cost: ``n^3/3 + (n_inverse + n_power) 2 n^2`` flops per matrix.
     """
     nb, n, _ = A.shape
     for b in prange(nb):
         a = A[b]
-        s = shift[b]
-        L = np.zeros((n, n))
-        good = True
-        min_pivot = np.inf
-        for j in range(n):
-            d = a[j, j] + s
-            for k in range(j):
-                d -= L[j, k] * L[j, k]
-            if not (d > 0.0):
-                good = False
-                break
-            if d < min_pivot:
-                min_pivot = d
-            ljj = np.sqrt(d)
-            L[j, j] = ljj
-            for i in range(j + 1, n):
-                t = a[i, j]
-                for k in range(j):
-                    t -= L[i, k] * L[j, k]
-                L[i, j] = t / ljj
-        ok[b] = good
-        # power iteration for lambda_max (start: sqrt of the diagonal plus a generic term)
+        L = np.empty((n, n))
+        col = np.empty(n)
         v = np.empty(n)
         w = np.empty(n)
         for i in range(n):
-            v[i] = np.sqrt(abs(a[i, i])) + 1e-3 * np.cos(1.7 * i + 0.3)
-        est = 0.0
-        for _ in range(n_steps):
-            nv = 0.0
-            for i in range(n):
-                nv += v[i] * v[i]
-            nv = np.sqrt(nv)
-            if not (nv > 0.0):
+            for k in range(i + 1):
+                L[i, k] = a[i, k]
+            L[i, i] += shift[b]
+        good = True
+        for j in range(n):
+            d = L[j, j]
+            if not (d > 0.0):
+                good = False
                 break
-            for i in range(n):
-                v[i] /= nv
-            nw = 0.0
-            for i in range(n):
-                t = 0.0
-                for k in range(n):
-                    t += a[i, k] * v[k]
-                w[i] = t
-                nw += t * t
-            est = np.sqrt(nw)
-            for i in range(n):
-                v[i] = w[i]
-        # the Rayleigh quotient of the last normalised iterate is a (better) lower bound too
-        lmax[b] = est
-        if not good:
-            lmin[b] = np.nan
-            continue
-        # inverse iteration for lambda_min of A + shift I: solve L L^T w = v
-        for i in range(n):
-            v[i] = np.cos(2.3 * i + 0.7) + 0.25
-        inv_est = 0.0
-        for _ in range(n_steps):
-            nv = 0.0
-            for i in range(n):
-                nv += v[i] * v[i]
-            nv = np.sqrt(nv)
-            for i in range(n):
-                v[i] /= nv
-            for i in range(n):  # forward: L y = v
-                t = v[i]
-                for k in range(i):
-                    t -= L[i, k] * w[k]
-                w[i] = t / L[i, i]
-            for i in range(n - 1, -1, -1):  # backward: L^T x = y
-                t = w[i]
-                for k in range(i + 1, n):
-                    t -= L[k, i] * w[k]
-                w[i] = t / L[i, i]
-            nw = 0.0
-            for i in range(n):
-                nw += w[i] * w[i]
-            inv_est = np.sqrt(nw)
-            for i in range(n):
-                v[i] = w[i]
-        est_min = 1.0 / inv_est if inv_est > 0.0 else min_pivot
-        if min_pivot < est_min:
-            est_min = min_pivot
-        lmin[b] = est_min - s
+            ljj = np.sqrt(d)
+            L[j, j] = ljj
+            inv = 1.0 / ljj
+            for i in range(j + 1, n):
+                L[i, j] *= inv
+                col[i] = L[i, j]
+            for i in range(j + 1, n):
+                lij = col[i]
+                for k in range(j + 1, i + 1):
+                    L[i, k] -= lij * col[k]
+        ok[b] = good
+        lmax[b] = _power_one(a, n_power, v, w) if n_power > 0 else 0.0
+        lmin[b] = _inverse_one(L, n_inverse, v, w) - shift[b] if good else np.nan
 
 
 @jit
@@ -136,7 +150,7 @@ def _residual_one(Z, Y0_64, R1, R2):
 
 
 @jit
-def _coupled_ns_one(Y0, Y0_64, coefs, n_max, record, stop_early, tol,
+def _coupled_ns_one(Y0, Y0_64, coefs, n_max, k_last, record, stop_early, tol,
                     Z_out, Y_out, hist, info_i, info_f):
     """Coupled Newton–Schulz (Higham 2008, Eq. 6.35) on one matrix, all steps fused.
 
@@ -154,7 +168,9 @@ def _coupled_ns_one(Y0, Y0_64, coefs, n_max, record, stop_early, tol,
     disagrees, the decisions switch to ``r_k`` from then on.  The decisions do not depend
     on ``record``.  Divergence: non-finite, ``> 1e3 x`` the best value or ``> 10 sqrt(n)``;
     the best iterate is then returned.  Otherwise the iterate returned is the one the
-    matrix stopped at (or the last).
+    matrix stopped at (or the last).  ``k_last`` (``0``: none) is the predicted last
+    iterate: there ``Z`` is formed first and ``r_k`` evaluated directly; when ``r_k <= tol``
+    the matrix stops without forming ``Y`` (``Y_out`` then holds the previous ``Y``).
 
     ``info_i = [iterations run, returned iteration (1-based), diverged]``,
     ``info_f = [residual r of the returned iterate]`` (``nan`` when not evaluated).
@@ -233,8 +249,6 @@ def _coupled_ns_one(Y0, Y0_64, coefs, n_max, record, stop_early, tol,
                     T[i, j] = b * M[i, j]
         for i in range(n):
             T[i, i] += a
-        np.dot(Y, T, W)
-        Y, W = W, Y
         if k == 0:
             for i in range(n):
                 for j in range(n):
@@ -243,10 +257,18 @@ def _coupled_ns_one(Y0, Y0_64, coefs, n_max, record, stop_early, tol,
             np.dot(T, Z, W)
             Z, W = W, Z
         done = k + 1
-        if record or use_metric:
+        if record or use_metric or (stop_early and done == k_last):
             r = _residual_one(Z, Y0_64, R1, R2)
             if record:
                 hist[k] = r
+            if stop_early and done == k_last and not use_metric and r <= tol:
+                # the predicted last step: accepted without updating Y (one product saved)
+                best_r = r
+                best_k = done
+                stopped = True
+                break
+        np.dot(Y, T, W)
+        Y, W = W, Y
         if use_metric or (record and not stop_early):
             finite = np.isfinite(r)
             if finite and r < best:
@@ -288,18 +310,18 @@ def _coupled_ns_one(Y0, Y0_64, coefs, n_max, record, stop_early, tol,
 
 
 @jit(parallel=True)
-def _coupled_ns_parallel(Y0, Y0_64, coefs, n_max, record, stop_early, tol,
+def _coupled_ns_parallel(Y0, Y0_64, coefs, n_max, k_last, record, stop_early, tol,
                          Z_out, Y_out, hist, info_i, info_f):
     """:func:`_coupled_ns_one` over the batch (``coefs[b]`` per matrix), one matrix per thread."""
     for b in prange(Y0.shape[0]):
-        _coupled_ns_one(Y0[b], Y0_64[b], coefs[b], n_max, record, stop_early, tol,
+        _coupled_ns_one(Y0[b], Y0_64[b], coefs[b], n_max, k_last[b], record, stop_early, tol,
                         Z_out[b], Y_out[b], hist[b], info_i[b], info_f[b])
 
 
 @jit
-def _coupled_ns_serial(Y0, Y0_64, coefs, n_max, record, stop_early, tol,
+def _coupled_ns_serial(Y0, Y0_64, coefs, n_max, k_last, record, stop_early, tol,
                        Z_out, Y_out, hist, info_i, info_f):
     """:func:`_coupled_ns_one` over the batch in order (large ``n``: BLAS threads instead)."""
     for b in range(Y0.shape[0]):
-        _coupled_ns_one(Y0[b], Y0_64[b], coefs[b], n_max, record, stop_early, tol,
+        _coupled_ns_one(Y0[b], Y0_64[b], coefs[b], n_max, k_last[b], record, stop_early, tol,
                         Z_out[b], Y_out[b], hist[b], info_i[b], info_f[b])
