@@ -15,6 +15,7 @@ from .im2col import col2im, im2col, output_shape
 from .kernel_estimation import KernelEstimate, estimate_kernel
 from .newton_schulz import NewtonSchulzInfo, inv_sqrtm, sqrtm_psd
 from .verification import WhiteningReport, verify_whitening
+from .whitening import deconvolution_kernel, deconvolve_image, fold_deconvolution, whiten
 
 try:
     __version__ = _version("nsiter")
@@ -31,6 +32,10 @@ __all__ = [
     "patch_covariance",
     "PatchStatistics",
     "GROUPINGS",
+    "whiten",
+    "deconvolution_kernel",
+    "deconvolve_image",
+    "fold_deconvolution",
     "estimate_kernel",
     "KernelEstimate",
     "inv_sqrtm",
