@@ -5,7 +5,7 @@ import warnings
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.ndimage import uniform_filter
 
@@ -255,6 +255,7 @@ def test_cg_stops_at_n_iter_without_converging():
 
 # ------------------------------------------------------------------------------ gradient descent
 
+@settings(max_examples=15)
 @given(st.floats(0.05, 1.95), st.sampled_from(["gd", "gd_standardized"]), st.booleans())
 def test_full_batch_gd_history_is_monotone_for_lr_below_2_over_lambda_max(frac, method, fit_intercept):
     rng = np.random.default_rng(17)
