@@ -34,7 +34,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._dispatch import is_tensor, torch_backend
-from ._numba._newton_schulz import _coupled_ns_parallel, _coupled_ns_serial, _psd_probe, _spectrum_estimates
+from ._numba._newton_schulz import (
+    _coupled_ns_parallel,
+    _coupled_ns_serial,
+    _psd_probe,
+    _spectrum_estimates,
+)
+from ._numba._newton_schulz import _eigh_power as _eigh_power_kernel
 from ._validation import (
     as_float_array,
     check_finite,
@@ -430,7 +436,14 @@ def _eigh_power(A64, dtype, delta, eps, power=-0.5):
     ``eps``) and ``0 < lambda_min <= delta`` warns.  For ``power > 0`` eigenvalues in
     ``[-delta, 0]`` are rounding noise and are clipped to 0.
     """
-    lam, V = np.linalg.eigh(A64)
+    nb, n, _ = A64.shape
+    if n <= _PARALLEL_MAX_N and nb > 1:
+        D = np.empty_like(A64)
+        lam = np.empty((nb, n))
+        _eigh_power_kernel(A64, float(power), D, lam)
+    else:
+        lam, V = np.linalg.eigh(A64)
+        D = None
     lo = lam[:, 0]
     bad = lo < -delta
     if bad.any():
@@ -451,9 +464,10 @@ def _eigh_power(A64, dtype, delta, eps, power=-0.5):
             )
         _check_singular(lo, delta / (10.0 * A64.shape[-1] * np.finfo(dtype).eps), delta / 10.0, eps,
                         len(lo), stacklevel=5)
-    lam = np.maximum(lam, 0.0)
-    D = (V * lam[:, None, :] ** power) @ np.swapaxes(V, -1, -2)
-    return D.astype(dtype), lam
+    if D is None:
+        lam_p = np.where(lam > 0, np.maximum(lam, np.finfo(float).tiny) ** power, 0.0)
+        D = (V * lam_p[:, None, :]) @ np.swapaxes(V, -1, -2)
+    return D.astype(dtype, copy=False), lam
 
 
 def _warn_diverged(diverged, best_r, best_iter, method, nb):

@@ -10,7 +10,7 @@ import numpy as np
 
 from .._config import jit, prange
 
-__all__ = ["_psd_probe", "_spectrum_estimates", "_coupled_ns_parallel", "_coupled_ns_serial"]
+__all__ = ["_psd_probe", "_spectrum_estimates", "_coupled_ns_parallel", "_coupled_ns_serial", "_eigh_power"]
 
 
 @jit
@@ -325,3 +325,18 @@ def _coupled_ns_serial(Y0, Y0_64, coefs, n_max, k_last, record, stop_early, tol,
     for b in range(Y0.shape[0]):
         _coupled_ns_one(Y0[b], Y0_64[b], coefs[b], n_max, k_last[b], record, stop_early, tol,
                         Z_out[b], Y_out[b], hist[b], info_i[b], info_f[b])
+
+
+@jit(parallel=True)
+def _eigh_power(A, power, out, lam_out):
+    """``out[b] = V diag(lambda^power) V^T`` from LAPACK ``eigh`` of ``A[b]`` (float64), one
+    matrix per thread; eigenvalues ``<= 0`` contribute 0; ``lam_out[b]`` gets them (ascending)."""
+    nb, n, _ = A.shape
+    for b in prange(nb):
+        lam, V = np.linalg.eigh(A[b])
+        lam_out[b] = lam
+        W = np.empty((n, n))
+        for i in range(n):
+            for j in range(n):
+                W[i, j] = V[i, j] * lam[j] ** power if lam[j] > 0.0 else 0.0
+        np.dot(W, np.ascontiguousarray(V.T), out[b])
