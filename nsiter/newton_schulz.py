@@ -192,17 +192,23 @@ def _probe(A64: np.ndarray, delta: np.ndarray, n_inverse: int, n_power: int) -> 
     return lmin, lmax
 
 
+def _singular_tol(fro, n, dtype):
+    """``max(10 eps(dtype), n eps(float64)) ||A||_F``: an eigenvalue at the rounding level of
+    the entries (and above the float64 error of the Cholesky-based estimate)."""
+    return max(10.0 * np.finfo(dtype).eps, n * np.finfo(np.float64).eps) * fro
+
+
 def _check_singular(lmin, fro, sing_tol, eps, nb, stacklevel=4):
     """Warn (naming ``eps``) when ``lambda_min <= sing_tol`` for some matrix.
 
-    ``sing_tol = n eps(dtype) ||A||_F``: an eigenvalue at the rounding level of the entries.
+    ``sing_tol``: :func:`_singular_tol`.
     """
     sing = lmin <= sing_tol
     if np.any(sing):
         i = int(np.flatnonzero(sing)[0])
         warnings.warn(
             f"{int(sing.sum())} of {nb} matrices are numerically singular (e.g. flat batch index {i}: "
-            f"smallest eigenvalue ~{max(lmin[i], 0.0):.3g} <= {sing_tol[i]:.3g} = n eps(dtype) ||A||_F, "
+            f"smallest eigenvalue ~{max(lmin[i], 0.0):.3g} <= {sing_tol[i]:.3g}, the rounding level, "
             f"||A||_F = {fro[i]:.3g}; eps={eps:g}): A^(-1/2) is unbounded and Newton–Schulz iterates grow "
             f"without limit on the null space; pass a ridge eps > 0 (e.g. eps={1e-5 * fro[i]:.1g})",
             IllConditionedWarning,
@@ -462,8 +468,8 @@ def _eigh_power(A64, dtype, delta, eps, power=-0.5):
                 f"index) is singular: eigenvalue {lo[b]:.3g} <= 0 (largest {lam[b, -1]:.3g}, eps={eps:g}); "
                 "A^(-1/2) does not exist — pass a ridge eps > 0 (A + eps I)"
             )
-        _check_singular(lo, delta / (10.0 * A64.shape[-1] * np.finfo(dtype).eps), delta / 10.0, eps,
-                        len(lo), stacklevel=5)
+        fro = np.sqrt(np.einsum("bij,bij->b", A64, A64))
+        _check_singular(lo, fro, _singular_tol(fro, n, dtype), eps, nb, stacklevel=5)
     if D is None:
         lam_p = np.where(lam > 0, np.maximum(lam, np.finfo(float).tiny) ** power, 0.0)
         D = (V * lam_p[:, None, :]) @ np.swapaxes(V, -1, -2)
@@ -483,23 +489,30 @@ def _warn_diverged(diverged, best_r, best_iter, method, nb):
         )
 
 
-def _eigh_cost(n: int) -> float:
-    """Time of a float64 ``eigh`` + reconstruction in units of one ``n x n`` matrix product.
+# Time of method="eigh" (LAPACK eigh in float64 + reconstruction) in units of one n x n
+# product of the iteration in the working dtype, measured on the development machine
+# (numpy 2.4 / OpenBLAS, one thread, quiet): interpolated in log n, constant outside.
+_EIGH_COST = {
+    "float64": ((27, 33.0), (64, 23.0), (128, 23.0), (512, 11.0)),
+    "float32": ((27, 50.0), (64, 45.0), (128, 42.0), (512, 22.0)),
+}
 
-    Measured on the development machine (numpy/OpenBLAS, one matrix per LAPACK call):
-    58 products at n = 27, 24 at 64, 23 at 128, 11 at 512; fitted as ``10 + 1300 / n``.
-    """
-    return 10.0 + 1300.0 / n
+
+def _eigh_cost(n: int, dtype) -> float:
+    """Cost of ``eigh`` in products of the iteration (:data:`_EIGH_COST`)."""
+    table = _EIGH_COST["float32" if np.dtype(dtype) == np.float32 else "float64"]
+    ns_, cs = zip(*table)
+    return float(np.interp(math.log(n), np.log(ns_), cs))
 
 
-def _auto_plan(K, n):
+def _auto_plan(K, n, dtype):
     """Per matrix: True where ``eigh`` is cheaper than ``K`` accelerated steps.
 
     Cost of the accelerated iteration in products: ``3K - 2`` (the first step needs one),
-    ``-1`` (the last step skips ``Y``), ``+2`` for the float64 confirmation and ``~0.3``
-    for the Cholesky probe; ``eigh``: :func:`_eigh_cost`.
+    ``-1`` (the last step skips ``Y``), ``+2`` for the float64 confirmation, ``+1.5`` for
+    the Cholesky probe and the schedule; ``eigh``: :func:`_eigh_cost`.
     """
-    return 3 * K - 1 + 0.3 > _eigh_cost(n)
+    return 3 * K + 0.5 > _eigh_cost(n, dtype)
 
 
 def _empty_info(batch, method, scaling, tol):
@@ -560,7 +573,7 @@ def _solve(A, method, n_iter, tol, scaling, eps, return_info, *, want):
     lmin, lmax = _probe(A64, delta, _PROBE_INVERSE_STEPS_SCHEDULE if scheduled else _PROBE_INVERSE_STEPS,
                         _PROBE_POWER_STEPS if scaling == "spectral" else 0)
     if want == "isqrt":
-        _check_singular(lmin, fro, delta / 10.0, eps, nb)
+        _check_singular(lmin, fro, _singular_tol(fro, n, dtype), eps, nb)
     c = _scale(A64, scaling, lmax)
     c = np.where(c > 0, c, 1.0)
     coefs = None
@@ -578,7 +591,7 @@ def _solve(A, method, n_iter, tol, scaling, eps, return_info, *, want):
         coefs[:, 0, 0] /= h
         coefs[:, 0, 1] /= h ** 3
         if method == "auto":
-            use_eigh = _auto_plan(K, n)
+            use_eigh = _auto_plan(K, n, dtype)
         if want == "isqrt" and stop_early:
             k_last = K
     label = method
