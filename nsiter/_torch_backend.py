@@ -481,35 +481,36 @@ def _np_dtype(dtype: torch.dtype):
 
 
 @torch.no_grad()
-def _probe_device(A64: torch.Tensor, delta: torch.Tensor):
+def _probe_device(A64: torch.Tensor, delta: torch.Tensor, n_inverse: int, n_power: int):
     """Torch twin of ``newton_schulz._probe`` without a host sync: ``(ok, lmin, lmax)``.
 
-    Cholesky of ``A + delta I`` succeeds iff ``ok``; 8 steps of power iteration give
-    ``lmax``; 8 steps of inverse iteration with the Cholesky factor (two triangular solves
-    each: cuBLAS trsm, capturable in a CUDA graph) and the smallest pivot give ``lmin`` —
-    the numpy probe's algorithm and start vectors.
+    Cholesky of ``A + delta I`` succeeds iff ``ok``; ``n_inverse`` steps of inverse
+    iteration with the factor (two triangular solves each: cuBLAS trsm, capturable in a
+    CUDA graph), bounded by the smallest pivot, over-estimate ``lambda_min``; ``n_power``
+    steps of power iteration under-estimate ``lambda_max`` (0 when ``n_power == 0``) — the
+    numpy probe's algorithm and start vectors.
     """
     nb, n, _ = A64.shape
     eye = _batched_eye(n, A64)
     L, info = torch.linalg.cholesky_ex(A64 + delta[:, None, None] * eye)
     ok = info == 0
     idx = torch.arange(n, dtype=torch.float64, device=A64.device)
-    v = torch.sqrt(torch.diagonal(A64, dim1=-2, dim2=-1).abs()) + 1e-3 * torch.cos(1.7 * idx + 0.3)
-    est = torch.zeros(nb, dtype=torch.float64, device=A64.device)
-    for _ in range(_PROBE_STEPS):
-        nv = torch.linalg.vector_norm(v, dim=-1)
-        live = nv > 0
-        v = v / torch.where(live, nv, 1.0)[:, None]
-        w = torch.matmul(A64, v[..., None])[..., 0]
-        est = torch.where(live, torch.linalg.vector_norm(w, dim=-1), est)
-        v = torch.where(live[:, None], w, v)
-    lmax = est
+    lmax = torch.zeros(nb, dtype=torch.float64, device=A64.device)
+    if n_power > 0:
+        v = torch.sqrt(torch.diagonal(A64, dim1=-2, dim2=-1).abs()) + 1e-3 * torch.cos(1.7 * idx + 0.3)
+        for _ in range(n_power):
+            nv = torch.linalg.vector_norm(v, dim=-1)
+            live = nv > 0
+            v = v / torch.where(live, nv, 1.0)[:, None]
+            w = torch.matmul(A64, v[..., None])[..., 0]
+            lmax = torch.where(live, torch.linalg.vector_norm(w, dim=-1), lmax)
+            v = torch.where(live[:, None], w, v)
     Ls = torch.where(ok[:, None, None], L, eye)  # a harmless factor where Cholesky broke down
     piv = torch.diagonal(Ls, dim1=-2, dim2=-1)
     min_pivot = (piv * piv).min(dim=-1).values
     v = (torch.cos(2.3 * idx + 0.7) + 0.25).expand(nb, n)
     inv_est = torch.zeros(nb, dtype=torch.float64, device=A64.device)
-    for _ in range(_PROBE_STEPS):
+    for _ in range(n_inverse):
         v = v / torch.linalg.vector_norm(v, dim=-1, keepdim=True)
         w = torch.linalg.solve_triangular(Ls, v[..., None], upper=False)
         v = torch.linalg.solve_triangular(Ls.transpose(-1, -2), w, upper=True)[..., 0]
@@ -533,14 +534,15 @@ def _raise_probe(ok, delta, nb):
         )
 
 
-def _probe(A64: torch.Tensor, delta: torch.Tensor):
+def _probe(A64: torch.Tensor, delta: torch.Tensor, n_inverse: int, n_power: int):
     """``(lmin, lmax)`` as float64 numpy arrays; raises on indefinite input (one host sync).
 
-    CPU tensors use the numpy backend's (Numba/LAPACK) probe; CUDA tensors the device twin.
+    CPU tensors use the numpy backend's (LAPACK + Numba) probe; CUDA tensors the device twin.
     """
     if A64.device.type == "cpu":
-        return _ns()._probe(A64.detach().numpy(), delta.detach().numpy())
-    ok, lmin, lmax = _probe_device(A64.detach(), delta.detach())
+        return _ns()._probe(np.ascontiguousarray(A64.detach().numpy()), delta.detach().numpy(),
+                            n_inverse, n_power)
+    ok, lmin, lmax = _probe_device(A64.detach(), delta.detach(), n_inverse, n_power)
     host = torch.stack([ok.to(torch.float64), lmin, lmax]).cpu().numpy()
     _raise_probe(host[0] > 0, delta.detach().cpu().numpy(), A64.shape[0])
     return host[1], host[2]
@@ -575,169 +577,206 @@ def _fro_minus_identity(M: torch.Tensor) -> torch.Tensor:
         return _fro(R)
 
 
-def _step_T(M, Z, Y, a, b, c2, eye, first):
-    """``T = a I + b M + c2 M^2`` for ``M = Z Y`` (``M = Y`` on the first step, where ``Z = I``)."""
-    if c2 != 0.0:
-        return torch.matmul(c2 * M, M) + b * M + a * eye
-    if not first and M is None:
-        return torch.baddbmm(a * eye, Z, Y, beta=1.0, alpha=b)  # fused a I + b Z Y
-    return b * (Y if first else M) + a * eye
+def _coef_tensors(coefs, rows, k, like):
+    """Step-``k`` coefficients ``(a, b, c2)`` of matrices ``rows`` as ``(m, 1, 1)`` tensors (working dtype)."""
+    ck = torch.as_tensor(np.ascontiguousarray(coefs[rows, k]), dtype=like.dtype, device=like.device)
+    return ck[:, 0, None, None], ck[:, 1, None, None], ck[:, 2, None, None]
+
+
+def _make_T(M, a, b, c2, eye):
+    """``T = a I + b M + c2 M^2`` (per-matrix scalars), as the Numba kernel forms it."""
+    T = b * M
+    if bool((c2 != 0).any()):
+        T = c2 * torch.matmul(M, M) + T
+    return T + a * eye
 
 
 def _run_coupled_fixed(Y0, n_iter, want_y, coefs=None):
     """Coupled iteration, fixed count, no residuals: the fast (and CUDA-graph) path.
 
     Step 0 uses ``Z_0 = I`` (``M = Y_0``, ``Z_1 = T``: two products saved, bit-identical);
-    the last step skips ``Y T`` unless the square root is wanted.  ``coefs`` is an
-    ``(n_iter, 3)`` array of ``(a, b, c2)`` (default: the classic ``(3/2, -1/2, 0)``).
-    Products: ``1 + 3 (n_iter - 2) + 2`` for ``n_iter >= 2``.
+    the last step skips ``Y T`` unless the square root is wanted.  ``coefs``: per-matrix
+    ``(nb, >= n_iter, 3)`` table of ``(a, b, c2)`` (default: the classic ``(3/2, -1/2, 0)``,
+    with ``a I + b Z Y`` fused into one ``baddbmm``).  Products: ``1 + 3 (n_iter - 2) + 2``.
     """
-    n = Y0.shape[-1]
+    nb, n, _ = Y0.shape
     eye = _batched_eye(n, Y0)
+    rows = np.arange(nb)
     Y, Z = Y0, None
     for k in range(n_iter):
-        a, b, c2 = (1.5, -0.5, 0.0) if coefs is None else (float(v) for v in coefs[k])
         first = k == 0
-        M = None if (c2 == 0.0 and not first) else (Y if first else torch.matmul(Z, Y))
-        T = _step_T(M, Z, Y, a, b, c2, eye, first)
+        if coefs is None:
+            if first:
+                T = -0.5 * Y + 1.5 * eye
+            else:
+                T = torch.baddbmm(1.5 * eye, Z, Y, beta=1.0, alpha=-0.5)
+        else:
+            a, b, c2 = _coef_tensors(coefs, rows, k, Y0)
+            T = _make_T(Y if first else torch.matmul(Z, Y), a, b, c2, eye)
         if want_y or k < n_iter - 1:
             Y = torch.matmul(Y, T)
         Z = T if first else torch.matmul(T, Z)
     return Z, Y
 
 
-def _run_coupled(Y0, Y0_64, coefs, n_max, *, tol, record, stop_early):
+def _run_coupled(Y0, Y0_64, coefs, n_max, *, tol, record, stop_early, k_last=None):
     """Torch twin of the fused Numba coupled kernel (``_coupled_ns_one``), batched.
 
-    Same per-matrix state machine: with ``stop_early`` and not yet in metric mode, the free
-    by-product ``rho_k = ||Z_k Y_k - I||_F`` gates divergence, tolerance and stagnation, and
-    the float64 metric ``r_k = ||Z_k Z_k Y_0 - I||_F`` confirms a stop (a failed confirmation
-    switches the matrix to evaluating ``r_k`` every step); ``record`` evaluates ``r_k`` every
-    step.  Active matrices are iterated as a sub-batch; one host sync per step.
-    Returns ``(Z, Y, n_done, best_iter, diverged, best_r, hist)`` like the numpy runner.
+    The same per-matrix state machine (see ``nsiter._numba._newton_schulz``): with
+    ``stop_early`` the free by-product ``rho_k = ||Z_k Y_k - I||_F`` gates divergence,
+    tolerance and stagnation until the float64 metric ``r_k = ||Z_k Z_k Y_0 - I||_F``
+    disagrees; ``k_last`` (predicted last iterate) forms ``Z`` first and stops without
+    ``Y`` when ``r_k <= tol``; ``record`` stores every ``r_k``.  Active matrices are
+    iterated as a sub-batch; one host sync per step.
+    Returns ``(Z, Y, n_done, returned_iter, diverged, returned_r, hist)`` like the numpy runner.
     """
     nb, n, _ = Y0.shape
     dev = Y0.device
     eye = _batched_eye(n, Y0)
     tol = float(tol or 0.0)
     big = 10.0 * math.sqrt(n)
+    k_last = np.zeros(nb, dtype=np.int64) if k_last is None else np.asarray(k_last, dtype=np.int64)
     Y = Y0
     Z = eye.expand(nb, n, n)
     Zb, Yb = Z, Y
     hist = np.full((nb, n_max if record else 1), np.nan)
-    use_metric = np.full(nb, bool(record))
+    use_metric = np.zeros(nb, dtype=bool)
     best = np.full(nb, np.inf)
+    best_r = np.full(nb, np.nan)
     prev = np.full(nb, np.inf)
     best_k = np.zeros(nb, dtype=np.int64)
     diverged = np.zeros(nb, dtype=bool)
     done = np.zeros(nb, dtype=np.int64)
     restore = np.zeros(nb, dtype=bool)
     stopped = np.zeros(nb, dtype=bool)
+    r_last = np.full(nb, np.nan)
     active = np.ones(nb, dtype=bool)
 
-    def put(full, part, sel):
-        return full.index_copy(0, torch.as_tensor(sel, device=dev), part) if sel.size != nb else part
+    def T_(a):
+        return torch.as_tensor(a, device=dev)
 
     def keep_best(sel, Zs, Ys, pos):
         nonlocal Zb, Yb
         if sel.size:
-            src = torch.as_tensor(pos, device=dev)
-            Zb = Zb.index_copy(0, torch.as_tensor(sel, device=dev), Zs.index_select(0, src))
-            Yb = Yb.index_copy(0, torch.as_tensor(sel, device=dev), Ys.index_select(0, src))
+            src = T_(pos)
+            Zb = Zb.index_copy(0, T_(sel), Zs.index_select(0, src))
+            Yb = Yb.index_copy(0, T_(sel), Ys.index_select(0, src))
+
+    def subset(keep, *ts):
+        kt = T_(keep)
+        return tuple(t.index_select(0, kt) for t in ts)
+
+    def put(full, part, sel):
+        return part if sel.size == nb else full.index_copy(0, T_(sel), part)
 
     for k in range(n_max):
         idx = np.flatnonzero(active)
         if idx.size == 0:
             break
-        it = torch.as_tensor(idx, device=dev)
-        full = idx.size == nb
-        Ya, Za = (Y, Z) if full else (Y[it], Z[it])
-        a, b, c2 = (float(v) for v in coefs[k])
+        Ya, Za = (Y, Z) if idx.size == nb else subset(idx, Y, Z)
         M = Ya if k == 0 else torch.matmul(Za, Ya)
         if stop_early and k >= 1:
-            bym = ~use_metric[idx]
-            if bym.any():
-                loc = np.flatnonzero(bym)
-                rho = _fro_minus_identity(M.index_select(0, torch.as_tensor(loc, device=dev))).cpu().numpy()
+            loc = np.flatnonzero(~use_metric[idx])
+            if loc.size:
                 g = idx[loc]
+                rho = _fro_minus_identity(M.index_select(0, T_(loc))).cpu().numpy()
                 div = ~np.isfinite(rho) | (rho > 1e3 * best[g]) | (rho > big)
-                diverged[g[div]] = True
-                restore[g[div]] = True
+                diverged[g[div]] = restore[g[div]] = True
                 active[g[div]] = False
                 ok = ~div
                 imp = ok & (rho < best[g])
                 best[g[imp]] = rho[imp]
                 best_k[g[imp]] = k
+                best_r[g[imp]] = r_last[g[imp]]
                 keep_best(g[imp], Za, Ya, loc[imp])
                 stag = ok & (rho < 0.5) & (rho > 0.75 * prev[g])
                 prev[g[ok]] = rho[ok]
                 cand = ok & ((rho <= tol) | stag)
                 if cand.any():
-                    cl = loc[cand]
-                    gc = idx[cl]
-                    r = _residual64(Za.index_select(0, torch.as_tensor(cl, device=dev)),
-                                    Y0_64.index_select(0, torch.as_tensor(gc, device=dev))).cpu().numpy()
+                    cl, gc = loc[cand], g[cand]
+                    if not record:
+                        r_last[gc] = _residual64(Za.index_select(0, T_(cl)),
+                                                 Y0_64.index_select(0, T_(gc))).cpu().numpy()
+                    r = r_last[gc]
                     fin = (r <= tol) | stag[cand]
-                    best[gc] = r
-                    best_k[gc] = k
+                    best_r[gc[fin]] = r[fin]
+                    best_k[gc[fin]] = k
                     stopped[gc[fin]] = True
                     active[gc[fin]] = False
-                    sw = gc[~fin]
+                    sw, rs = gc[~fin], r[~fin]
                     use_metric[sw] = True
-                    prev[sw] = r[~fin]
+                    best[sw] = best_r[sw] = prev[sw] = rs
+                    best_k[sw] = k
                     keep_best(sw, Za, Ya, cl[~fin])
-                still = active[idx]
-                if not still.all():  # drop the matrices that stopped before this step
-                    keep = np.flatnonzero(still)
+                keep = np.flatnonzero(active[idx])
+                if keep.size < idx.size:  # matrices that stopped before this step
                     if keep.size == 0:
                         continue
-                    ks = torch.as_tensor(keep, device=dev)
                     idx = idx[keep]
-                    it = torch.as_tensor(idx, device=dev)
-                    full = idx.size == nb
-                    Ya, Za, M = Ya.index_select(0, ks), Za.index_select(0, ks), M.index_select(0, ks)
-        if c2 != 0.0:
-            T = torch.matmul(c2 * M, M) + b * M + a * eye
-        else:
-            T = b * M + a * eye
-        Ya = torch.matmul(Ya, T)
+                    Ya, Za, M = subset(keep, Ya, Za, M)
+        a, b, c2 = _coef_tensors(coefs, idx, k, Y0)
+        T = _make_T(M, a, b, c2, eye)
         Za = T if k == 0 else torch.matmul(T, Za)
-        Y, Z = put(Y, Ya, idx), put(Z, Za, idx)
         done[idx] = k + 1
-        met = use_metric[idx]
-        if met.any():
-            loc = np.flatnonzero(met)
+        need = record | use_metric[idx] | (stop_early & (k_last[idx] == k + 1))
+        if need.any():
+            loc = np.flatnonzero(need)
             g = idx[loc]
-            lt = torch.as_tensor(loc, device=dev)
-            r = _residual64(Za.index_select(0, lt), Y0_64.index_select(0, torch.as_tensor(g, device=dev))).cpu().numpy()
+            r_last[g] = _residual64(Za.index_select(0, T_(loc)), Y0_64.index_select(0, T_(g))).cpu().numpy()
             if record:
-                hist[g, k] = r
+                hist[g, k] = r_last[g]
+            if stop_early:
+                acc = (k_last[g] == k + 1) & ~use_metric[g] & (r_last[g] <= tol)
+                ga = g[acc]
+                best_r[ga] = r_last[ga]
+                best_k[ga] = k + 1
+                stopped[ga] = True
+                active[ga] = False
+                if acc.any():  # accepted at the predicted step: Z stays, Y is not formed
+                    Z = put(Z, Za, idx)
+                    keep = np.flatnonzero(~np.isin(idx, ga))
+                    if keep.size == 0:
+                        continue
+                    idx = idx[keep]
+                    Ya, Za, T = subset(keep, Ya, Za, T)
+        Ya = torch.matmul(Ya, T)
+        Y, Z = put(Y, Ya, idx), put(Z, Za, idx)
+        dec = use_metric[idx] | (bool(record) and not stop_early)
+        if dec.any():
+            loc = np.flatnonzero(dec)
+            g = idx[loc]
+            r = r_last[g]
             finite = np.isfinite(r)
             imp = finite & (r < best[g])
-            best[g[imp]] = r[imp]
+            best[g[imp]] = best_r[g[imp]] = r[imp]
             best_k[g[imp]] = k + 1
             keep_best(g[imp], Za, Ya, loc[imp])
-            div = ~finite | (r > 1e3 * best[g]) | (r > big)
-            diverged[g[div]] = True
-            if stop_early:
-                stop = div | (r <= tol) | ((r < 0.5) & (r > 0.75 * prev[g]))
-                restore[g[stop]] = True
-                active[g[stop]] = False
-            prev[g] = r
-    # the iterate returned: the best one after a restore or in record mode, else the last
-    use_best = restore | bool(record)
-    sel = torch.as_tensor(use_best, device=dev)[:, None, None]
+            diverged[g[~finite | (r > 1e3 * best[g]) | (r > big)]] = True
+            um = use_metric[g]
+            stop = um & (diverged[g] | (r <= tol) | ((r < 0.5) & (r > 0.75 * prev[g])))
+            gs = g[stop]
+            conv = r[stop] <= tol
+            restore[gs[~conv]] = True
+            best_k[gs[conv]] = k + 1
+            best_r[gs[conv]] = r[stop][conv]
+            stopped[gs] = True
+            active[gs] = False
+            prev[g[um & ~stop]] = r[um & ~stop]
+    use_best = restore | diverged
+    sel = T_(use_best)[:, None, None]
     Z_out = torch.where(sel, Zb, Z)
     Y_out = torch.where(sel, Yb, Y)
     last = ~use_best & ~stopped
     if last.any():
         best_k[last] = done[last]
-        if stop_early:
-            lt = torch.as_tensor(np.flatnonzero(last), device=dev)
-            best[last] = _residual64(Z.index_select(0, lt), Y0_64.index_select(0, lt)).cpu().numpy()
+        if record:
+            best_r[last] = r_last[last]
+        elif stop_early:
+            lt = T_(np.flatnonzero(last))
+            best_r[last] = _residual64(Z.index_select(0, lt), Y0_64.index_select(0, lt)).cpu().numpy()
         else:
-            best[last] = np.nan
-    return Z_out, Y_out, done, best_k, diverged, best, hist
+            best_r[last] = np.nan
+    return Z_out, Y_out, done, best_k, diverged, best_r, hist
 
 
 def _run_uncoupled(Y0, Y0_64, n_max, *, tol, stop_early):
@@ -854,10 +893,21 @@ def _eigh_power(A64: torch.Tensor, dtype: torch.dtype, delta: np.ndarray, eps: f
                 f"index) is singular: eigenvalue {lo[b]:.3g} <= 0 (largest {hi[b]:.3g}, eps={eps:g}); "
                 "A^(-1/2) does not exist — pass a ridge eps > 0 (A + eps I)"
             )
-        ns._check_singular(lo, hi, delta, eps, len(lo), stacklevel=6)
+        fro = _fro(A64.detach()).cpu().numpy()
+        ns._check_singular(lo, fro, ns._singular_tol(fro, A64.shape[-1], _np_dtype(dtype)), eps, len(lo),
+                           stacklevel=6)
     lam = torch.clamp(lam, min=0.0)
     D = torch.matmul(V * (lam ** power)[..., None, :], V.transpose(-1, -2))
     return D.to(dtype)
+
+
+def _eigh_subset(A64, dtype, delta, eps, want, with_residual):
+    """``method="eigh"`` on a stack: ``(result, float64 residual of A^{-1/2} or nan)``."""
+    out = _eigh_power(A64, dtype, delta, eps, -0.5 if want == "isqrt" else 0.5)
+    if not with_residual:
+        return out, np.full(A64.shape[0], np.nan)
+    Dinv = out if want == "isqrt" else _eigh_power(A64, dtype, delta, eps, -0.5)
+    return out, _residual64(Dinv, A64).cpu().numpy()
 
 
 def _prepare(A3: torch.Tensor, eps: float):
@@ -867,6 +917,12 @@ def _prepare(A3: torch.Tensor, eps: float):
     if eps:
         A64 = A64 + eps * _batched_eye(n, A64)
     return (A64 + A64.transpose(-1, -2)) * 0.5
+
+
+def _delta(fro: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """Rounding tolerance of the PSD test, ``10 n eps(dtype) ||A||_F`` (1 for the zero matrix)."""
+    f = fro.detach()
+    return torch.where(f > 0, (10.0 * n * _finfo_eps(dtype)) * f, torch.ones_like(f))
 
 
 def _initial(A64: torch.Tensor, c: torch.Tensor, dtype: torch.dtype):
@@ -886,7 +942,7 @@ def _finish(Z, Y, A64, c, want, dtype):
     return (torch.matmul(A64, Z.to(torch.float64)) / sc).to(dtype)
 
 
-_FLAG_COLUMNS = ("n_bad", "asym", "ok", "lmin", "lmax", "delta", "scale", "out_finite")
+_FLAG_COLUMNS = ("n_bad", "asym", "fro", "ok", "lmin", "lmax", "delta", "out_finite")
 
 
 def _fixed_core(A3: torch.Tensor, n_iter: int, scaling: str, eps: float, want: str):
@@ -896,21 +952,32 @@ def _fixed_core(A3: torch.Tensor, n_iter: int, scaling: str, eps: float, want: s
     that the caller needs ONE host sync to raise or warn.  This is the function captured
     in a CUDA graph for small problems; eagerly it is the fast path on CUDA.
     """
+    ns = _ns()
     nb, n, _ = A3.shape
     n_bad, rel = _input_flags(A3)
     A64 = _prepare(A3, eps)
     fro = _fro(A64)
-    delta = (10.0 * n * _finfo_eps(A3.dtype)) * fro.detach()
-    ok, lmin, lmax = _probe_device(A64.detach(), delta)
+    delta = _delta(fro, n, A3.dtype)
+    n_power = ns._PROBE_POWER_STEPS if scaling == "spectral" else 0
+    ok, lmin, lmax = _probe_device(A64.detach(), delta, ns._PROBE_INVERSE_STEPS, n_power)
     c = _scale(A64, scaling, lmax, fro)
     Y0, _ = _initial(A64, c, A3.dtype)
     Z, Y = _run_coupled_fixed(Y0, n_iter, want_y=want == "sqrt")
     out = _finish(Z, Y, A64, c, want, A3.dtype)
     with torch.no_grad():
         fin = torch.isfinite(out).all(dim=-1).all(dim=-1)
-        flags = torch.stack([n_bad.to(torch.float64).expand(nb), rel.to(torch.float64), ok.to(torch.float64),
-                             lmin, lmax, delta, c.detach(), fin.to(torch.float64)], dim=1)
+        flags = torch.stack([n_bad.to(torch.float64).expand(nb), rel.to(torch.float64), fro.detach(),
+                             ok.to(torch.float64), lmin, lmax, delta, fin.to(torch.float64)], dim=1)
     return out, flags
+
+
+def _raise_zero(fro: np.ndarray):
+    if np.any(fro == 0):
+        raise ValueError(
+            "expected a nonzero positive semidefinite matrix, got the zero matrix (all eigenvalues 0) "
+            f"at flat batch index {int(np.flatnonzero(fro == 0)[0])}: its inverse square root does not "
+            "exist; pass a ridge eps > 0 (A + eps I)"
+        )
 
 
 # ---- CUDA graphs for small fixed-count problems (the launch-bound regime) -------------
@@ -1003,18 +1070,9 @@ def _solve(A, method, n_iter, tol, scaling, eps, return_info, *, want):
         tol_used = tol
     stop_early = tol_used is not None
     n_max = n_iter if n_iter is not None else ns.MAX_ITER
-
     if nb == 0:
         out = t.new_empty(t.shape)
-        if not return_info:
-            return out
-        z = np.zeros(batch, dtype=bool)
-        info = ns.NewtonSchulzInfo(
-            residuals=np.empty(batch + (1 if method == "eigh" else 0,)), n_iter=0,
-            converged=z.copy(), diverged=z.copy(), best_iter=np.zeros(batch, dtype=np.int64),
-            scale=np.empty(batch), method=method, scaling=scaling, tol=tol_used,
-        )
-        return out, info
+        return (out, ns._empty_info(batch, method, scaling, tol_used)) if return_info else out
 
     A3 = t.reshape(nb, n, n)
     cuda = t.device.type == "cuda"
@@ -1023,9 +1081,11 @@ def _solve(A, method, n_iter, tol, scaling, eps, return_info, *, want):
         out, flags = _fixed_solve(A3, n_max, scaling, eps, want)
         f = flags.cpu().numpy()
         _raise_input(int(f[0, 0]), f[:, 1], dtype)
-        _raise_probe(f[:, 2] > 0, f[:, 5], nb)
         if want == "isqrt":
-            ns._check_singular(f[:, 3], f[:, 4], f[:, 5], eps, nb)
+            _raise_zero(f[:, 2])
+        _raise_probe(f[:, 3] > 0, f[:, 6], nb)
+        if want == "isqrt":
+            ns._check_singular(f[:, 4], f[:, 2], ns._singular_tol(f[:, 2], n, np_dtype), eps, nb)
         if f[:, 7].all():
             return out.reshape(t.shape)
         # the fast path blew up: rerun below with residuals to return the best iterate
@@ -1035,75 +1095,115 @@ def _solve(A, method, n_iter, tol, scaling, eps, return_info, *, want):
     with _matmul_precision(t.device):
         A64 = _prepare(A3, eps)
         fro = _fro(A64)
-        delta_t = (10.0 * n * _finfo_eps(dtype)) * fro.detach()
+        fro_np = fro.detach().cpu().numpy()
+        if want == "isqrt":
+            _raise_zero(fro_np)
+        delta_t = _delta(fro, n, dtype)
         delta = delta_t.cpu().numpy()
 
-        label = method
-        coefs = None
-        if method != "eigh":
-            lmin, lmax = _probe(A64, delta_t)
-            if want == "isqrt":
-                ns._check_singular(lmin, lmax, delta, eps, nb)
-            c = _scale(A64, scaling, torch.as_tensor(lmax, device=t.device), fro)
-            c_np = c.detach().cpu().numpy()
-            if method in ("accelerated", "auto"):
-                bound = torch.minimum(fro, A64.detach().abs().sum(dim=-1).amax(dim=-1)).cpu().numpy()
-                p_hi = float(np.max(bound / c_np))
-                p_lo = float(np.min(np.maximum(lmin, delta) / c_np)) / ns._LMIN_SAFETY / p_hi
-                if method == "auto":
-                    if cuda:  # a GPU eigh costs far more than the CPU model of _auto_plan assumes
-                        coefs, _ = ns._accelerated_schedule(p_lo, tol_used, n, n_max)
-                        method = "accelerated"
-                    else:
-                        method, coefs, _ = ns._auto_plan(p_lo, tol_used, n, n_max)
-                    label = f"auto:{method}"
-                else:
-                    coefs, _ = ns._accelerated_schedule(
-                        p_lo, tol_used if tol_used else ns.default_tol(np_dtype, n), n, n_max)
-                if coefs is not None:
-                    h = math.sqrt(p_hi)
-                    coefs = coefs.copy()
-                    coefs[0, 0] /= h
-                    coefs[0, 1] /= h ** 3
-
         if method == "eigh":
-            out = _eigh_power(A64, dtype, delta, eps, -0.5 if want == "isqrt" else 0.5).reshape(t.shape)
+            out, r = _eigh_subset(A64, dtype, delta, eps, want, return_info)
             if not return_info:
-                return out
-            Dinv = out.reshape(nb, n, n) if want == "isqrt" else _eigh_power(A64, dtype, delta, eps, -0.5)
-            r = _residual64(Dinv, A64).cpu().numpy()
+                return out.reshape(t.shape)
             finite = np.isfinite(r)
-            return out, ns.NewtonSchulzInfo(
+            return out.reshape(t.shape), ns.NewtonSchulzInfo(
                 residuals=r.reshape(batch + (1,)), n_iter=1,
                 converged=(finite if tol is None else finite & (r <= tol)).reshape(batch),
                 diverged=(~finite).reshape(batch), best_iter=np.ones(batch, dtype=np.int64),
-                scale=np.ones(batch), method=label, scaling=scaling, tol=tol_used,
+                scale=np.ones(batch), method="eigh", scaling=scaling, tol=tol_used,
             )
 
+        scheduled = method in ("accelerated", "auto")
+        lmin, lmax = _probe(A64, delta_t, ns._PROBE_INVERSE_STEPS_SCHEDULE if scheduled else ns._PROBE_INVERSE_STEPS,
+                            ns._PROBE_POWER_STEPS if scaling == "spectral" else 0)
+        if want == "isqrt":
+            ns._check_singular(lmin, fro_np, ns._singular_tol(fro_np, n, np_dtype), eps, nb)
+        c = _scale(A64, scaling, torch.as_tensor(lmax, device=t.device), fro)
+        c_np = c.detach().cpu().numpy()
+        coefs = None
+        k_last = None
+        use_eigh = np.zeros(nb, dtype=bool)
+        if scheduled:
+            bound = np.minimum(fro_np, A64.detach().abs().sum(dim=-1).amax(dim=-1).cpu().numpy())
+            p_hi = np.maximum(bound / c_np, 1e-300)
+            p_lo = np.maximum(lmin, delta / 10.0) / c_np / ns._LMIN_SAFETY / p_hi
+            coefs, K = ns._accelerated_schedule(p_lo, tol_used if tol_used else ns.default_tol(np_dtype, n),
+                                                n, n_max)
+            h = np.sqrt(p_hi)
+            coefs[:, 0, 0] /= h
+            coefs[:, 0, 1] /= h ** 3
+            if method == "auto" and not cuda:  # a GPU eigh costs far more than the CPU cost model says
+                use_eigh = ns._auto_plan(K, n, np_dtype)
+            if want == "isqrt" and stop_early:
+                k_last = K
+        label = method
+        if method == "auto":
+            label = "auto:" + "+".join(m for m, on in (("accelerated", not use_eigh.all()),
+                                                       ("eigh", use_eigh.any())) if on)
+
         Y0, Y0_64 = _initial(A64, c, dtype)
+        ns_idx = np.flatnonzero(~use_eigh)
+        eig_idx = np.flatnonzero(use_eigh)
+        n_done = np.ones(nb, dtype=np.int64)
+        best_iter = np.ones(nb, dtype=np.int64)
+        diverged = np.zeros(nb, dtype=bool)
+        best_r = np.full(nb, np.nan)
         hist = None
-        if method == "uncoupled":
-            Z, tracker, n_run, best_iter, best_r = _run_uncoupled(Y0, Y0_64, n_max, tol=tol_used,
-                                                                  stop_early=stop_early)
-            Y = None
-            n_done, diverged = np.minimum(tracker.stop_iter, n_run), tracker.diverged
-            hist = tracker.finish(n_run) if return_info else None
-        else:
-            if not (return_info or stop_early):
-                Z, Y = _run_coupled_fixed(Y0, n_max, want_y=want == "sqrt", coefs=coefs)
-                n_done = np.full(nb, n_max, dtype=np.int64)
-                best_iter, diverged, best_r = n_done.copy(), np.zeros(nb, dtype=bool), np.full(nb, np.nan)
-                fin = torch.isfinite(Z.detach()).all(dim=-1).all(dim=-1).cpu().numpy()
-            if return_info or stop_early or not fin.all():
-                # tolerance/record mode, or the fast path blew up: residuals, best iterate
+        n_run = 1
+        parts = {}
+        if eig_idx.size:
+            sel = torch.as_tensor(eig_idx, device=t.device)
+            parts["eigh"], best_r[eig_idx] = _eigh_subset(A64.index_select(0, sel), dtype, delta[eig_idx], eps,
+                                                          want, return_info or tol is not None)
+        if ns_idx.size:
+            full = ns_idx.size == nb
+            sel = torch.as_tensor(ns_idx, device=t.device)
+            Y0s, Y0s_64 = (Y0, Y0_64) if full else (Y0.index_select(0, sel), Y0_64.index_select(0, sel))
+            if method == "uncoupled":
+                Z, tracker, n_run, b_it, b_r = _run_uncoupled(Y0s, Y0s_64, n_max, tol=tol_used,
+                                                              stop_early=stop_early)
+                Y = None
+                h_ns = tracker.finish(n_run) if return_info else None
+                n_d, div = np.minimum(tracker.stop_iter, n_run), tracker.diverged
+            else:
                 if coefs is None:
-                    coefs = np.tile(np.array([1.5, -0.5, 0.0]), (n_max, 1))
-                Z, Y, n_done, best_iter, diverged, best_r, hist = _run_coupled(
-                    Y0, Y0_64, coefs, n_max, tol=tol_used, record=return_info or not stop_early,
-                    stop_early=stop_early)
-            n_run = int(n_done.max())
+                    cf = np.empty((ns_idx.size, n_max, 3))
+                    cf[:] = (1.5, -0.5, 0.0)
+                else:
+                    cf = coefs[ns_idx]
+                if not (return_info or stop_early):
+                    Z, Y = _run_coupled_fixed(Y0s, n_max, want_y=want == "sqrt",
+                                              coefs=None if coefs is None else cf)
+                    n_d = np.full(ns_idx.size, n_max, dtype=np.int64)
+                    b_it, div, b_r = n_d.copy(), np.zeros(ns_idx.size, dtype=bool), np.full(ns_idx.size, np.nan)
+                    h_ns = None
+                    blown = not bool(torch.isfinite(Z.detach()).all())
+                if return_info or stop_early or blown:
+                    # tolerance / record mode, or the fast path blew up: residuals and the best iterate
+                    Z, Y, n_d, b_it, div, b_r, h_ns = _run_coupled(
+                        Y0s, Y0s_64, cf, n_max, tol=tol_used, record=return_info or not stop_early,
+                        stop_early=stop_early, k_last=None if k_last is None else k_last[ns_idx])
+                n_run = int(n_d.max())
+                if return_info:
+                    h_ns = ns._freeze_history(h_ns, n_d, n_run)
+            A64s = A64 if full else A64.index_select(0, sel)
+            cs = c if full else c.index_select(0, sel)
+            parts["ns"] = _finish(Z, Y, A64s, cs, want, dtype)
+            n_done[ns_idx], best_iter[ns_idx], diverged[ns_idx], best_r[ns_idx] = n_d, b_it, div, b_r
             if return_info:
-                hist = ns._freeze_history(hist, n_done, n_run)
+                hist = np.empty((nb, n_run))
+                hist[ns_idx] = h_ns
+        if return_info and eig_idx.size:
+            if hist is None:
+                hist = np.empty((nb, 1))
+            hist[eig_idx] = best_r[eig_idx][:, None]
+        if len(parts) == 2:
+            out = torch.empty((nb, n, n), dtype=dtype, device=t.device)
+            out = out.index_copy(0, torch.as_tensor(eig_idx, device=t.device), parts["eigh"])
+            out = out.index_copy(0, torch.as_tensor(ns_idx, device=t.device), parts["ns"])
+        else:
+            out = next(iter(parts.values()))
+
         ns._warn_diverged(diverged, best_r, best_iter, label, nb)
         if tol is not None:
             missed = ~diverged & ~(best_r <= tol)
@@ -1116,15 +1216,17 @@ def _solve(A, method, n_iter, tol, scaling, eps, return_info, *, want):
                     _nsiter_warning(),
                     stacklevel=4,
                 )
-        out = _finish(Z, Y, A64, c, want, dtype).reshape(t.shape)
+    out = out.reshape(t.shape)
     if not return_info:
         return out
     finite = np.isfinite(best_r)
     converged = finite & ~diverged if tol is None else finite & (best_r <= tol)
+    if tol is None:
+        converged |= ~diverged & np.isnan(best_r) & use_eigh
     return out, ns.NewtonSchulzInfo(
-        residuals=hist.reshape(batch + (n_run,)), n_iter=n_run,
+        residuals=hist.reshape(batch + (hist.shape[1],)), n_iter=int(hist.shape[1]) if eig_idx.size < nb else 1,
         converged=converged.reshape(batch), diverged=diverged.reshape(batch),
-        best_iter=best_iter.reshape(batch), scale=c_np.reshape(batch),
+        best_iter=best_iter.reshape(batch), scale=np.where(use_eigh, 1.0, c_np).reshape(batch),
         method=label, scaling=scaling, tol=tol_used,
     )
 
