@@ -83,8 +83,12 @@ _CALL_OVERHEAD = 10e-6  # per BLAS call
 # --------------------------------------------------------------------------------------
 
 def _check_finite_fast(arr: np.ndarray, name: str) -> None:
-    """``check_finite`` without a boolean temporary: min and max propagate NaN and inf."""
-    if arr.size and not (np.isfinite(arr.min()) and np.isfinite(arr.max())):
+    """``check_finite`` in one pass without a boolean temporary.
+
+    The sum of the array is finite unless it holds NaN/inf or overflows; only then is the
+    exact (element-wise) check run, so huge but finite data is still accepted.
+    """
+    if arr.size and not np.isfinite(arr.sum(dtype=np.float64)):
         check_finite(arr, name)
 
 
@@ -187,7 +191,7 @@ def _buffer_dtype(arr_dtype: np.dtype, fb: int) -> np.dtype:
 def _matrix_moments(arr: np.ndarray):
     """Moments of the rows of a samples x features matrix, two-pass and chunked."""
     n, f = arr.shape
-    shift = arr.mean(axis=0, dtype=np.float64)
+    shift = arr[:: max(1, n // 256)].mean(axis=0, dtype=np.float64)  # a shift near the mean (<= 511 rows)
     bdt = _buffer_dtype(arr.dtype, f)
     rows = _chunk_rows(f + 1, bdt)
     flat = np.empty(min(rows, n) * (f + 1), dtype=bdt)
@@ -204,9 +208,13 @@ def _matrix_moments(arr: np.ndarray):
 
 
 def _channel_means(imgs: np.ndarray) -> np.ndarray:
-    """Per-channel means from a strided sample of at most ~64 x 64 pixels per image (a shift only)."""
-    h, w = imgs.shape[2:]
-    sub = imgs[:, :, :: max(1, h // 64), :: max(1, w // 64)]
+    """Per-channel means of a strided sample (<= 64 images x ~16 x 16 pixels): only a shift.
+
+    The statistics are exact for any shift; a shift near the mean only keeps the float64
+    moments free of cancellation, and a sample keeps its cost negligible next to the fill.
+    """
+    n, _, h, w = imgs.shape
+    sub = imgs[:: max(1, n // 64), :, :: max(1, h // 16), :: max(1, w // 16)]
     return sub.mean(axis=(0, 2, 3), dtype=np.float64)
 
 
@@ -560,10 +568,10 @@ def covariance(X, *, eps=0.0):
 
     Notes
     -----
-    Two-pass: the float64 column means are computed first; then chunks of centred rows
-    (each augmented by a column of ones) are multiplied by BLAS and summed in float64, so the
-    extra memory is a few MB whatever ``N``, and the result has no ``E[x x^T] - mu mu^T``
-    cancellation.  For float32 input with ``F >= 64`` the product of one chunk (at most 2048
+    Chunks of rows shifted by the mean of a row sample (each chunk augmented by a column of
+    ones) are multiplied by BLAS and summed in float64, then corrected exactly for the shift
+    (``M2 = S_2 - s s^T / N``): the extra memory is a few MB whatever ``N``, and there is no
+    ``E[x x^T] - mu mu^T`` cancellation.  For float32 input with ``F >= 64`` the product of one chunk (at most 2048
     rows) runs in float32 BLAS, which keeps float32 speed at about 1e-6 relative accuracy;
     float64 input is float64 throughout.
 
@@ -669,12 +677,13 @@ def patch_covariance(x, kernel_size, *, stride=1, padding=0, dilation=1, samplin
     about the common mean; ``"contiguous"`` keeps one exact covariance per channel block.
     With ``B = C`` both equal the full covariance (``"contiguous"`` keeps a leading axis of 1).
 
-    **Cost.**  Two kernels, chosen by a cost model: chunked shifted patch rows times BLAS
-    (bounded extra memory: a chunk of at most 8 MB plus the ``G (Fb+1)^2`` float64
-    accumulators), or, for an effective stride of 1, shifted inner products of the image
-    with itself (``O(C^2 k^2 HW)`` instead of ``O(C^2 k^4 HW)``; padded, shifted copies of at
-    most 32 MB at a time).  Both accumulate in float64 about a per-feature shift and are
-    exact up to rounding; see the module docstring.
+    **Cost.**  The im2col matrix is never built.  A cost model picks one of three kernels
+    (:data:`KERNELS`, module docstring): shifted patch rows in chunks of at most 8 MB times
+    BLAS (any geometry); BLAS products of 1-row patch matrices, one per row shift (vertical
+    step 1; pieces of at most 32 MB); or shifted inner products of the image with itself,
+    ``O(C^2 k^2 HW)`` instead of ``O(C^2 k^4 HW)`` (step 1; padded, shifted float64 copies of
+    at most 32 MB).  Beyond those pieces the extra memory is the ``G (Fb+1)^2`` float64
+    accumulators.  All accumulate in float64 about a per-feature shift and agree to rounding.
 
     Examples
     --------
