@@ -429,3 +429,13 @@ def test_patch_statistics_rejects_bad_use():
     with pytest.raises(ValueError, match="sampling_stride >= 1"):
         nsiter.PatchStatistics(3, sampling_stride=0)
     assert stats.count == 36  # failed updates left it unchanged
+
+
+def test_patch_statistics_accepts_torch_tensors_on_the_host():
+    torch = pytest.importorskip("torch")
+    x = random_images((2, 3, 9, 9), np.random.default_rng(45))
+    stats = nsiter.PatchStatistics(3, padding=1).update(torch.from_numpy(x))
+    want, _ = nsiter.patch_covariance(x, 3, padding=1)
+    cov, _ = stats.covariance()
+    assert isinstance(cov, np.ndarray)
+    np.testing.assert_allclose(cov, want, rtol=1e-12, atol=1e-14)
