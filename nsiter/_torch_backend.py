@@ -24,6 +24,7 @@ Differences from the numpy side, on purpose:
 """
 from __future__ import annotations
 
+import importlib
 import math
 import threading
 import warnings
@@ -1307,3 +1308,176 @@ def estimate_kernel(x, y, kernel_size, *, method="lstsq", n_iter=None, lr=None, 
 
     kernel = torch.as_tensor(est.kernel, dtype=out_dtype).to(ref.device)
     return dataclasses.replace(est, kernel=kernel)
+
+
+# --------------------------------------------------------------------------------------
+# whitening helpers (Ye et al. 2020, §4.2, §4.3.2, Fig. 4, §4.5.1)
+# --------------------------------------------------------------------------------------
+#
+# The layouts of D (full (F, F), contiguous (G, Fb, Fb), shared reference (Fb, Fb)) and
+# their validation come from nsiter.whitening._Layout, which reads only shapes; the
+# arithmetic is torch, differentiable in X, mean, D, weight and bias.
+
+
+def _wl():
+    return importlib.import_module("nsiter.whitening")
+
+
+def _tensor_like(a, name: str, ref: torch.Tensor) -> torch.Tensor:
+    """``a`` as a float tensor on ``ref``'s device (arrays and lists are converted)."""
+    t = a if isinstance(a, torch.Tensor) else torch.as_tensor(np.asarray(a))
+    t = _as_float(t, name)
+    if t.device != ref.device:
+        raise ValueError(f"expected {name} on {ref.device} like the other tensors, got {t.device}; "
+                         "move it with .to(device)")
+    return t
+
+
+def _prep_tensors(named, name_ref):
+    """Float tensors on one device with finite values; returns them and the common dtype."""
+    ref = next(v for _, v in named if isinstance(v, torch.Tensor))
+    out = []
+    for name, v in named:
+        t = _tensor_like(v, name, ref)
+        if t.numel():
+            _check_finite(t, name)
+        out.append(t)
+    dtype = out[0].dtype
+    for t in out[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return out, dtype
+
+
+def _full_D(D: torch.Tensor, layout) -> torch.Tensor:
+    """The equivalent ``F x F`` matrix: block diagonal (contiguous) or ``kron(D, I_G)`` (reference)."""
+    if layout.mode == "full":
+        return D
+    if layout.mode == "contiguous":
+        return torch.block_diag(*D.unbind(0))
+    return torch.kron(D, torch.eye(layout.groups, dtype=D.dtype, device=D.device))
+
+
+def _full_mean(mean: torch.Tensor, layout) -> torch.Tensor:
+    if layout.mode == "reference":
+        return mean.repeat_interleave(layout.groups)
+    return mean.reshape(layout.F)
+
+
+def whiten(X, mean, D, *, block_size=None, grouping="contiguous"):
+    """Torch twin of :func:`nsiter.whiten`: ``(X - mu) D`` block by block (differentiable)."""
+    (Xt, mt, Dt), dtype = _prep_tensors((("X", X), ("mean", mean), ("D", D)), "X")
+    _check_ndim(Xt, "X", (2,), "(n_samples, n_features), e.g. an im2col matrix")
+    _check_nonempty(Xt, "X")
+    _check_nonempty(Dt, "D")
+    layout = _wl()._Layout(Dt, Xt.shape[1], block_size, grouping)
+    m = layout.mean(mt).to(dtype)
+    Xc, Dc = Xt.to(dtype), Dt.to(dtype)
+    n, F = Xc.shape
+    with _matmul_precision(Xc.device):
+        if layout.mode == "full":
+            return torch.matmul(Xc - m, Dc)
+        if layout.mode == "contiguous":
+            part = Xc.reshape(n, layout.groups, layout.fb) - m  # (n, G, Fb)
+            return torch.matmul(part.transpose(0, 1), Dc).transpose(0, 1).reshape(n, F)
+        part = Xc.reshape(n, layout.fb, layout.groups).transpose(1, 2) - m  # (n, G, Fb)
+        return torch.matmul(part, Dc).transpose(1, 2).reshape(n, F)
+
+
+def deconvolution_kernel(D, kernel_size, channels, *, grouping="contiguous"):
+    """Torch twin of :func:`nsiter.deconvolution_kernel`: centre-tap columns of ``D`` as ``(C, C, kh, kw)``."""
+    Dt = _as_float(D, "D")
+    _check_nonempty(Dt, "D")
+    _check_finite(Dt, "D")
+    channels = check_positive_int(channels, "channels")
+    wl = _wl()
+    kh, kw, centres = wl._centre_columns(kernel_size, channels)
+    layout = wl._Layout(Dt, channels * kh * kw, None, grouping,
+                        what=f"im2col of {channels} channels with a {kh}x{kw} kernel")
+    cols = _full_D(Dt, layout)[:, torch.as_tensor(centres, device=Dt.device)]  # (F, C)
+    return cols.T.reshape(channels, channels, kh, kw)
+
+
+def deconvolve_image(x, kernel_size, *, eps=1e-5, method="coupled", n_iter=None, sampling_stride=1,
+                     block_size=None, grouping="contiguous"):
+    """Torch twin of :func:`nsiter.deconvolve_image` (Fig. 4): each pixel replaced by its whitened patch centre.
+
+    ``y = conv2d(x - m, K) + bias`` with ``K`` the deconvolution kernel of
+    ``D = inv_sqrtm(Cov, eps=eps)`` (float64), ``x - m`` shifted by per-channel means and
+    zero-padded as ``x`` is (the shift cancels in the bias; it only keeps float32 input
+    accurate), exactly the numpy recipe; computed in float64 and returned in ``x``'s dtype.
+    """
+    t = _as_float(x, "x")
+    kh, kw = as_pair(kernel_size, "kernel_size", minimum=1)
+    if kh % 2 == 0 or kw % 2 == 0:
+        raise ValueError(
+            f"expected an odd kernel_size for deconvolve_image (its centre tap defines the output pixel), "
+            f"got {(kh, kw)}; use {(kh | 1, kw | 1)}"
+        )
+    imgs = _as_images(t, "x")
+    ph, pw = kh // 2, kw // 2
+    cov, mean = patch_covariance(imgs, (kh, kw), padding=(ph, pw), sampling_stride=sampling_stride,
+                                 block_size=block_size, grouping=grouping)
+    D = inv_sqrtm(cov.to(torch.float64), method=method, n_iter=n_iter, eps=eps)
+    n, c, h, w = imgs.shape
+    wl = _wl()
+    layout = wl._Layout(D, c * kh * kw, None, grouping)
+    _, _, centres = wl._centre_columns((kh, kw), c)
+    cols = _full_D(D, layout)[:, torch.as_tensor(centres, device=D.device)]  # (F, C)
+    with torch.no_grad():  # a shift: it cancels between the data and the bias
+        h_step, w_step = max(1, h // 64), max(1, w // 64)
+        m_c = imgs[:, :, ::h_step, ::w_step].to(torch.float64).mean(dim=(0, 2, 3))
+    shift = m_c.repeat_interleave(kh * kw)
+    bias = -torch.matmul(_full_mean(mean.to(torch.float64), layout) - shift, cols)  # (C,)
+    K = cols.T.reshape(c, c, kh, kw)
+    xs = F.pad(imgs.to(torch.float64), (pw, pw, ph, ph)) - m_c[None, :, None, None]
+    y = F.conv2d(xs, K, bias)
+    return y.to(t.dtype).reshape(t.shape)
+
+
+def fold_deconvolution(weight, bias, D, mean, *, block_size=None, grouping="contiguous"):
+    """Torch twin of :func:`nsiter.fold_deconvolution`: ``W' = D w``, ``b' = b - mu D w`` (differentiable)."""
+    named = [("weight", weight), ("D", D), ("mean", mean)] + ([] if bias is None else [("bias", bias)])
+    tensors, dtype = _prep_tensors(named, "weight")
+    Wt, Dt, mt = tensors[:3]
+    _check_ndim(Wt, "weight", (4,), "(C_out, C_in, kh, kw)")
+    _check_nonempty(Wt, "weight")
+    _check_nonempty(Dt, "D")
+    c_out = Wt.shape[0]
+    bt = torch.zeros(c_out, dtype=Wt.dtype, device=Wt.device) if bias is None else tensors[3]
+    if tuple(bt.shape) != (c_out,):
+        raise ValueError(f"expected bias of shape ({c_out},) for weight of shape {tuple(Wt.shape)}, "
+                         f"got {tuple(bt.shape)}")
+    wl = _wl()
+    f_w = int(np.prod(Wt.shape[1:]))
+    Wm = Wt.reshape(c_out, f_w).to(dtype)
+    Dc = Dt.to(dtype)
+    bc = bt.to(dtype)
+    grouped = Dt.ndim == 3 and Dt.shape[0] > 1 and Dt.shape[-1] == f_w and grouping == "contiguous"
+    with _matmul_precision(Wt.device):
+        if grouped:
+            G = Dt.shape[0]
+            if c_out % G:
+                raise ValueError(
+                    f"a grouped convolution with {G} groups (weight {tuple(Wt.shape)} against D "
+                    f"{tuple(Dt.shape)}) needs C_out divisible by {G}, got {c_out}"
+                )
+            wl._Layout(Dt, G * f_w, block_size, grouping, what="the layer input")
+            if tuple(mt.shape) not in ((G, f_w), (G * f_w,)):
+                raise ValueError(f"expected mean of shape ({G}, {f_w}) or ({G * f_w},), got {tuple(mt.shape)}")
+            mg = mt.reshape(G, f_w).to(dtype)
+            W2 = torch.matmul(Wm.reshape(G, c_out // G, f_w), Dc.transpose(-1, -2))
+            b2 = bc - torch.einsum("gof,gf->go", W2, mg).reshape(c_out)
+            return W2.reshape(Wt.shape), b2
+        layout = wl._Layout(Dt, f_w, block_size, grouping, what=f"weight {tuple(Wt.shape)}")
+        mu = _full_mean(layout.mean(mt), layout).to(dtype)
+        if layout.mode == "full":
+            W2 = Wm @ Dc.T
+        elif layout.mode == "contiguous":
+            fb = layout.fb
+            W2 = torch.matmul(Wm.reshape(c_out, layout.groups, fb).transpose(0, 1), Dc.transpose(-1, -2))
+            W2 = W2.transpose(0, 1).reshape(c_out, f_w)
+        else:
+            Wr = Wm.reshape(c_out, layout.fb, layout.groups)
+            W2 = torch.einsum("ef,ofg->oeg", Dc, Wr).reshape(c_out, f_w)
+        b2 = bc - W2 @ mu
+    return W2.reshape(Wt.shape), b2

@@ -590,6 +590,92 @@ def test_deconv2d_whitening_runs_in_float32_under_autocast():
     assert torch.isfinite(y).all()
 
 
+# ------------------------------------------------------------------------------ whitening helpers
+
+LAYOUTS = [(None, "contiguous"), (2, "contiguous"), (2, "reference"), (1, "reference")]
+
+
+@pytest.mark.parametrize("block_size, grouping", LAYOUTS)
+def test_whitening_helpers_match_numpy(block_size, grouping):
+    rng = np.random.default_rng(20)
+    x = random_images((2, 4, 9, 10), rng) + 1.0
+    X = nsiter.im2col(x, 3, padding=1)
+    cov, mean = nsiter.patch_covariance(x, 3, padding=1, block_size=block_size, grouping=grouping)
+    D = nsiter.inv_sqrtm(cov, method="eigh", eps=1e-3)
+    Xw = nsiter.whiten(_t(X), _t(mean), _t(D), grouping=grouping)
+    assert isinstance(Xw, torch.Tensor)
+    np.testing.assert_allclose(Xw.numpy(), nsiter.whiten(X, mean, D, grouping=grouping), rtol=0, atol=1e-12)
+    K = nsiter.deconvolution_kernel(_t(D), 3, 4, grouping=grouping)
+    np.testing.assert_array_equal(K.numpy(), nsiter.deconvolution_kernel(D, 3, 4, grouping=grouping))
+    w, b = rng.standard_normal((5, 4, 3, 3)), rng.standard_normal(5)
+    w2, b2 = nsiter.fold_deconvolution(_t(w), _t(b), _t(D), _t(mean), grouping=grouping)
+    w1, b1 = nsiter.fold_deconvolution(w, b, D, mean, grouping=grouping)
+    np.testing.assert_allclose(w2.numpy(), w1, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(b2.numpy(), b1, rtol=0, atol=1e-12)
+    y = nsiter.deconvolve_image(_t(x), 3, method="eigh", block_size=block_size, grouping=grouping)
+    want = nsiter.deconvolve_image(x, 3, method="eigh", block_size=block_size, grouping=grouping)
+    np.testing.assert_allclose(y.numpy(), want, rtol=0, atol=1e-10)
+
+
+def test_fold_deconvolution_grouped_and_without_bias_matches_numpy():
+    rng = np.random.default_rng(21)
+    x = random_images((2, 4, 8, 8), rng)
+    cov, mean = nsiter.patch_covariance(x, 3, block_size=2)
+    D = nsiter.inv_sqrtm(cov, method="eigh", eps=1e-3)
+    w = rng.standard_normal((6, 2, 3, 3))  # a grouped convolution: groups = 2
+    got = nsiter.fold_deconvolution(_t(w), None, _t(D), _t(mean))
+    want = nsiter.fold_deconvolution(w, None, D, mean)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a.numpy(), b, rtol=0, atol=1e-12)
+
+
+def test_deconvolve_image_float32_and_shapes():
+    rng = np.random.default_rng(22)
+    x = random_images((12, 13), rng).astype(np.float32)
+    y = nsiter.deconvolve_image(_t(x), 5, n_iter=10)
+    assert y.shape == x.shape and y.dtype == torch.float32
+    want = nsiter.deconvolve_image(x, 5, n_iter=10)
+    np.testing.assert_allclose(y.numpy(), want, rtol=0, atol=1e-5 * np.abs(want).max())
+    with pytest.raises(ValueError, match="odd kernel_size"):
+        nsiter.deconvolve_image(_t(x), 4)
+
+
+def test_deconv2d_folding_is_fold_deconvolution():
+    torch.manual_seed(6)
+    layer = nt.Deconv2d(4, 3, 3, padding=1, block_size=2, dtype=torch.float64)
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    mean, D = layer.batch_statistics(x)
+    w, b = layer.folded_weights(mean, D)
+    w2, b2 = nsiter.fold_deconvolution(layer.weight, layer.bias, D[0, 0], mean[0, 0], grouping="reference")
+    torch.testing.assert_close(w, w2, rtol=0, atol=1e-13)
+    torch.testing.assert_close(b, b2, rtol=0, atol=1e-13)
+
+
+def test_gradcheck_whiten_and_fold():
+    rng = np.random.default_rng(23)
+    X = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
+    m = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    Dm = torch.randn(4, 4, dtype=torch.float64, requires_grad=True)
+    assert gradcheck(lambda a, b, c: nsiter.whiten(a, b, c, grouping="reference"), (X, m, Dm))
+    w = torch.randn(2, 2, 2, 2, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    Ds = _t(rng.standard_normal((2, 4, 4))).requires_grad_()
+    ms = _t(rng.standard_normal((2, 4))).requires_grad_()
+    assert gradcheck(lambda *a: nsiter.fold_deconvolution(*a), (w, b, Ds, ms))
+
+
+def test_whitening_helper_errors():
+    D = torch.eye(4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="does not match the 9 columns"):
+        nsiter.whiten(torch.ones(3, 9, dtype=torch.float64), torch.zeros(4, dtype=torch.float64), D)
+    with pytest.raises(ValueError, match="expected mean of shape"):
+        nsiter.whiten(torch.ones(3, 4, dtype=torch.float64), torch.zeros(3, dtype=torch.float64), D)
+    with pytest.raises(ValueError, match="NaN/inf"):
+        nsiter.whiten(torch.full((3, 4), float("nan")), torch.zeros(4), torch.eye(4))
+    with pytest.raises(ValueError, match=r"expected bias of shape \(2,\)"):
+        nsiter.fold_deconvolution(torch.ones(2, 1, 2, 2), torch.ones(3), D, torch.zeros(4))
+
+
 # ------------------------------------------------------------------------------ estimate_kernel
 
 def test_estimate_kernel_on_tensors_returns_a_tensor_kernel():
