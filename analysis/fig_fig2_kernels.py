@@ -21,8 +21,8 @@ import nsiter
 
 def main(argv=None):
     p = parser(__doc__)
-    p.add_argument("--n-crops", type=int, default=256)
-    p.add_argument("--crop", type=int, default=96)
+    p.add_argument("--n-crops", type=int, default=128)
+    p.add_argument("--crop", type=int, default=80)
     p.add_argument("--kernel", type=int, default=15)
     p.add_argument("--eps", type=float, default=1e-5)
     args = p.parse_args(argv)

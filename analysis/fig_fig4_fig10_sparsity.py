@@ -38,14 +38,17 @@ def main(argv=None):
         return np.moveaxis(a, 0, -1) if a.ndim == 3 else a
 
     def minmax(a, symmetric=False):
+        # heavy tails: scale by the 99.5th percentile of |a| instead of the maximum so that the
+        # bulk stays visible (values beyond it saturate)
+        m = np.percentile(np.abs(a), 99.5)
         if symmetric:
-            m = np.abs(a).max()
-            return (a / m + 1) / 2
-        return (a - a.min()) / (a.max() - a.min())
+            return (np.clip(a / m, -1, 1) + 1) / 2
+        return np.clip(a / m, 0, 1)
 
     fig, axes = plt.subplots(1, 4, figsize=(15, 4.6))
     panels = [(x, "(a) input"), (minmax(np.abs(centred)), "(b) |zero-mean input|"),
               (minmax(y, symmetric=True), "(c) deconvolved (grey = 0)"), (minmax(np.abs(y)), "(d) |deconvolved|")]
+    # display scaling: 99.5th percentile of |value| maps to full intensity in (b)-(d)
     for ax, (img, title) in zip(axes, panels):
         ax.imshow(np.clip(show(img), 0, 1))
         ax.set_title(title)
