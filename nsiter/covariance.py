@@ -193,6 +193,8 @@ def _matrix_moments(arr: np.ndarray):
     n, f = arr.shape
     shift = arr[:: max(1, n // 256)].mean(axis=0, dtype=np.float64)  # a shift near the mean (<= 511 rows)
     bdt = _buffer_dtype(arr.dtype, f)
+    shift_b = shift.astype(bdt)  # subtract in the buffer's dtype (no mixed-type loop) ...
+    shift = shift_b.astype(np.float64)  # ... and correct for exactly that shift
     rows = _chunk_rows(f + 1, bdt)
     flat = np.empty(min(rows, n) * (f + 1), dtype=bdt)
     tmp = np.empty((f + 1, f + 1), dtype=bdt)
@@ -200,7 +202,7 @@ def _matrix_moments(arr: np.ndarray):
     for p0 in range(0, n, rows):
         r = min(rows, n - p0)
         buf = flat[: r * (f + 1)].reshape(r, f + 1)
-        np.subtract(arr[p0:p0 + r], shift, out=buf[:, :f], casting="same_kind")
+        np.subtract(arr[p0:p0 + r], shift_b, out=buf[:, :f])
         buf[:, f] = 1.0
         np.matmul(buf.T, buf, out=tmp)
         acc += tmp
