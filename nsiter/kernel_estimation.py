@@ -24,8 +24,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-import scipy.linalg
-from scipy.sparse.linalg import LinearOperator
 
 from ._conventions import Geometry, as_images, geometry
 from ._dispatch import is_tensor, torch_backend
@@ -43,6 +41,20 @@ from ._validation import (
 from ._warnings import IllConditionedWarning, NsiterWarning
 
 __all__ = ["estimate_kernel", "KernelEstimate", "METHODS"]
+
+
+def _sla():
+    """:mod:`scipy.linalg`, imported on first use so that ``import nsiter`` stays fast."""
+    import scipy.linalg
+
+    return scipy.linalg
+
+
+def _linear_operator():
+    """:class:`scipy.sparse.linalg.LinearOperator`, imported on first use."""
+    from scipy.sparse.linalg import LinearOperator
+
+    return LinearOperator
 
 #: Solver registry of :func:`estimate_kernel`.
 METHODS = ("lstsq", "gd", "gd_standardized", "gd_whitened", "preconditioned", "cg")
@@ -240,7 +252,7 @@ class _Quadratic:
 
     def eigs(self) -> np.ndarray:
         if self._eigs is None:
-            self._eigs = scipy.linalg.eigvalsh(self.a, check_finite=False)
+            self._eigs = _sla().eigvalsh(self.a, check_finite=False)
         return self._eigs
 
     def condition(self) -> float:
@@ -253,7 +265,7 @@ class _Quadratic:
             prob = self.prob
             m = (self.sigma if prob.fit_intercept else self.h) + prob.eps * np.eye(prob.f)
             try:
-                self._chol = scipy.linalg.cho_factor(m, lower=True, check_finite=False)
+                self._chol = _sla().cho_factor(m, lower=True, check_finite=False)
             except np.linalg.LinAlgError:
                 what = "patch covariance" if prob.fit_intercept else "normal matrix X^T X / M"
                 raise ValueError(
@@ -274,9 +286,9 @@ class _Quadratic:
         prob = self.prob
         chol = self.factor()
         if not prob.fit_intercept:
-            return scipy.linalg.cho_solve(chol, grad, check_finite=False)
+            return _sla().cho_solve(chol, grad, check_finite=False)
         f = prob.f
-        u = scipy.linalg.cho_solve(chol, grad[:f] - self.mu * grad[f], check_finite=False)
+        u = _sla().cho_solve(chol, grad[:f] - self.mu * grad[f], check_finite=False)
         return np.append(u, grad[f] - self.mu @ u)
 
     def solve(self) -> np.ndarray:
@@ -284,8 +296,8 @@ class _Quadratic:
         prob = self.prob
         chol = self.factor()
         if not prob.fit_intercept:
-            return scipy.linalg.cho_solve(chol, self.c, check_finite=False)
-        w = scipy.linalg.cho_solve(chol, self.g - self.mu * prob.ybar, check_finite=False)
+            return _sla().cho_solve(chol, self.c, check_finite=False)
+        w = _sla().cho_solve(chol, self.g - self.mu * prob.ybar, check_finite=False)
         return np.append(w, prob.ybar - self.mu @ w)
 
     def optimum(self):
@@ -434,13 +446,13 @@ def _cgls(prob: _Problem, *, n_iter: int, tol: float, callback, emit):
     m, f, eps = prob.m, prob.f, prob.eps
     if prob.fit_intercept:
         mu = prob.xtr(np.ones(m)) / m
-        op = LinearOperator((m, f), dtype=np.float64,
+        op = _linear_operator()((m, f), dtype=np.float64,
                             matvec=lambda v: prob.xw(v).reshape(-1) - mu @ v,
                             rmatvec=lambda r: prob.xtr(r) - mu * r.sum())
         ytil = prob.y.reshape(-1) - prob.ybar
     else:
         mu = None
-        op = LinearOperator((m, f), dtype=np.float64,
+        op = _linear_operator()((m, f), dtype=np.float64,
                             matvec=lambda v: prob.xw(v).reshape(-1), rmatvec=lambda r: prob.xtr(r))
         ytil = prob.y.reshape(-1)
 
@@ -699,7 +711,7 @@ def estimate_kernel(x, y, kernel_size, *, method: str = "lstsq", n_iter: int | N
                 lr_used = 1.0
             else:
                 a_t = quad.a if t is None else t.T @ quad.a @ t
-                lam_max = float(scipy.linalg.eigvalsh(a_t, subset_by_index=[prob.p - 1, prob.p - 1],
+                lam_max = float(_sla().eigvalsh(a_t, subset_by_index=[prob.p - 1, prob.p - 1],
                                                       check_finite=False)[0])
                 lr_used = 1.0 / lam_max if lam_max > 0 else 1.0
             theta, history, it, converged = _descent(
