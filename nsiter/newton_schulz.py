@@ -618,7 +618,7 @@ def _solve(A, method, n_iter, tol, scaling, eps, return_info, *, want):
         # eigenvalues of Y_0 = A/c lie in [p_lo, p_hi]: p_hi from rigorous bounds on
         # lambda_max (||A||_F, ||A||_inf), p_lo from the over-estimate of lambda_min / safety
         bound = np.minimum(fro, np.max(np.abs(A64).sum(axis=-1), axis=-1))
-        p_hi = np.maximum(bound / c, 1e-300)
+        p_hi = np.where(bound > 0, bound / c, 1.0)  # (the zero matrix of sqrtm_psd: 1)
         p_lo = np.maximum(lmin, delta / 10.0) / c / _LMIN_SAFETY / p_hi
         coefs, K = _accelerated_schedule(p_lo, tol_used if tol_used else default_tol(dtype, n), n, n_max)
         # the schedule is designed for s / h, h = sqrt(p_hi): q(s) = q'(s / h)
