@@ -106,33 +106,32 @@ def _matmul_precision(device: torch.device):
         return
     want = _SETTINGS["allow_tf32"]
     mm = torch.backends.cuda.matmul
-    with warnings.catch_warnings():
+    new_api = hasattr(mm, "fp32_precision")  # torch >= 2.9
+    mkl = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    with warnings.catch_warnings():  # the legacy API warns about its deprecation; the caller's warnings pass
         warnings.simplefilter("ignore")
-        if not hasattr(mm, "fp32_precision"):  # torch < 2.9: one flag
-            old = mm.allow_tf32
-            mm.allow_tf32 = want
+        if new_api:
+            old_cuda = mm.fp32_precision
+            old_mkl = getattr(mkl, "fp32_precision", None) if mkl is not None else None
             try:
-                yield
-            finally:
-                mm.allow_tf32 = old
-            return
-        old_cuda = mm.fp32_precision
-        mkl = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
-        old_mkl = getattr(mkl, "fp32_precision", None) if mkl is not None else None
-        try:
-            old_legacy = torch.get_float32_matmul_precision()
-        except RuntimeError:  # the caller mixed the two APIs; the legacy value is "highest" then
-            old_legacy = None
+                old_legacy = torch.get_float32_matmul_precision()
+            except RuntimeError:  # the caller mixed the two APIs; the legacy value is "highest" then
+                old_legacy = None
+        else:
+            old_flag = mm.allow_tf32
         mm.allow_tf32 = want
     try:
         yield
     finally:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.set_float32_matmul_precision(old_legacy or "highest")
-            mm.fp32_precision = old_cuda
-            if old_mkl is not None:
-                mkl.fp32_precision = old_mkl
+            if new_api:
+                torch.set_float32_matmul_precision(old_legacy or "highest")
+                mm.fp32_precision = old_cuda
+                if old_mkl is not None:
+                    mkl.fp32_precision = old_mkl
+            else:
+                mm.allow_tf32 = old_flag
 
 
 # --------------------------------------------------------------------------------------
@@ -307,6 +306,7 @@ def _centred_stats(Xg: torch.Tensor):
     mean = Xg.mean(dim=1)
     Xc = Xg - mean[:, None, :]
     M2 = torch.matmul(Xc.transpose(1, 2), Xc)
+    M2 = (M2 + M2.transpose(1, 2)) * 0.5  # exactly symmetric whatever the GEMM's blocking
     return Xg.shape[1], mean, M2
 
 
@@ -400,7 +400,8 @@ def covariance(X, *, eps=0.0):
     _check_nonempty(t, "X")
     eps = check_nonnegative_float(eps, "eps")
     _check_finite(t, "X")
-    n, mean, M2 = _centred_stats(t[None])
+    with _matmul_precision(t.device):
+        n, mean, M2 = _centred_stats(t[None])
     return _finish_covariance((n, mean[0], M2[0]), eps, t.dtype)
 
 
@@ -439,7 +440,8 @@ def patch_covariance(x, kernel_size, *, stride=1, padding=0, dilation=1, samplin
     g = _sampled_geometry(tuple(imgs.shape), kernel_size, stride, padding, dilation, sampling_stride)
     block_size = _check_block(block_size, g.c)
     _check_finite(imgs, "x")
-    stats = _patch_stats(imgs, g, block_size, grouping)
+    with _matmul_precision(t.device):
+        stats = _patch_stats(imgs, g, block_size, grouping)
     cov, mean = _finish_covariance(stats, eps, t.dtype)
     if block_size is None or grouping == "reference":
         return cov[0], mean[0]
@@ -456,13 +458,8 @@ def patch_covariance(x, kernel_size, *, stride=1, padding=0, dilation=1, samplin
 # imported from there so the two backends cannot drift apart.  The matrix work runs in
 # torch on the input's device.
 
-_PROBE_STEPS = 8
-
-
 def _ns():
-    from . import newton_schulz
-
-    return newton_schulz
+    return importlib.import_module("nsiter.newton_schulz")
 
 
 def _finfo_eps(dtype: torch.dtype) -> float:
