@@ -29,6 +29,16 @@ def gradcheck(fn, inputs, fast=False):
     return torch.autograd.gradcheck(fn, inputs, fast_mode=fast)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """The matrices here are tiny: one intra-op thread avoids OpenMP spin-waits on a busy CI
+    machine (a 27 x 27 product can take milliseconds with two contended threads)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(autouse=True)
 def _seed_torch():
     """Every test starts from the same torch RNG state (numpy draws use their own seeded rng)."""
