@@ -157,6 +157,8 @@ def bench_ns_small(timer, device, n=27, n_iter=15):
     rows.append({"n": n, "iterations": n_iter, "inv_sqrtm_ms": 1e3 * t_graph,
                  "cuda_graph_used": graphs_used, "inv_sqrtm_eager_ms": 1e3 * t_eager,
                  "bare_iteration_eager_ms": 1e3 * t_core})
+    if tb._GRAPH_FAILURES:
+        print("CUDA-graph capture failed (the eager path ran):", tb._GRAPH_FAILURES)
     return rows
 
 

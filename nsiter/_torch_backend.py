@@ -991,6 +991,7 @@ _GRAPH_MAX_N = 128
 _GRAPH_MAX_ELEMS = 2**20
 _GRAPH_CACHE_SIZE = 16
 _GRAPHS: "OrderedDict[tuple, object]" = OrderedDict()
+_GRAPH_FAILURES: dict = {}  # key -> why its capture failed (inspected by the GPU benchmark)
 
 
 class _CapturedSolve:
@@ -1039,8 +1040,12 @@ def _fixed_solve(A3, n_iter, scaling, eps, want):
             if entry is None:
                 try:
                     entry = _CapturedSolve(A3, n_iter, scaling, eps, want)
-                except Exception:  # capture unsupported for some kernel: remember, run eagerly
-                    torch.cuda.synchronize(A3.device)
+                except Exception as exc:  # capture unsupported for some kernel: remember, run eagerly
+                    _GRAPH_FAILURES[key] = repr(exc)
+                    try:
+                        torch.cuda.synchronize(A3.device)
+                    except Exception:  # pragma: no cover - the eager run below reports real errors
+                        pass
                     entry = False
                 _GRAPHS[key] = entry
                 while len(_GRAPHS) > _GRAPH_CACHE_SIZE:
