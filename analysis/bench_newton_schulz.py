@@ -30,7 +30,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _bench import gemm_gflops, machine_info, median_time, memcpy_gbps, progress, write_results  # noqa: E402
+from _bench import gemm_gflops, median_time, memcpy_gbps, progress, write_results  # noqa: E402
 
 import nsiter  # noqa: E402
 from nsiter import newton_schulz as ns  # noqa: E402
@@ -199,7 +199,9 @@ def main(argv=None):
     bench = Bench(repeat=3 if args.quick else 5)
     progress("ceilings")
     meta = {"memcpy_GBps": round(memcpy_gbps(), 2),
-            "gemm_GFLOPs_f64_512": round(gemm_gflops(512, 512, 512, dtype=np.float64, repeat=3), 1)}
+            "gemm_GFLOPs_f64_512": round(gemm_gflops(512, 512, 512, dtype=np.float64, repeat=3), 1),
+            "thread_env": {k: os.environ.get(k) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
+                                                         "NUMBA_NUM_THREADS") if os.environ.get(k)} or "defaults"}
     rows = []
     sizes = [(27, 64), (64, 32), (128, 8)] if args.quick else [(27, 64), (64, 32), (128, 8), (256, 2), (512, 1)]
     table(bench, sizes, 1e4, (np.float32, np.float64), rows)

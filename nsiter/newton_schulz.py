@@ -55,10 +55,14 @@ one Numba function (no temporaries, no Python per step), parallel over the batch
 ``n <= 64`` (one matrix per thread), in batch order above (BLAS threads then share each
 product).  Products use BLAS (``np.dot`` in Numba) except for ``n <= 6``, where
 hand-written loops win (per-call overhead).  Against the same iteration on numpy's
-batched ``@`` (one thread each, quiet machine): the fused kernel is about 2x faster for
-float32 at n = 27 and equal to 1.3x faster for float64 up to n = 512; numpy's ``@`` is
-about 25% faster single-threaded at n = 8, which the parallel kernel overtakes with two
-or more cores.  ``analysis/bench_newton_schulz.py`` measures all of this.
+batched ``@`` (5 steps, one thread each, best of repeats on a shared 2-core machine):
+float32 — the fused kernel is about 2x faster from n = 27 to n = 512 (2.9 vs 6.1 ms at
+64 x 27 x 27); float64 — within about 25% either way (the kernel ahead up to n = 64,
+numpy about 20% ahead at n = 256-512, where both spend their time in the same GEMM);
+numpy's ``@`` is about 25% faster single-threaded at n = 8, which the kernel's
+parallelism over the batch overtakes with two cores.  The kernel is kept for every size,
+so that every size runs the same stopping logic; ``analysis/bench_newton_schulz.py``
+re-measures it (rows ``coupled[numpy @]``).
 """
 from __future__ import annotations
 
@@ -101,7 +105,7 @@ MAX_ITER = 100
 # where the estimate of lambda_min designs the accelerated schedule; power-iteration
 # steps for the spectral scaling
 _PROBE_INVERSE_STEPS = 3
-_PROBE_INVERSE_STEPS_SCHEDULE = 6
+_PROBE_INVERSE_STEPS_SCHEDULE = 4
 _PROBE_POWER_STEPS = 8
 # the fused kernel runs one matrix per thread up to this size; above it the batch is
 # processed in order and the BLAS library's own threads share each product
@@ -434,16 +438,6 @@ def _accelerated_schedule(p_lo, tol: float, n: int, n_max: int):
     return coefs, K
 
 
-def _classic_count(p_lo: float, tol: float, n: int, n_max: int) -> int:
-    """Predicted classic-step count for eigenvalues ``p`` of ``Y_0`` in ``[p_lo, p_hi<=1]``."""
-    p = max(p_lo, 1e-300)
-    for k in range(n_max):
-        p = p * (3.0 - p) ** 2 / 4.0
-        if math.sqrt(n) * abs(1.0 - p) <= tol:
-            return k + 1
-    return n_max
-
-
 def _run_coupled(Y0, Y0_64, coefs, n_max, *, tol, record, stop_early, k_last=None):
     """Run the fused Numba kernel; returns ``(Z, Y, n_done, best_iter, diverged, best_r, hist)``."""
     nb, n, _ = Y0.shape
@@ -648,8 +642,9 @@ def _solve(A, method, n_iter, tol, scaling, eps, return_info, *, want):
     hist = None
     n_run = 1
     if eig_idx.size:
+        # exact to rounding: the residual is evaluated for the history only
         out[eig_idx], best_r[eig_idx] = _eigh_subset(A64[eig_idx], dtype, delta[eig_idx], eps, want,
-                                                     return_info or tol is not None)
+                                                     return_info)
     if ns_idx.size:
         sub = slice(None) if ns_idx.size == nb else ns_idx
         Y0s, Y0s_64 = Y0[sub], Y0_64[sub]
@@ -667,10 +662,17 @@ def _solve(A, method, n_iter, tol, scaling, eps, return_info, *, want):
             Z, Y, n_d, b_it, div, b_r, h_ns = _run_coupled(
                 Y0s, Y0s_64, cf, n_max, tol=tol_used, record=return_info, stop_early=stop_early,
                 k_last=None if k_last is None else k_last[sub])
-            if not (return_info or stop_early) and not np.isfinite(Z).all():
-                # the cheap path blew up: rerun with residuals to return the best iterate
-                Z, Y, n_d, b_it, div, b_r, h_ns = _run_coupled(
-                    Y0s, Y0s_64, cf, n_max, tol=tol_used, record=True, stop_early=False)
+            if not return_info:
+                # the cheap paths keep no copies: rerun a blown-up matrix with residuals, over
+                # the iterations it ran, to return its best iterate
+                redo = div | ~np.isfinite(Z).all(axis=(-2, -1))
+                if redo.any():
+                    j = np.flatnonzero(redo)
+                    Zr, Yr, n_r, it_r, div_r, r_r, _ = _run_coupled(
+                        Y0s[j], Y0s_64[j], cf[j], max(int(n_d[j].max()), 1), tol=None, record=True,
+                        stop_early=False)
+                    Z[j], Y[j], b_it[j], b_r[j] = Zr, Yr, it_r, r_r
+                    div[j] = True
             n_run = int(n_d.max())
             if return_info:
                 h_ns = _freeze_history(h_ns, n_d, n_run)
@@ -692,7 +694,7 @@ def _solve(A, method, n_iter, tol, scaling, eps, return_info, *, want):
 
     _warn_diverged(diverged, best_r, best_iter, label, nb)
     if tol is not None:
-        missed = ~diverged & ~(best_r <= tol)
+        missed = ~diverged & ~(best_r <= tol) & ~use_eigh
         if missed.any():
             i = int(np.flatnonzero(missed)[0])
             warnings.warn(
@@ -781,6 +783,9 @@ def inv_sqrtm(A, *, method="coupled", n_iter=None, tol=None, scaling="fro", eps=
         The iteration blew up; ``D`` is the best iterate.
     IllConditionedWarning
         ``A + eps I`` is numerically singular (pass ``eps > 0``).
+    NsiterWarning
+        An explicit ``tol`` was not reached (rounding floor or ``n_iter`` cap); the
+        result is the iterate the matrix stopped at.
 
     Notes
     -----

@@ -150,16 +150,39 @@ def _mm(A, B, C):
 
 
 @jit
+def _sum_squares(row, lo, hi):
+    """``sum(row[lo:hi]**2)`` in float64 with four independent chains (a reduction cannot be
+    vectorised without reassociation; independent chains keep the pipeline busy)."""
+    s0 = 0.0
+    s1 = 0.0
+    s2 = 0.0
+    s3 = 0.0
+    j = lo
+    while j + 3 < hi:
+        v0 = float(row[j])
+        v1 = float(row[j + 1])
+        v2 = float(row[j + 2])
+        v3 = float(row[j + 3])
+        s0 += v0 * v0
+        s1 += v1 * v1
+        s2 += v2 * v2
+        s3 += v3 * v3
+        j += 4
+    while j < hi:
+        v = float(row[j])
+        s0 += v * v
+        j += 1
+    return (s0 + s1) + (s2 + s3)
+
+
+@jit
 def _fro_minus_identity(M):
     """``||M - I||_F`` accumulated in float64."""
     n = M.shape[0]
     s = 0.0
     for i in range(n):
-        for j in range(n):
-            v = float(M[i, j])
-            if i == j:
-                v -= 1.0
-            s += v * v
+        d = float(M[i, i]) - 1.0
+        s += _sum_squares(M[i], 0, i) + d * d + _sum_squares(M[i], i + 1, n)
     return np.sqrt(s)
 
 
@@ -190,8 +213,10 @@ def _coupled_ns_one(Y0, Y0_64, coefs, n_max, k_last, record, stop_early, tol,
     it), provided ``r_k`` confirms it (``r_k <= tol``, or stagnation); when ``r_k``
     disagrees, the decisions switch to ``r_k`` from then on.  The decisions do not depend
     on ``record``.  Divergence: non-finite, ``> 1e3 x`` the best value or ``> 10 sqrt(n)``;
-    the best iterate is then returned.  Otherwise the iterate returned is the one the
-    matrix stopped at (or the last).  ``k_last`` (``0``: none) is the predicted last
+    the best iterate is then returned (when the divergence shows in the by-product, no
+    copy exists: the iteration stops, ``diverged`` is set and the caller reruns the matrix
+    with ``record``).  Otherwise the iterate returned is the one the matrix stopped at
+    (or the last).  ``k_last`` (``0``: none) is the predicted last
     iterate: there ``Z`` is formed first and ``r_k`` evaluated directly; when ``r_k <= tol``
     the matrix stops without forming ``Y`` (``Y_out`` then holds the previous ``Y``).
 
@@ -231,15 +256,12 @@ def _coupled_ns_one(Y0, Y0_64, coefs, n_max, k_last, record, stop_early, tol,
         if stop_early and k >= 1 and not use_metric:
             rho = _fro_minus_identity(M)  # residual of iterate k, for free
             if not np.isfinite(rho) or rho > 1e3 * best or rho > big:
+                # no copies are kept in this mode: the caller reruns with ``record``
                 diverged = True
-                restore = True
+                best_k = k
                 break
             if rho < best:
                 best = rho
-                best_k = k
-                best_r = r
-                Zb[:, :] = Z
-                Yb[:, :] = Y
             stag = rho < 0.5 and rho > 0.75 * prev
             prev = rho
             if rho <= tol or stag:
@@ -311,7 +333,7 @@ def _coupled_ns_one(Y0, Y0_64, coefs, n_max, k_last, record, stop_early, tol,
                     stopped = True
                     break
                 prev = r
-    if restore or diverged:
+    if restore or (diverged and (record or use_metric or not stop_early)):
         Z_out[:, :] = Zb
         Y_out[:, :] = Yb
     else:
