@@ -1128,7 +1128,7 @@ def _solve(A, method, n_iter, tol, scaling, eps, return_info, *, want):
         use_eigh = np.zeros(nb, dtype=bool)
         if scheduled:
             bound = np.minimum(fro_np, A64.detach().abs().sum(dim=-1).amax(dim=-1).cpu().numpy())
-            p_hi = np.maximum(bound / c_np, 1e-300)
+            p_hi = np.where(bound > 0, bound / c_np, 1.0)  # (the zero matrix of sqrtm_psd: 1)
             p_lo = np.maximum(lmin, delta / 10.0) / c_np / ns._LMIN_SAFETY / p_hi
             coefs, K = ns._accelerated_schedule(p_lo, tol_used if tol_used else ns.default_tol(np_dtype, n),
                                                 n, n_max)
