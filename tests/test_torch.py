@@ -279,7 +279,7 @@ def test_inv_sqrtm_matches_numpy_with_the_same_info(method, scaling, mode, cond)
     for field in ("converged", "diverged", "best_iter"):
         np.testing.assert_array_equal(getattr(it, field), getattr(info, field))
     assert it.residuals.dtype == np.float64 and it.residuals.shape == info.residuals.shape
-    np.testing.assert_allclose(it.residuals, info.residuals, rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(it.residuals, info.residuals, rtol=1e-6, atol=1e-10)  # floor ~ cond * u
     np.testing.assert_allclose(it.scale, info.scale, rtol=1e-14)
     plain = nsiter.inv_sqrtm(_t(A), method=method, scaling=scaling, eps=1e-4, **mode)
     np.testing.assert_allclose(plain.numpy(), nsiter.inv_sqrtm(A, method=method, scaling=scaling, eps=1e-4, **mode),
