@@ -88,7 +88,7 @@ def _check_finite_fast(arr: np.ndarray, name: str) -> None:
     The sum of the array is finite unless it holds NaN/inf or overflows; only then is the
     exact (element-wise) check run, so huge but finite data is still accepted.
     """
-    if arr.size and not np.isfinite(arr.sum(dtype=np.float64)):
+    if arr.size and not np.isfinite(arr.sum()):
         check_finite(arr, name)
 
 
@@ -596,8 +596,7 @@ def covariance(X, *, eps=0.0):
     eps = check_nonnegative_float(eps, "eps")
     _check_finite_fast(arr, "X")
     n, mean, m2 = _matrix_moments(arr)
-    cov = _ridge(m2 / n, eps)
-    return cov.astype(arr.dtype, copy=False), mean.astype(arr.dtype, copy=False)
+    return _scaled(m2, n, eps, arr.dtype), mean.astype(arr.dtype, copy=False)
 
 
 def _sampled_geometry(shape4, kernel_size, stride, padding, dilation, sampling_stride):
@@ -606,9 +605,15 @@ def _sampled_geometry(shape4, kernel_size, stride, padding, dilation, sampling_s
     return geometry(shape4, kernel_size, (sh * s, sw * s), padding, dilation)
 
 
+def _scaled(m2: np.ndarray, n, eps: float, dtype) -> np.ndarray:
+    """``M2 / n + eps I`` written straight into the output dtype (one rounding, no float64 copy)."""
+    cov = np.divide(m2, n, out=np.empty(m2.shape, dtype=dtype), casting="same_kind")
+    return _ridge(cov, eps)
+
+
 def _finish(stats, plan: _Plan, eps: float, dtype):
     n, mean, m2 = stats
-    cov = _ridge(m2 / n, eps).astype(dtype, copy=False)
+    cov = _scaled(m2, n, eps, dtype)
     mean = mean.astype(dtype, copy=False)
     if plan.mode == "contiguous":
         return cov, mean
