@@ -102,13 +102,17 @@ def test_info_fields_have_batch_shapes(method):
         info.n_iter = 3  # frozen
 
 
-def test_return_info_does_not_change_the_result():
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("cond", [1e2, 1e5, 1e9])
+def test_return_info_does_not_change_the_result(cond, dtype):
     rng = np.random.default_rng(3)
-    A = spd_with_condition(20, 1e5, rng, batch=(5,))
+    A = spd_with_condition(20, cond, rng, batch=(5,), dtype=dtype)
     for method in ("coupled", "accelerated", "auto"):
         for kw in (dict(tol=1e-8), dict(n_iter=9), {}):
-            D1 = nsiter.inv_sqrtm(A, method=method, **kw)
-            D2, _ = nsiter.inv_sqrtm(A, method=method, return_info=True, **kw)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", nsiter.NsiterWarning)  # unreachable tol in float32
+                D1 = nsiter.inv_sqrtm(A, method=method, **kw)
+                D2, _ = nsiter.inv_sqrtm(A, method=method, return_info=True, **kw)
             np.testing.assert_array_equal(D1, D2, err_msg=f"{method} {kw}")
 
 
@@ -389,6 +393,19 @@ def test_coupled_blow_up_on_a_singular_float32_matrix_returns_the_best_iterate()
     assert nsiter.IllConditionedWarning in kinds
     assert nsiter.NewtonSchulzDivergenceWarning in kinds
     assert np.all(np.isfinite(D))
+    # the same in tolerance mode (the blow-up shows in the by-product first), with and without info
+    for info_flag in (False, True):
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            res = nsiter.inv_sqrtm(A, tol=1e-3, n_iter=400, return_info=info_flag)
+        D2 = res[0] if info_flag else res
+        assert nsiter.NewtonSchulzDivergenceWarning in {type(x.message) for x in w}
+        assert np.all(np.isfinite(D2))
+        if info_flag:
+            info = res[1]
+            assert info.diverged and not info.converged
+            k = int(info.best_iter)
+            assert info.residuals[k - 1] == np.nanmin(info.residuals)
 
 
 def test_singular_matrix_warning_names_eps_and_eigh_raises():

@@ -237,7 +237,9 @@ def _coupled_ns_one(Y0, Y0_64, coefs, n_max, k_last, record, stop_early, tol,
     R2 = np.empty((n, n))
     big = 10.0 * np.sqrt(n)
     use_metric = False  # stop decisions on r_k instead of rho_k
-    best = np.inf  # best decision value (rho_k or r_k), its iterate in Zb / Yb
+    best = np.inf  # best by-product rho_k (decisions in by-product mode)
+    best_m = np.inf  # best float64 residual r_k seen (record / metric mode); iterate in Zb, Yb
+    best_mk = 0
     best_r = np.nan
     prev = np.inf
     best_k = 0
@@ -256,8 +258,9 @@ def _coupled_ns_one(Y0, Y0_64, coefs, n_max, k_last, record, stop_early, tol,
         if stop_early and k >= 1 and not use_metric:
             rho = _fro_minus_identity(M)  # residual of iterate k, for free
             if not np.isfinite(rho) or rho > 1e3 * best or rho > big:
-                # no copies are kept in this mode: the caller reruns with ``record``
+                # without ``record`` no copies are kept: the caller reruns with ``record``
                 diverged = True
+                restore = record
                 best_k = k
                 break
             if rho < best:
@@ -273,11 +276,11 @@ def _coupled_ns_one(Y0, Y0_64, coefs, n_max, k_last, record, stop_early, tol,
                     stopped = True
                     break
                 # the by-product passed but the metric did not: decide on the metric
+                # (the best-iterate record restarts here, with or without ``record``)
                 use_metric = True
-                best = r
-                best_k = k
-                best_r = r
                 prev = r
+                best_m = r
+                best_mk = k
                 Zb[:, :] = Z
                 Yb[:, :] = Y
         a = coefs[k, 0]
@@ -314,16 +317,16 @@ def _coupled_ns_one(Y0, Y0_64, coefs, n_max, k_last, record, stop_early, tol,
                 break
         _mm(Y, T, W)
         Y, W = W, Y
-        if use_metric or (record and not stop_early):
+        if record or use_metric:
             finite = np.isfinite(r)
-            if finite and r < best:
-                best = r
-                best_k = done
-                best_r = r
+            if finite and r < best_m:
+                best_m = r
+                best_mk = done
                 Zb[:, :] = Z
                 Yb[:, :] = Y
-            if not finite or r > 1e3 * best or r > big:
-                diverged = True
+            if use_metric or not stop_early:
+                if not finite or r > 1e3 * best_m or r > big:
+                    diverged = True
             if use_metric:
                 if diverged or r <= tol or (r < 0.5 and r > 0.75 * prev):
                     restore = not (r <= tol)
@@ -333,13 +336,15 @@ def _coupled_ns_one(Y0, Y0_64, coefs, n_max, k_last, record, stop_early, tol,
                     stopped = True
                     break
                 prev = r
-    if restore or (diverged and (record or use_metric or not stop_early)):
+    if restore or (diverged and record and not stop_early):
         Z_out[:, :] = Zb
         Y_out[:, :] = Yb
+        best_k = best_mk
+        best_r = best_m
     else:
         Z_out[:, :] = Z
         Y_out[:, :] = Y
-        if not stopped:
+        if not stopped and not diverged:
             # fixed count, or the cap was reached: the last iterate
             best_k = done
             if record:
