@@ -31,6 +31,7 @@ cheapest; all three agree to rounding (the tests compare each with the loop refe
 from __future__ import annotations
 
 import math
+import threading
 from typing import NamedTuple
 
 import numba
@@ -40,6 +41,7 @@ from ._conventions import as_images, geometry
 from ._dispatch import is_tensor, torch_backend
 from ._numba._covariance import (
     _patch_rows,
+    _subtract_outer,
     _row_patches,
     _scatter_moments,
     _shifted_moments,
@@ -70,6 +72,7 @@ _F64_ROWS = 65536
 _F32_MIN_FEATURES = 64  # narrower blocks are fill-bound: their products run in float64
 _DENSE_BYTES = 32 * 2**20  # one piece of padded, shifted float64 images ("shifted" kernel)
 _ROWS_BYTES = 32 * 2**20  # one piece of 1-row patch matrices ("rowshift" kernel)
+_SCRATCH_MAX = 8 * 2**20  # work buffers up to this size are kept per thread and reused
 
 # cost model (seconds = work / rate), per thread, measured on a 2-core AVX2 machine
 _RATE_MAC = {np.dtype(np.float32): 27e9, np.dtype(np.float64): 14e9}  # BLAS multiply-adds / s
@@ -111,6 +114,31 @@ def _ridge(cov: np.ndarray, eps: float) -> np.ndarray:
         idx = np.arange(n)
         cov[..., idx, idx] += eps
     return cov
+
+
+_LOCAL = threading.local()
+
+
+def _scratch(name: str, shape, dtype, *, zero: bool = False) -> np.ndarray:
+    """A work buffer kept per thread and reused between calls (fresh pages are slow to fault in).
+
+    Buffers above ``_SCRATCH_MAX`` bytes are allocated per call.  Results handed to the
+    caller are never scratch: they are copied or computed into fresh arrays.
+    """
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    if nbytes > _SCRATCH_MAX:
+        return np.zeros(shape, dtype) if zero else np.empty(shape, dtype)
+    store = getattr(_LOCAL, "buffers", None)
+    if store is None:
+        store = _LOCAL.buffers = {}
+    raw = store.get(name)
+    if raw is None or raw.nbytes < nbytes:
+        raw = store[name] = np.empty(max(nbytes, 64), dtype=np.uint8)
+    arr = raw[:nbytes].view(dtype).reshape(shape)
+    if zero:
+        arr.fill(0)
+    return arr
 
 
 # --------------------------------------------------------------------------------------
@@ -162,7 +190,7 @@ def _finish_shifted(count, shift, sums, second):
     symmetric ``second`` gives an exactly symmetric ``M2``.
     """
     z = sums / math.sqrt(count)
-    second -= z[..., :, None] * z[..., None, :]
+    _subtract_outer(second.reshape((-1,) + second.shape[-2:]), z.reshape(-1, z.shape[-1]))
     return count, shift + sums / count, second
 
 
@@ -196,9 +224,9 @@ def _matrix_moments(arr: np.ndarray):
     shift_b = shift.astype(bdt)  # subtract in the buffer's dtype (no mixed-type loop) ...
     shift = shift_b.astype(np.float64)  # ... and correct for exactly that shift
     rows = _chunk_rows(f + 1, bdt)
-    flat = np.empty(min(rows, n) * (f + 1), dtype=bdt)
-    tmp = np.empty((f + 1, f + 1), dtype=bdt)
-    acc = np.zeros((f + 1, f + 1))
+    flat = _scratch("rows", (min(rows, n) * (f + 1),), bdt)
+    tmp = _scratch("tmp", (f + 1, f + 1), bdt)
+    acc = _scratch("acc", (f + 1, f + 1), np.float64, zero=True)
     for p0 in range(0, n, rows):
         r = min(rows, n - p0)
         buf = flat[: r * (f + 1)].reshape(r, f + 1)
@@ -256,9 +284,9 @@ def _gemm_moments(imgs: np.ndarray, g, plan: _Plan):
     bdt = _buffer_dtype(imgs.dtype, plan.fb)
     total = g.n * g.oh * g.ow
     rows = min(_chunk_rows(lanes * fb1, bdt), total)
-    flat = np.empty(rows * lanes * fb1, dtype=bdt)
-    tmp = np.empty((plan.groups, fb1, fb1), dtype=bdt)
-    acc = np.zeros((plan.groups, fb1, fb1))
+    flat = _scratch("rows", (rows * lanes * fb1,), bdt)
+    tmp = _scratch("tmp", (plan.groups, fb1, fb1), bdt)
+    acc = _scratch("acc", (plan.groups, fb1, fb1), np.float64, zero=True)
     x = np.ascontiguousarray(imgs)
     if stacked:  # (R, G, fb1): row stride lanes*fb1
         base = plan.grp * fb1 + plan.feat
@@ -390,14 +418,15 @@ def _rowshift_moments(imgs: np.ndarray, g, plan: _Plan):
     bw = cb * kw
     zdt = _buffer_dtype(imgs.dtype, cb * g.kh * kw)
     cap = _F32_ROWS if zdt == np.float32 else _F64_ROWS
-    acc = np.zeros((blocks, cb, kh, kw, cb, kh, kw))
+    acc = _scratch("acc", (blocks, cb, kh, kw, cb, kh, kw), np.float64, zero=True)
     colsum = np.zeros((g.c, kh, kw))
     x = np.ascontiguousarray(imgs)
-    tmp = np.empty((bw, bw), dtype=zdt)
+    tmp = _scratch("tmp", (bw, bw), zdt)
+    run = _scratch("run", (bw, bw), np.float64)
     for n0, n1, a0, a1 in _row_pieces(g, cw, zdt.itemsize):
         oh = a1 - a0
         rows = oh + halo
-        Z = np.empty((rows, n1 - n0, g.ow, cw), dtype=zdt)
+        Z = _scratch("rows", (rows, n1 - n0, g.ow, cw), zdt)
         _row_patches(x, m_c, kw, g.sw, g.ph, g.pw, g.dw, g.ow, n0, a0, Z)
         per_row = (n1 - n0) * g.ow
         step = max(1, cap // per_row)  # rows of Z per BLAS product (bounded rounding in float32)
@@ -412,7 +441,7 @@ def _rowshift_moments(imgs: np.ndarray, g, plan: _Plan):
             for di in range(kh):
                 starts = [i * dh for i in range(kh - di)]
                 bounds = sorted(set(starts) | {u + oh for u in starts})
-                run = np.zeros((bw, bw))  # sum of Z_u^T Z_{u + di dh} over rows [bounds[0], u)
+                run.fill(0)  # sum of Z_u^T Z_{u + di dh} over rows [bounds[0], u)
                 for u0, u1 in zip(bounds[:-1], bounds[1:]):
                     for v0 in range(u0, u1, step):
                         v1 = min(u1, v0 + step)
@@ -809,8 +838,9 @@ class PatchStatistics:
         block = _check_block(self.block_size, g.c)
         _check_finite_fast(imgs, "x")
         plan = self._plan if self._plan is not None else _plan(g.c, g.kh * g.kw, block, self.grouping)
-        stats = _patch_moments(imgs, g, plan)
-        self._stats = stats if self._stats is None else _merge_moments(self._stats, stats)
+        n, mean, m2 = _patch_moments(imgs, g, plan)  # m2 may be a reused work buffer: copy or merge
+        self._stats = (n, mean.copy(), m2.copy()) if self._stats is None else _merge_moments(self._stats,
+                                                                                           (n, mean, m2))
         self.channels, self._plan = g.c, plan
         self.dtype = arr.dtype if self.dtype is None else np.promote_types(self.dtype, arr.dtype)
         return self

@@ -255,3 +255,13 @@ def _scatter_moments(acc, tasks, kh, kw, M):
                     v = acc[t, i, q, j]
                     M[a, b] = v
                     M[b, a] = v
+
+
+@jit
+def _subtract_outer(M, z):
+    """``M[g] -= z[g] z[g]^T`` in place; exactly symmetric since ``z_i z_j == z_j z_i``."""
+    for g in range(M.shape[0]):
+        for i in range(M.shape[1]):
+            zi = z[g, i]
+            for j in range(M.shape[2]):
+                M[g, i, j] -= zi * z[g, j]
