@@ -27,6 +27,7 @@ does.  Three kernels compute the moments (:data:`KERNELS`):
 
 A cost model (:func:`_cost`, rates measured on this project's 2-core machine) picks the
 cheapest; all three agree to rounding (the tests compare each with the loop reference).
+Work buffers of at most 8 MB are kept per thread and reused between calls (:func:`_scratch`).
 """
 from __future__ import annotations
 
@@ -217,7 +218,7 @@ def _buffer_dtype(arr_dtype: np.dtype, fb: int) -> np.dtype:
 
 
 def _matrix_moments(arr: np.ndarray):
-    """Moments of the rows of a samples x features matrix, two-pass and chunked."""
+    """Moments of the rows of a samples x features matrix about a sampled shift, in chunks through BLAS."""
     n, f = arr.shape
     shift = arr[:: max(1, n // 256)].mean(axis=0, dtype=np.float64)  # a shift near the mean (<= 511 rows)
     bdt = _buffer_dtype(arr.dtype, f)
