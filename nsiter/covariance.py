@@ -428,11 +428,11 @@ def _rowshift_moments(imgs: np.ndarray, g, plan: _Plan):
         oh = a1 - a0
         rows = oh + halo
         Z = _scratch("rows", (rows, n1 - n0, g.ow, cw), zdt)
-        _row_patches(x, m_c, kw, g.sw, g.ph, g.pw, g.dw, g.ow, n0, a0, Z)
+        rs = _scratch("rowsum", (rows, cw), np.float64)
+        _row_patches(x, m_c, kw, g.sw, g.ph, g.pw, g.dw, g.ow, n0, a0, Z, rs)
         per_row = (n1 - n0) * g.ow
         step = max(1, cap // per_row)  # rows of Z per BLAS product (bounded rounding in float32)
         Zm = Z.reshape(rows * per_row, cw)
-        rs = Z.sum(axis=(1, 2), dtype=np.float64)  # (rows, cw)
         pre = np.zeros((rows + 1, cw))
         np.cumsum(rs, axis=0, out=pre[1:])
         ii = np.arange(kh) * dh

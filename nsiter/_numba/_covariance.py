@@ -86,17 +86,19 @@ def _patch_rows(x, shift, base, ones, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, p0
 
 
 @jit
-def _row_patches(x, m, kw, sw, ph, pw, dw, ow, n0, u0, out):
+def _row_patches(x, m, kw, sw, ph, pw, dw, ow, n0, u0, out, rowsum):
     """Shifted 1-row patches: ``out[u, t, b, c*kw + j] = xpad[n0 + t, c, u0 + u, b*sw + j*dw] - m[c]``.
 
     ``xpad`` is ``x`` zero-padded by ``ph``/``pw`` (padding entries become ``-m[c]``), so
     ``out[u]`` stacks the im2col matrices of padded row ``u0 + u`` of images ``n0, n0 + 1,
     ...`` for a ``1 x kw`` kernel (row-major in ``u``: any range of rows is one matrix).
-    Serial (the caller multiplies the result with BLAS).
+    ``rowsum[u, col]`` receives the float64 column sums of ``out[u]``.  Serial (the caller
+    multiplies the result with BLAS).
     """
     n_ch = x.shape[1]
     h = x.shape[2]
     w = x.shape[3]
+    rowsum[:, :] = 0.0
     for t in range(out.shape[1]):
         n = n0 + t
         for u in range(out.shape[0]):
@@ -109,6 +111,7 @@ def _row_patches(x, m, kw, sw, ph, pw, dw, ow, n0, u0, out):
                     if hh < 0 or hh >= h:
                         for b in range(ow):
                             dst[b, col] = -mc
+                        rowsum[u, col] -= ow * mc
                         continue
                     src = x[n, c, hh]
                     off = j * dw - pw
@@ -118,12 +121,16 @@ def _row_patches(x, m, kw, sw, ph, pw, dw, ow, n0, u0, out):
                     hi = ow
                     while hi > lo and (hi - 1) * sw + off >= w:
                         hi -= 1
+                    s = 0.0
                     for b in range(lo):
                         dst[b, col] = -mc
                     for b in range(lo, hi):
-                        dst[b, col] = src[b * sw + off] - mc
+                        v = src[b * sw + off] - mc
+                        dst[b, col] = v
+                        s += v
                     for b in range(hi, ow):
                         dst[b, col] = -mc
+                    rowsum[u, col] += s - (ow - (hi - lo)) * mc
 
 
 @jit
