@@ -68,7 +68,8 @@ GROUPINGS = ("contiguous", "reference")
 KERNELS = ("gemm", "rowshift", "shifted")
 
 _BUFFER_BYTES = 8 * 2**20  # one chunk of shifted patch rows
-_F32_ROWS = 2048  # rows per float32 BLAS product (its rounding grows like sqrt(rows))
+_F32_ROWS = 2048  # rows per float32 chunk of patch rows (its rounding grows like sqrt(rows))
+_F32_GEMM_ROWS = 8192  # rows per float32 product of 1-row patch matrices (fewer, larger BLAS calls)
 _F64_ROWS = 65536
 _F32_MIN_FEATURES = 64  # narrower blocks are fill-bound: their products run in float64
 _DENSE_BYTES = 32 * 2**20  # one piece of padded, shifted float64 images ("shifted" kernel)
@@ -418,7 +419,7 @@ def _rowshift_moments(imgs: np.ndarray, g, plan: _Plan):
     cb = g.c // blocks  # channels per computed block
     bw = cb * kw
     zdt = _buffer_dtype(imgs.dtype, cb * g.kh * kw)
-    cap = _F32_ROWS if zdt == np.float32 else _F64_ROWS
+    cap = _F32_GEMM_ROWS if zdt == np.float32 else _F64_ROWS
     acc = _scratch("acc", (blocks, cb, kh, kw, cb, kh, kw), np.float64, zero=True)
     colsum = np.zeros((g.c, kh, kw))
     x = np.ascontiguousarray(imgs)
@@ -526,7 +527,7 @@ def _cost(g, plan: _Plan, dtype) -> dict:
     macs = 0.0
     for di in range(kh):
         macs += ((kh - 1 - di) * dh + g.oh) * per_row * bw * bw * (0.5 if di == 0 else 1.0)
-    calls = blocks * kh * 2 * kh * max(1, -(-hp * per_row // (_F32_ROWS if zdt == np.float32 else _F64_ROWS)))
+    calls = blocks * kh * 2 * kh * max(1, -(-hp * per_row // (_F32_GEMM_ROWS if zdt == np.float32 else _F64_ROWS)))
     cost["rowshift"] = (g.n * hp * g.ow * g.c * kw / _RATE_FILL + _gemm_seconds(blocks * macs, bw, zdt)
                         + calls * _CALL_OVERHEAD)
     if g.sw != 1:

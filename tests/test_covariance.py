@@ -439,3 +439,15 @@ def test_patch_statistics_accepts_torch_tensors_on_the_host():
     cov, _ = stats.covariance()
     assert isinstance(cov, np.ndarray)
     np.testing.assert_allclose(cov, want, rtol=1e-12, atol=1e-14)
+
+
+def test_float32_blas_kernels_stay_within_1e_5_on_long_products():
+    """Thousands of rows per float32 BLAS product (the per-product row caps), large mean."""
+    rng = np.random.default_rng(46)
+    x = (1000.0 + random_images((4, 8, 128, 128), rng)).astype(np.float32)
+    want, want_mean = _forced(x.astype(np.float64), 3, "shifted", padding=1)
+    for kernel in ("gemm", "rowshift"):
+        cov, mean = _forced(x, 3, kernel, padding=1)
+        assert cov.dtype == np.float32
+        assert _rel(cov, want) < 1e-5, kernel
+        assert _rel(mean, want_mean) < 1e-6, kernel
