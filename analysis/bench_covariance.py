@@ -9,8 +9,11 @@ Side by side in one run (float32 images, CPU, medians of repeats after a warm-up
 2. Dense single channel ``512 x 512``, k = 15 (padding 7): the im2col-free kernel vs the peer.
 3. Kernels: every covariance kernel forced on both shapes, next to the cost model's choice.
 4. Subsampling ``S = 1..4``: the paper's pipeline ``nsiter.im2col`` (stride S) +
-   ``nsiter.covariance``, the numpy peer pipeline, and the fused ``patch_covariance``;
-   speed-up of each against its own ``S = 1``.
+   ``nsiter.covariance`` (back to back, and as the sum of the two stages timed apart: a
+   parallel Numba kernel followed by multi-threaded BLAS makes the two thread pools contend),
+   the numpy peer pipeline, and the fused ``patch_covariance``; speed-up of each against its
+   own ``S = 1`` (the ideal is ``S^2``).  The fused ``S = 1`` uses the row-shift kernel, which
+   has no counterpart on a strided grid, so its ratio is smaller by design.
 5. Table 3 (appendix A.6) layer shapes, batch 8 instead of the paper's 128: im2col + cov
    (pipeline and fused, reference grouping with ``B = Cin/groups``) next to torch
    ``conv2d`` of the same layer on the CPU, as the ratio the paper reports.
@@ -130,12 +133,17 @@ def subsampling_rows(cases, repeat):
         base = {}
         for S in (1, 2, 3, 4):
             t_pipe = median_time(lambda: nsiter.covariance(nsiter.im2col(x, k, stride=S, padding=p)), repeat=repeat)
+            X = nsiter.im2col(x, k, stride=S, padding=p)
+            t_stages = (median_time(lambda: nsiter.im2col(x, k, stride=S, padding=p), repeat=repeat)
+                        + median_time(lambda: nsiter.covariance(X), repeat=repeat))
+            del X
             t_peer = median_time(lambda: peer_cov(x, k, S, p), repeat=repeat)
             t_fused = median_time(lambda: nsiter.patch_covariance(x, k, padding=p, sampling_stride=S), repeat=repeat)
             if S == 1:
-                base = {"pipe": t_pipe, "peer": t_peer, "fused": t_fused}
+                base = {"pipe": t_pipe, "stages": t_stages, "peer": t_peer, "fused": t_fused}
             rows.append({"case": label, "S": S, "rows_fraction": 1.0 / S ** 2,
                          "im2col_cov_ms": 1e3 * t_pipe, "speedup_im2col_cov": base["pipe"] / t_pipe,
+                         "stages_ms": 1e3 * t_stages, "speedup_stages": base["stages"] / t_stages,
                          "numpy_peer_ms": 1e3 * t_peer, "speedup_numpy_peer": base["peer"] / t_peer,
                          "patch_covariance_ms": 1e3 * t_fused, "speedup_patch_covariance": base["fused"] / t_fused,
                          "kernel": chosen(x, k, padding=p, sampling_stride=S)})
@@ -286,8 +294,9 @@ def main(argv=None):
     ]
     for r in s3:
         goals.append({"goal": f"subsampling S=3 vs S=1, im2col + covariance, {r['case']}", "target": ">= 7x",
-                      "measured": f"{r['speedup_im2col_cov']:.1f}x (numpy peer {r['speedup_numpy_peer']:.1f}x, "
-                                  f"fused patch_covariance {r['speedup_patch_covariance']:.1f}x; rows / 9)",
+                      "measured": f"{r['speedup_im2col_cov']:.1f}x back to back, {r['speedup_stages']:.1f}x "
+                                  f"stages timed apart (numpy peer {r['speedup_numpy_peer']:.1f}x, fused "
+                                  f"patch_covariance {r['speedup_patch_covariance']:.1f}x; rows / 9)",
                       "met": r["speedup_im2col_cov"] >= 7})
     if t3 and "ratio_fused" in t3[0]:
         med = float(np.median([r["ratio_fused"] for r in t3]))
