@@ -76,8 +76,10 @@ from ._dispatch import is_tensor, torch_backend
 from ._numba._newton_schulz import (
     _coupled_ns_parallel,
     _coupled_ns_serial,
+    _eigh_power_serial,
     _psd_probe,
-    _spectrum_estimates,
+    _psd_probe_serial,
+    _spectrum_estimates_serial,
 )
 from ._numba._newton_schulz import _eigh_power as _eigh_power_kernel
 from ._validation import (
@@ -197,28 +199,44 @@ def _validate(A, method, n_iter, tol, scaling, eps, return_info, name="A"):
     return arr, method, n_iter, tol, scaling, eps, bool(return_info)
 
 
+def _use_thread_pool(n: int, nb: int) -> bool:
+    """One matrix per Numba thread for small matrices in a batch; otherwise no Numba
+    parallel region at all, so that BLAS/LAPACK threads never compete with a spinning pool."""
+    return n <= _PARALLEL_MAX_N and nb > 1
+
+
 def _probe(A64: np.ndarray, delta: np.ndarray, n_inverse: int, n_power: int) -> tuple[np.ndarray, np.ndarray]:
     """PSD check + eigenvalue estimates ``(lmin, lmax)``; raises on indefinite input.
 
     ``delta = 10 n eps(dtype) ||A||_F`` is the rounding tolerance: the Cholesky
-    factorisation of ``A + delta I`` (LAPACK, batched) fails exactly when ``A`` has an
-    eigenvalue below ``-delta`` (up to float64 rounding), i.e. ``A`` is indefinite beyond
-    tolerance; a Numba Cholesky then finds which matrices failed.  From the factor,
-    ``n_inverse`` steps of inverse iteration over-estimate ``lambda_min``; ``n_power``
-    steps of power iteration under-estimate ``lambda_max`` (0 when ``n_power == 0``).
+    factorisation of ``A + delta I`` fails exactly when ``A`` has an eigenvalue below
+    ``-delta`` (up to float64 rounding), i.e. ``A`` is indefinite beyond tolerance.
+    ``n <= 64``: a Numba Cholesky (one matrix per thread for a batch); larger: LAPACK
+    (batched ``numpy.linalg.cholesky``).  The choice depends on ``n`` only, so that a
+    matrix gets the same estimates alone or in a batch.  From the factor, ``n_inverse`` steps of inverse
+    iteration over-estimate ``lambda_min``; ``n_power`` steps of power iteration
+    under-estimate ``lambda_max`` (0 when ``n_power == 0``).
     """
     nb, n, _ = A64.shape
-    lmin = np.empty(nb)
-    lmax = np.empty(nb)
-    S = A64.copy()
-    S[:, np.arange(n), np.arange(n)] += delta[:, None]
-    try:
-        L = np.linalg.cholesky(S)
-    except np.linalg.LinAlgError:
-        ok = np.empty(nb, dtype=np.bool_)
-        _psd_probe(A64, delta, n_inverse, n_power, lmin, lmax, ok)
-        if ok.all():  # LAPACK and the Numba factorisation disagree at the rounding level
-            return lmin, lmax
+    if n <= _PARALLEL_MAX_N:
+        out = np.empty((nb, 3))
+        (_psd_probe if _use_thread_pool(n, nb) else _psd_probe_serial)(A64, delta, n_inverse, n_power, out)
+        ok, lmin, lmax = out[:, 0] > 0, out[:, 1].copy(), out[:, 2].copy()
+    else:
+        lmin = np.empty(nb)
+        lmax = np.empty(nb)
+        ok = np.ones(nb, dtype=np.bool_)
+        S = A64.copy()
+        S[:, np.arange(n), np.arange(n)] += delta[:, None]
+        try:
+            L = np.linalg.cholesky(S)
+        except np.linalg.LinAlgError:
+            out = np.empty((nb, 3))
+            _psd_probe_serial(A64, delta, n_inverse, n_power, out)
+            ok = out[:, 0] > 0
+        else:
+            _spectrum_estimates_serial(A64, L, delta, n_inverse, n_power, lmin, lmax)
+    if not ok.all():
         bad = np.flatnonzero(~ok)
         raise ValueError(
             f"expected symmetric positive semidefinite matrices, but {bad.size} of {nb} "
@@ -226,8 +244,7 @@ def _probe(A64: np.ndarray, delta: np.ndarray, n_inverse: int, n_power: int) -> 
             f"(= 10 n eps ||A||_F, the rounding tolerance): Cholesky of A + {delta[bad[0]]:.3g} I "
             "failed; an inverse square root needs A >= 0 — check how A was formed, or add a "
             "ridge with eps > 0 large enough to make it positive definite"
-        ) from None
-    _spectrum_estimates(A64, L, delta, n_inverse, n_power, lmin, lmax)
+        )
     return lmin, lmax
 
 
@@ -447,7 +464,7 @@ def _run_coupled(Y0, Y0_64, coefs, n_max, *, tol, record, stop_early, k_last=Non
     info_i = np.zeros((nb, 3), dtype=np.int64)
     info_f = np.zeros((nb, 1))
     coefs = np.ascontiguousarray(coefs[:, :n_max], dtype=Y0.dtype)
-    kernel = _coupled_ns_parallel if (n <= _PARALLEL_MAX_N and nb > 1) else _coupled_ns_serial
+    kernel = _coupled_ns_parallel if _use_thread_pool(n, nb) else _coupled_ns_serial
     k_last = np.zeros(nb, dtype=np.int64) if k_last is None else np.ascontiguousarray(k_last, dtype=np.int64)
     kernel(Y0, Y0_64, coefs, n_max, k_last, record, stop_early, float(tol or 0.0), Z, Y, hist, info_i, info_f)
     return Z, Y, info_i[:, 0], info_i[:, 1], info_i[:, 2].astype(bool), info_f[:, 0], hist
@@ -472,10 +489,10 @@ def _eigh_power(A64, dtype, delta, eps, power=-0.5):
     ``[-delta, 0]`` are rounding noise and are clipped to 0.
     """
     nb, n, _ = A64.shape
-    if n <= _PARALLEL_MAX_N and nb > 1:
+    if n <= _PARALLEL_MAX_N:
         D = np.empty_like(A64)
         lam = np.empty((nb, n))
-        _eigh_power_kernel(A64, float(power), D, lam)
+        (_eigh_power_kernel if _use_thread_pool(n, nb) else _eigh_power_serial)(A64, float(power), D, lam)
     else:
         lam, V = np.linalg.eigh(A64)
         D = None

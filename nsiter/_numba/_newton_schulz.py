@@ -10,7 +10,10 @@ import numpy as np
 
 from .._config import jit, prange
 
-__all__ = ["_psd_probe", "_spectrum_estimates", "_coupled_ns_parallel", "_coupled_ns_serial", "_eigh_power"]
+__all__ = [
+    "_psd_probe", "_psd_probe_serial", "_spectrum_estimates", "_spectrum_estimates_serial",
+    "_coupled_ns_parallel", "_coupled_ns_serial", "_eigh_power", "_eigh_power_serial",
+]
 
 
 @jit
@@ -85,45 +88,71 @@ def _spectrum_estimates(A, L, shift, n_inverse, n_power, lmin, lmax):
         lmin[b] = _inverse_one(L[b], n_inverse, v, w) - shift[b]
 
 
-@jit(parallel=True)
-def _psd_probe(A, shift, n_inverse, n_power, lmin, lmax, ok):
-    """Cholesky test of ``A + shift I`` and the estimates of :func:`_spectrum_estimates`.
-
-    For each matrix ``b`` (float64, symmetric): a hand-written right-looking Cholesky
-    factorisation ``L L^T = A_b + shift_b I``.  When it breaks down (a pivot ``<= 0`` or
-    NaN), ``ok[b] = False``: ``A_b`` has an eigenvalue below ``-shift_b``, and
-    ``lmin[b] = nan``.  Cost: ``n^3/3 + (n_inverse + n_power) 2 n^2`` flops per matrix.
-    """
+@jit
+def _spectrum_estimates_serial(A, L, shift, n_inverse, n_power, lmin, lmax):
+    """:func:`_spectrum_estimates` in batch order (no thread pool: large matrices, where
+    BLAS/LAPACK threads do the work and a second pool would only compete with them)."""
     nb, n, _ = A.shape
-    for b in prange(nb):
-        a = A[b]
-        L = np.empty((n, n))
-        col = np.empty(n)
-        v = np.empty(n)
-        w = np.empty(n)
-        for i in range(n):
-            for k in range(i + 1):
-                L[i, k] = a[i, k]
-            L[i, i] += shift[b]
-        good = True
-        for j in range(n):
-            d = L[j, j]
-            if not (d > 0.0):
-                good = False
-                break
-            ljj = np.sqrt(d)
-            L[j, j] = ljj
-            inv = 1.0 / ljj
-            for i in range(j + 1, n):
-                L[i, j] *= inv
-                col[i] = L[i, j]
-            for i in range(j + 1, n):
-                lij = col[i]
-                for k in range(j + 1, i + 1):
-                    L[i, k] -= lij * col[k]
-        ok[b] = good
-        lmax[b] = _power_one(a, n_power, v, w) if n_power > 0 else 0.0
-        lmin[b] = _inverse_one(L, n_inverse, v, w) - shift[b] if good else np.nan
+    v = np.empty(n)
+    w = np.empty(n)
+    for b in range(nb):
+        lmax[b] = _power_one(A[b], n_power, v, w) if n_power > 0 else 0.0
+        lmin[b] = _inverse_one(L[b], n_inverse, v, w) - shift[b]
+
+
+@jit
+def _psd_probe_one(a, shift, n_inverse, n_power, out):
+    """Right-looking Cholesky of ``a + shift I`` (trailing updates over contiguous rows,
+    vectorisable) and the estimates of :func:`_power_one` / :func:`_inverse_one`.
+
+    ``out = [ok, lambda_min estimate, lambda_max estimate]``; ``ok = 0`` when a pivot is
+    ``<= 0`` or NaN: ``a`` has an eigenvalue below ``-shift`` (``lambda_min = nan``).
+    """
+    n = a.shape[0]
+    L = np.empty((n, n))
+    col = np.empty(n)
+    v = np.empty(n)
+    w = np.empty(n)
+    for i in range(n):
+        for k in range(i + 1):
+            L[i, k] = a[i, k]
+        L[i, i] += shift
+    good = True
+    for j in range(n):
+        d = L[j, j]
+        if not (d > 0.0):
+            good = False
+            break
+        ljj = np.sqrt(d)
+        L[j, j] = ljj
+        inv = 1.0 / ljj
+        for i in range(j + 1, n):
+            L[i, j] *= inv
+            col[i] = L[i, j]
+        for i in range(j + 1, n):
+            lij = col[i]
+            for k in range(j + 1, i + 1):
+                L[i, k] -= lij * col[k]
+    out[0] = 1.0 if good else 0.0
+    out[2] = _power_one(a, n_power, v, w) if n_power > 0 else 0.0
+    out[1] = _inverse_one(L, n_inverse, v, w) - shift if good else np.nan
+
+
+@jit(parallel=True)
+def _psd_probe(A, shift, n_inverse, n_power, out):
+    """:func:`_psd_probe_one` for every matrix (``out`` of shape ``(nb, 3)``), one per thread.
+
+    Cost: ``n^3/3 + (n_inverse + n_power) 2 n^2`` flops per matrix.
+    """
+    for b in prange(A.shape[0]):
+        _psd_probe_one(A[b], shift[b], n_inverse, n_power, out[b])
+
+
+@jit
+def _psd_probe_serial(A, shift, n_inverse, n_power, out):
+    """:func:`_psd_probe` in batch order (a single matrix: no thread pool)."""
+    for b in range(A.shape[0]):
+        _psd_probe_one(A[b], shift[b], n_inverse, n_power, out[b])
 
 
 # hand-written products below this size, BLAS (np.dot) from it on; measured single-thread
@@ -377,16 +406,29 @@ def _coupled_ns_serial(Y0, Y0_64, coefs, n_max, k_last, record, stop_early, tol,
                         Z_out[b], Y_out[b], hist[b], info_i[b], info_f[b])
 
 
+@jit
+def _eigh_power_one(a, power, out, lam_out):
+    """``out = V diag(lambda^power) V^T`` from LAPACK ``eigh`` of ``a`` (float64);
+    eigenvalues ``<= 0`` contribute 0; ``lam_out`` gets them (ascending)."""
+    n = a.shape[0]
+    lam, V = np.linalg.eigh(a)
+    lam_out[:] = lam
+    W = np.empty((n, n))
+    for i in range(n):
+        for j in range(n):
+            W[i, j] = V[i, j] * lam[j] ** power if lam[j] > 0.0 else 0.0
+    np.dot(W, np.ascontiguousarray(V.T), out)
+
+
 @jit(parallel=True)
 def _eigh_power(A, power, out, lam_out):
-    """``out[b] = V diag(lambda^power) V^T`` from LAPACK ``eigh`` of ``A[b]`` (float64), one
-    matrix per thread; eigenvalues ``<= 0`` contribute 0; ``lam_out[b]`` gets them (ascending)."""
-    nb, n, _ = A.shape
-    for b in prange(nb):
-        lam, V = np.linalg.eigh(A[b])
-        lam_out[b] = lam
-        W = np.empty((n, n))
-        for i in range(n):
-            for j in range(n):
-                W[i, j] = V[i, j] * lam[j] ** power if lam[j] > 0.0 else 0.0
-        np.dot(W, np.ascontiguousarray(V.T), out[b])
+    """:func:`_eigh_power_one` for every matrix, one per thread."""
+    for b in prange(A.shape[0]):
+        _eigh_power_one(A[b], power, out[b], lam_out[b])
+
+
+@jit
+def _eigh_power_serial(A, power, out, lam_out):
+    """:func:`_eigh_power_one` in batch order."""
+    for b in range(A.shape[0]):
+        _eigh_power_one(A[b], power, out[b], lam_out[b])
