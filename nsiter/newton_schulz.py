@@ -112,6 +112,10 @@ _PROBE_POWER_STEPS = 8
 # the fused kernel runs one matrix per thread up to this size; above it the batch is
 # processed in order and the BLAS library's own threads share each product
 _PARALLEL_MAX_N = 64
+# method="eigh" runs LAPACK inside a Numba kernel (one matrix per thread) up to this size;
+# above it numpy's batched eigh: concurrent calls into a threaded OpenBLAS from several
+# threads serialise (measured: 2 threads at n = 64 slower than one)
+_EIGH_KERNEL_MAX_N = 32
 # the inverse-iteration estimate of lambda_min is an upper bound; the accelerated
 # schedule is designed for lambda_min / _LMIN_SAFETY
 _LMIN_SAFETY = 2.0
@@ -489,7 +493,7 @@ def _eigh_power(A64, dtype, delta, eps, power=-0.5):
     ``[-delta, 0]`` are rounding noise and are clipped to 0.
     """
     nb, n, _ = A64.shape
-    if n <= _PARALLEL_MAX_N:
+    if n <= _EIGH_KERNEL_MAX_N:
         D = np.empty_like(A64)
         lam = np.empty((nb, n))
         (_eigh_power_kernel if _use_thread_pool(n, nb) else _eigh_power_serial)(A64, float(power), D, lam)
