@@ -624,9 +624,11 @@ def _run_coupled(Y0, Y0_64, coefs, n_max, *, tol, record, stop_early, k_last=Non
     ``stop_early`` the free by-product ``rho_k = ||Z_k Y_k - I||_F`` gates divergence,
     tolerance and stagnation until the float64 metric ``r_k = ||Z_k Z_k Y_0 - I||_F``
     disagrees; ``k_last`` (predicted last iterate) forms ``Z`` first and stops without
-    ``Y`` when ``r_k <= tol``; ``record`` stores every ``r_k``.  Active matrices are
-    iterated as a sub-batch; one host sync per step.
-    Returns ``(Z, Y, n_done, returned_iter, diverged, returned_r, hist)`` like the numpy runner.
+    ``Y`` when ``r_k <= tol``; ``record`` stores every ``r_k`` and keeps the best iterate by
+    ``r_k``.  A divergence seen in the by-product keeps no copy (the caller reruns the
+    matrix with ``record``).  Active matrices are iterated as a sub-batch; one host sync
+    per step.  Returns ``(Z, Y, n_done, returned_iter, diverged, returned_r, hist)`` like
+    the numpy runner.
     """
     nb, n, _ = Y0.shape
     dev = Y0.device
@@ -638,8 +640,10 @@ def _run_coupled(Y0, Y0_64, coefs, n_max, *, tol, record, stop_early, k_last=Non
     Z = eye.expand(nb, n, n)
     Zb, Yb = Z, Y
     hist = np.full((nb, n_max if record else 1), np.nan)
-    use_metric = np.zeros(nb, dtype=bool)
-    best = np.full(nb, np.inf)
+    use_metric = np.zeros(nb, dtype=bool)  # decisions on r_k instead of rho_k
+    best = np.full(nb, np.inf)  # best by-product rho_k
+    best_m = np.full(nb, np.inf)  # best r_k seen (record / metric mode); its iterate in Zb, Yb
+    best_mk = np.zeros(nb, dtype=np.int64)
     best_r = np.full(nb, np.nan)
     prev = np.full(nb, np.inf)
     best_k = np.zeros(nb, dtype=np.int64)
@@ -679,14 +683,14 @@ def _run_coupled(Y0, Y0_64, coefs, n_max, *, tol, record, stop_early, k_last=Non
                 g = idx[loc]
                 rho = _fro_minus_identity(M.index_select(0, T_(loc))).cpu().numpy()
                 div = ~np.isfinite(rho) | (rho > 1e3 * best[g]) | (rho > big)
-                diverged[g[div]] = restore[g[div]] = True
-                active[g[div]] = False
+                gd = g[div]
+                diverged[gd] = True
+                restore[gd] = bool(record)
+                best_k[gd] = k
+                active[gd] = False
                 ok = ~div
                 imp = ok & (rho < best[g])
                 best[g[imp]] = rho[imp]
-                best_k[g[imp]] = k
-                best_r[g[imp]] = r_last[g[imp]]
-                keep_best(g[imp], Za, Ya, loc[imp])
                 stag = ok & (rho < 0.5) & (rho > 0.75 * prev[g])
                 prev[g[ok]] = rho[ok]
                 cand = ok & ((rho <= tol) | stag)
@@ -703,8 +707,8 @@ def _run_coupled(Y0, Y0_64, coefs, n_max, *, tol, record, stop_early, k_last=Non
                     active[gc[fin]] = False
                     sw, rs = gc[~fin], r[~fin]
                     use_metric[sw] = True
-                    best[sw] = best_r[sw] = prev[sw] = rs
-                    best_k[sw] = k
+                    prev[sw] = best_m[sw] = rs
+                    best_mk[sw] = k
                     keep_best(sw, Za, Ya, cl[~fin])
                 keep = np.flatnonzero(active[idx])
                 if keep.size < idx.size:  # matrices that stopped before this step
@@ -725,12 +729,12 @@ def _run_coupled(Y0, Y0_64, coefs, n_max, *, tol, record, stop_early, k_last=Non
                 hist[g, k] = r_last[g]
             if stop_early:
                 acc = (k_last[g] == k + 1) & ~use_metric[g] & (r_last[g] <= tol)
-                ga = g[acc]
-                best_r[ga] = r_last[ga]
-                best_k[ga] = k + 1
-                stopped[ga] = True
-                active[ga] = False
-                if acc.any():  # accepted at the predicted step: Z stays, Y is not formed
+                if acc.any():  # accepted at the predicted step: Z is stored, Y is not formed
+                    ga = g[acc]
+                    best_r[ga] = r_last[ga]
+                    best_k[ga] = k + 1
+                    stopped[ga] = True
+                    active[ga] = False
                     Z = put(Z, Za, idx)
                     keep = np.flatnonzero(~np.isin(idx, ga))
                     if keep.size == 0:
@@ -739,18 +743,19 @@ def _run_coupled(Y0, Y0_64, coefs, n_max, *, tol, record, stop_early, k_last=Non
                     Ya, Za, T = subset(keep, Ya, Za, T)
         Ya = torch.matmul(Ya, T)
         Y, Z = put(Y, Ya, idx), put(Z, Za, idx)
-        dec = use_metric[idx] | (bool(record) and not stop_early)
+        dec = record | use_metric[idx]
         if dec.any():
             loc = np.flatnonzero(dec)
             g = idx[loc]
             r = r_last[g]
             finite = np.isfinite(r)
-            imp = finite & (r < best[g])
-            best[g[imp]] = best_r[g[imp]] = r[imp]
-            best_k[g[imp]] = k + 1
+            imp = finite & (r < best_m[g])
+            best_m[g[imp]] = r[imp]
+            best_mk[g[imp]] = k + 1
             keep_best(g[imp], Za, Ya, loc[imp])
-            diverged[g[~finite | (r > 1e3 * best[g]) | (r > big)]] = True
             um = use_metric[g]
+            check = um | (not stop_early)
+            diverged[g[check & (~finite | (r > 1e3 * best_m[g]) | (r > big))]] = True
             stop = um & (diverged[g] | (r <= tol) | ((r < 0.5) & (r > 0.75 * prev[g])))
             gs = g[stop]
             conv = r[stop] <= tol
@@ -760,11 +765,13 @@ def _run_coupled(Y0, Y0_64, coefs, n_max, *, tol, record, stop_early, k_last=Non
             stopped[gs] = True
             active[gs] = False
             prev[g[um & ~stop]] = r[um & ~stop]
-    use_best = restore | diverged
+    use_best = restore | (diverged & bool(record) & (not stop_early))
     sel = T_(use_best)[:, None, None]
     Z_out = torch.where(sel, Zb, Z)
     Y_out = torch.where(sel, Yb, Y)
-    last = ~use_best & ~stopped
+    best_k[use_best] = best_mk[use_best]
+    best_r[use_best] = best_m[use_best]
+    last = ~use_best & ~stopped & ~diverged
     if last.any():
         best_k[last] = done[last]
         if record:
@@ -1156,8 +1163,9 @@ def _solve(A, method, n_iter, tol, scaling, eps, return_info, *, want):
         parts = {}
         if eig_idx.size:
             sel = torch.as_tensor(eig_idx, device=t.device)
+            # exact to rounding: the residual is evaluated for the history only
             parts["eigh"], best_r[eig_idx] = _eigh_subset(A64.index_select(0, sel), dtype, delta[eig_idx], eps,
-                                                          want, return_info or tol is not None)
+                                                          want, return_info)
         if ns_idx.size:
             full = ns_idx.size == nb
             sel = torch.as_tensor(ns_idx, device=t.device)
@@ -1180,12 +1188,24 @@ def _solve(A, method, n_iter, tol, scaling, eps, return_info, *, want):
                     n_d = np.full(ns_idx.size, n_max, dtype=np.int64)
                     b_it, div, b_r = n_d.copy(), np.zeros(ns_idx.size, dtype=bool), np.full(ns_idx.size, np.nan)
                     h_ns = None
-                    blown = not bool(torch.isfinite(Z.detach()).all())
-                if return_info or stop_early or blown:
-                    # tolerance / record mode, or the fast path blew up: residuals and the best iterate
+                else:
                     Z, Y, n_d, b_it, div, b_r, h_ns = _run_coupled(
-                        Y0s, Y0s_64, cf, n_max, tol=tol_used, record=return_info or not stop_early,
-                        stop_early=stop_early, k_last=None if k_last is None else k_last[ns_idx])
+                        Y0s, Y0s_64, cf, n_max, tol=tol_used, record=return_info, stop_early=stop_early,
+                        k_last=None if k_last is None else k_last[ns_idx])
+                if not return_info:
+                    # the cheap paths keep no copies: rerun a blown-up matrix with residuals, over
+                    # the iterations it ran, to return its best iterate
+                    redo = div | ~torch.isfinite(Z.detach()).all(dim=-1).all(dim=-1).cpu().numpy()
+                    if redo.any():
+                        j = np.flatnonzero(redo)
+                        jt = torch.as_tensor(j, device=t.device)
+                        Zr, Yr, _, it_r, _, r_r, _ = _run_coupled(
+                            Y0s.index_select(0, jt), Y0s_64.index_select(0, jt), cf[j], max(int(n_d[j].max()), 1),
+                            tol=None, record=True, stop_early=False)
+                        Z = Z.index_copy(0, jt, Zr)
+                        Y = Y.index_copy(0, jt, Yr) if Y is not None else None
+                        b_it[j], b_r[j] = it_r, r_r
+                        div[j] = True
                 n_run = int(n_d.max())
                 if return_info:
                     h_ns = ns._freeze_history(h_ns, n_d, n_run)
@@ -1209,7 +1229,7 @@ def _solve(A, method, n_iter, tol, scaling, eps, return_info, *, want):
 
         ns._warn_diverged(diverged, best_r, best_iter, label, nb)
         if tol is not None:
-            missed = ~diverged & ~(best_r <= tol)
+            missed = ~diverged & ~(best_r <= tol) & ~use_eigh
             if missed.any():
                 i = int(np.flatnonzero(missed)[0])
                 warnings.warn(

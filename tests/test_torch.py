@@ -339,6 +339,32 @@ def test_inv_sqrtm_errors_and_warnings():
     assert not np.isfinite(info.residuals).all() or info.residuals.max() > 1e3 * info.residuals.min()
 
 
+def test_coupled_blow_up_returns_the_best_iterate_like_numpy():
+    """A singular float32 matrix: the null space grows until the iteration blows up; fixed count,
+    tolerance mode (seen in the by-product first) and record mode all return a finite best iterate."""
+    v = np.arange(1.0, 7.0)[None, :]
+    A = (v.T @ v + np.diag([1.0, 1, 1, 1, 1, 0])).astype(np.float32)
+    A[-1, :] = A[:, -1] = 0.0
+    for kw in (dict(n_iter=400), dict(tol=1e-3, n_iter=400)):
+        for info_flag in (False, True):
+            with warnings.catch_warnings(record=True) as w:
+                warnings.simplefilter("always")
+                res = nsiter.inv_sqrtm(_t(A), return_info=info_flag, **kw)
+            kinds = {type(x.message) for x in w}
+            assert nsiter.IllConditionedWarning in kinds and nsiter.NewtonSchulzDivergenceWarning in kinds
+            D = res[0] if info_flag else res
+            assert D.dtype == torch.float32 and torch.isfinite(D).all()
+            if info_flag:
+                info = res[1]
+                assert info.diverged and not info.converged
+                assert info.residuals[int(info.best_iter) - 1] == np.nanmin(info.residuals)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    want = nsiter.inv_sqrtm(A, return_info=True, **kw)[1]
+                # rounding decides the exact blow-up step; the best residual agrees to float32 accuracy
+                np.testing.assert_allclose(np.nanmin(info.residuals), np.nanmin(want.residuals), rtol=1e-2)
+
+
 def test_inv_sqrtm_empty_batch_and_shapes():
     out, info = nsiter.inv_sqrtm(torch.ones(0, 3, 3), return_info=True)
     assert out.shape == (0, 3, 3) and info.residuals.shape == (0, 0)
