@@ -560,9 +560,17 @@ def _auto_plan(K, n, dtype):
 
     Cost of the accelerated iteration in products: ``3K - 2`` (the first step needs one),
     ``-1`` (the last step skips ``Y``), ``+2`` for the float64 confirmation, ``+1.5`` for
-    the Cholesky probe and the schedule; ``eigh``: :func:`_eigh_cost`.
+    the Cholesky probe and the schedule; ``eigh``: :func:`_eigh_cost`.  Each is divided
+    by the Numba thread count where it runs one matrix per thread (iteration:
+    ``n <= 64``; eigh: ``n <= 32``).  The choice depends on ``n``, ``K``, the dtype and
+    the thread count only, so a matrix gets the same method alone or in a batch.
     """
-    return 3 * K + 0.5 > _eigh_cost(n, dtype)
+    import numba
+
+    threads = max(int(numba.get_num_threads()), 1)
+    ns_cost = (3 * K + 0.5) / (threads if n <= _PARALLEL_MAX_N else 1)
+    eigh_cost = _eigh_cost(n, dtype) / (threads if n <= _EIGH_KERNEL_MAX_N else 1)
+    return ns_cost > eigh_cost
 
 
 def _empty_info(batch, method, scaling, tol):
