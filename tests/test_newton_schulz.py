@@ -499,15 +499,16 @@ def test_registries_list_the_methods_and_scalings():
 
 def test_auto_splits_a_mixed_batch_between_the_iteration_and_eigh():
     rng = np.random.default_rng(21)
-    A = np.stack([spd_with_condition(64, 10.0, rng), spd_with_condition(64, 1e8, rng)])
+    # n = 128: the iteration runs without the thread pool, so the choice is thread-count free
+    A = np.stack([spd_with_condition(128, 10.0, rng), spd_with_condition(128, 1e8, rng)])
     D, info = nsiter.inv_sqrtm(A, method="auto", tol=1e-6, return_info=True)
     assert info.method == "auto:accelerated+eigh"
     assert np.all(info.converged) and not np.any(info.diverged)
     assert info.best_iter[1] == 1 and info.scale[1] == 1.0
     assert info.residuals.shape == (2, info.n_iter)
     for b in range(2):
-        assert np.linalg.norm(D[b] @ D[b] @ A[b] - np.eye(64)) <= 1e-6
-        assert_close(D[b], nsiter.inv_sqrtm(A[b], method="auto", tol=1e-6), n=64)
+        assert np.linalg.norm(D[b] @ D[b] @ A[b] - np.eye(128)) <= 1e-6
+        assert_close(D[b], nsiter.inv_sqrtm(A[b], method="auto", tol=1e-6), n=128)
 
 
 def test_sqrtm_psd_of_the_zero_matrix_is_zero():
