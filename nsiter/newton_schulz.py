@@ -50,19 +50,19 @@ float64 Fig. 7 residual), or when the residual stagnates at its rounding floor (
 float64 residual is evaluated only to confirm a stop (2 products).  The residual history
 (``return_info=True``) costs 2 float64 products per step; nothing else does.
 
-CPU kernels (``nsiter/_numba/_newton_schulz.py``): all steps of one matrix are fused in
-one Numba function (no temporaries, no Python per step), parallel over the batch for
-``n <= 64`` (one matrix per thread), in batch order above (BLAS threads then share each
-product).  Products use BLAS (``np.dot`` in Numba) except for ``n <= 6``, where
-hand-written loops win (per-call overhead).  Against the same iteration on numpy's
-batched ``@`` (5 steps, one thread each, best of repeats on a shared 2-core machine):
-float32 — the fused kernel is about 2x faster from n = 27 to n = 512 (2.9 vs 6.1 ms at
-64 x 27 x 27); float64 — within about 25% either way (the kernel ahead up to n = 64,
-numpy about 20% ahead at n = 256-512, where both spend their time in the same GEMM);
-numpy's ``@`` is about 25% faster single-threaded at n = 8, which the kernel's
-parallelism over the batch overtakes with two cores.  The kernel is kept for every size,
-so that every size runs the same stopping logic; ``analysis/bench_newton_schulz.py``
-re-measures it (rows ``coupled[numpy @]``).
+CPU kernels (``nsiter/_numba/_newton_schulz.py``): for ``n <= 64`` all steps of one matrix
+are fused in one Numba function (no temporaries, no Python per step), one matrix per
+thread for a batch.  Its products use BLAS (``np.dot`` in Numba) except for ``n <= 6``,
+where hand-written loops win (per-call overhead: 2.4 vs 1.0 GFLOP/s at n = 4, 5.0 vs 5.4
+at n = 8).  Against the same iteration on numpy's batched ``@`` the fused kernel was
+about 2x faster for float32 at n = 27-64 and on par for float64 (single thread; e.g.
+2.9 vs 6.1 ms for 5 steps on 64 x 27 x 27 float32), and it parallelises over the batch.
+For ``n > 64`` the same per-matrix logic runs on numpy ``@`` (a line-by-line twin): with
+two threads the Numba kernel there was 2-5x slower, because numpy's OpenBLAS (probe)
+and SciPy's OpenBLAS (BLAS inside Numba) keep two thread pools that compete.  The
+implementation depends on ``n`` only, so a matrix gives the same bits alone or in a
+batch.  ``analysis/bench_newton_schulz.py`` re-measures all of this (rows
+``coupled[numpy @]``).
 """
 from __future__ import annotations
 
@@ -116,6 +116,10 @@ _PARALLEL_MAX_N = 64
 # above it numpy's batched eigh: concurrent calls into a threaded OpenBLAS from several
 # threads serialise (measured: 2 threads at n = 64 slower than one)
 _EIGH_KERNEL_MAX_N = 32
+# the fused Numba kernel up to this size; above it the same steps on numpy ``@`` (one BLAS
+# library for probe and iteration: measured 2-5x faster at n = 128-512 with two threads,
+# where numpy's and SciPy's OpenBLAS thread pools otherwise compete)
+_NUMBA_MAX_N = 64
 # the inverse-iteration estimate of lambda_min is an upper bound; the accelerated
 # schedule is designed for lambda_min / _LMIN_SAFETY
 _LMIN_SAFETY = 2.0
@@ -459,6 +463,94 @@ def _accelerated_schedule(p_lo, tol: float, n: int, n_max: int):
     return coefs, K
 
 
+def _coupled_ns_one_numpy(Y0, Y0_64, coefs, n_max, k_last, record, stop_early, tol,
+                          Z_out, Y_out, hist, info_i, info_f):
+    """numpy twin of the Numba ``_coupled_ns_one`` for large ``n`` (same decisions, line
+    by line), with products on numpy ``@``: one BLAS library (and thread pool) throughout,
+    instead of numpy's for the probe and SciPy's inside Numba for the iteration."""
+    n = Y0.shape[0]
+    eye = np.eye(n)
+    Y = Y0.copy()
+    Z = np.eye(n, dtype=Y0.dtype)
+    T = np.empty_like(Y0)
+    Zb, Yb = Z.copy(), Y.copy()
+    big = 10.0 * math.sqrt(n)
+
+    def metric(X):
+        X64 = X.astype(np.float64, copy=False)
+        return float(np.linalg.norm((X64 @ X64) @ Y0_64 - eye))
+
+    use_metric = False
+    best = best_m = prev = math.inf
+    best_mk = best_k = done = 0
+    best_r = r = math.nan
+    diverged = restore = stopped = False
+    diag = np.arange(n)
+    for k in range(n_max):
+        M = Y.copy() if k == 0 else Z @ Y
+        if stop_early and k >= 1 and not use_metric:
+            rho = float(np.linalg.norm(M - eye))
+            if not math.isfinite(rho) or rho > 1e3 * best or rho > big:
+                diverged, restore, best_k = True, record, k
+                break
+            best = min(best, rho)
+            stag = rho < 0.5 and rho > 0.75 * prev
+            prev = rho
+            if rho <= tol or stag:
+                if not record:
+                    r = metric(Z)
+                if r <= tol or stag:
+                    best_r, best_k, stopped = r, k, True
+                    break
+                use_metric, prev, best_m, best_mk = True, r, r, k
+                Zb[...] = Z
+                Yb[...] = Y
+        a, b, c = coefs[k]
+        if c != 0.0:
+            np.matmul(M, M, out=T)
+            T *= c
+            T += b * M
+        else:
+            np.multiply(M, b, out=T)
+        T[diag, diag] += a
+        Z = T.copy() if k == 0 else T @ Z
+        done = k + 1
+        if record or use_metric or (stop_early and done == k_last):
+            r = metric(Z)
+            if record:
+                hist[k] = r
+            if stop_early and done == k_last and not use_metric and r <= tol:
+                best_r, best_k, stopped = r, done, True
+                break
+        Y = Y @ T
+        if record or use_metric:
+            finite = math.isfinite(r)
+            if finite and r < best_m:
+                best_m, best_mk = r, done
+                Zb[...] = Z
+                Yb[...] = Y
+            if (use_metric or not stop_early) and (not finite or r > 1e3 * best_m or r > big):
+                diverged = True
+            if use_metric:
+                if diverged or r <= tol or (r < 0.5 and r > 0.75 * prev):
+                    restore = not (r <= tol)
+                    if not restore:
+                        best_k, best_r = done, r
+                    stopped = True
+                    break
+                prev = r
+    if restore or (diverged and record and not stop_early):
+        Z_out[...], Y_out[...] = Zb, Yb
+        best_k, best_r = best_mk, best_m
+    else:
+        Z_out[...], Y_out[...] = Z, Y
+        if not stopped and not diverged:
+            best_k = done
+            best_r = r if record else (metric(Z) if stop_early else math.nan)
+    info_i[0], info_i[1], info_i[2] = done, best_k, 1 if diverged else 0
+    info_f[0] = best_r
+
+
 def _run_coupled(Y0, Y0_64, coefs, n_max, *, tol, record, stop_early, k_last=None):
     """Run the fused Numba kernel; returns ``(Z, Y, n_done, best_iter, diverged, best_r, hist)``."""
     nb, n, _ = Y0.shape
@@ -468,9 +560,15 @@ def _run_coupled(Y0, Y0_64, coefs, n_max, *, tol, record, stop_early, k_last=Non
     info_i = np.zeros((nb, 3), dtype=np.int64)
     info_f = np.zeros((nb, 1))
     coefs = np.ascontiguousarray(coefs[:, :n_max], dtype=Y0.dtype)
-    kernel = _coupled_ns_parallel if _use_thread_pool(n, nb) else _coupled_ns_serial
     k_last = np.zeros(nb, dtype=np.int64) if k_last is None else np.ascontiguousarray(k_last, dtype=np.int64)
-    kernel(Y0, Y0_64, coefs, n_max, k_last, record, stop_early, float(tol or 0.0), Z, Y, hist, info_i, info_f)
+    tol = float(tol or 0.0)
+    if n > _NUMBA_MAX_N:
+        for b in range(nb):
+            _coupled_ns_one_numpy(Y0[b], Y0_64[b], coefs[b], n_max, int(k_last[b]), record, stop_early, tol,
+                                  Z[b], Y[b], hist[b], info_i[b], info_f[b])
+    else:
+        kernel = _coupled_ns_parallel if _use_thread_pool(n, nb) else _coupled_ns_serial
+        kernel(Y0, Y0_64, coefs, n_max, k_last, record, stop_early, tol, Z, Y, hist, info_i, info_f)
     return Z, Y, info_i[:, 0], info_i[:, 1], info_i[:, 2].astype(bool), info_f[:, 0], hist
 
 

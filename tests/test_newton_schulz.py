@@ -515,3 +515,35 @@ def test_sqrtm_psd_of_the_zero_matrix_is_zero():
     for method in ("coupled", "eigh", "accelerated"):
         S = nsiter.sqrtm_psd(np.zeros((3, 3)), method=method, n_iter=10 if method != "eigh" else None)
         np.testing.assert_array_equal(S, np.zeros((3, 3)))
+
+
+@pytest.mark.parametrize("method", ["coupled", "accelerated"])
+@pytest.mark.parametrize("kw", [dict(n_iter=7), dict(tol=1e-9), dict(tol=1e-9, return_info=True), {},
+                                dict(n_iter=20, return_info=True)])
+def test_numpy_twin_of_the_kernel_makes_the_same_decisions(method, kw, monkeypatch):
+    # large n runs the same per-matrix logic on numpy @; force it at a small size
+    rng = np.random.default_rng(22)
+    A = spd_with_condition(12, 1e6, rng, batch=(3,))
+    ref = nsiter.inv_sqrtm(A, method=method, **kw)
+    monkeypatch.setattr(ns, "_NUMBA_MAX_N", 0)
+    got = nsiter.inv_sqrtm(A, method=method, **kw)
+    if kw.get("return_info"):
+        (ref, ri), (got, gi) = ref, got
+        assert gi.n_iter == ri.n_iter
+        np.testing.assert_array_equal(gi.best_iter, ri.best_iter)
+        np.testing.assert_array_equal(gi.converged, ri.converged)
+        np.testing.assert_allclose(gi.residuals, ri.residuals, rtol=1e-3, atol=1e-13)
+    assert_close(got, ref, factor=1e3, n=12)
+
+
+def test_numpy_twin_returns_the_best_iterate_after_a_blow_up(monkeypatch):
+    monkeypatch.setattr(ns, "_NUMBA_MAX_N", 0)
+    v = np.arange(1.0, 7.0)[None, :]
+    A = (v.T @ v + np.diag([1.0, 1, 1, 1, 1, 0])).astype(np.float32)
+    A[-1, :] = A[:, -1] = 0.0
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        D, info = nsiter.inv_sqrtm(A, tol=1e-3, n_iter=400, return_info=True)
+    assert nsiter.NewtonSchulzDivergenceWarning in {type(x.message) for x in w}
+    assert np.all(np.isfinite(D)) and info.diverged
+    assert info.residuals[int(info.best_iter) - 1] == np.nanmin(info.residuals)
