@@ -33,7 +33,23 @@ import subprocess
 import sys
 import time
 
-import numpy as np
+
+def _threads_from_argv(argv) -> int | None:
+    """``--threads N`` must act before numpy/numba/torch start their thread pools."""
+    for i, a in enumerate(argv):
+        if a == "--threads" and i + 1 < len(argv):
+            return int(argv[i + 1])
+        if a.startswith("--threads="):
+            return int(a.split("=", 1)[1])
+    return None
+
+
+_THREADS = _threads_from_argv(sys.argv[1:])
+if _THREADS:
+    for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        os.environ[_var] = str(_THREADS)
+
+import numpy as np  # noqa: E402
 from numpy.lib.stride_tricks import sliding_window_view
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -148,7 +164,8 @@ def subsampling_rows(cases, repeat):
                          "patch_covariance_ms": 1e3 * t_fused, "speedup_patch_covariance": base["fused"] / t_fused,
                          "kernel": chosen(x, k, padding=p, sampling_stride=S)})
             progress(f"subsampling {label} S={S}: im2col+cov {1e3 * t_pipe:.1f} ms (x{base['pipe'] / t_pipe:.1f}), "
-                     f"peer x{base['peer'] / t_peer:.1f}, fused {1e3 * t_fused:.1f} ms (x{base['fused'] / t_fused:.1f})")
+                     f"peer x{base['peer'] / t_peer:.1f}, "
+                     f"fused {1e3 * t_fused:.1f} ms (x{base['fused'] / t_fused:.1f})")
     return rows
 
 
@@ -255,7 +272,15 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=8, help="Table 3 batch (the paper used 128)")
     ap.add_argument("--table3-budget", type=float, default=60.0, help="seconds for the Table 3 rows")
     ap.add_argument("--quick", action="store_true", help="fewer repeats and cases (a smoke run)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="threads for BLAS, Numba and torch alike (default: all cores)")
     args = ap.parse_args(argv)
+    if args.threads:
+        try:
+            import torch
+            torch.set_num_threads(args.threads)
+        except ImportError:
+            pass
     repeat = 2 if args.quick else args.repeat
     rng = np.random.default_rng(0)
     t_all = time.perf_counter()
@@ -313,6 +338,7 @@ def main(argv=None):
                       "met": (r["rss_extra_MB"] or r["tracemalloc_peak_MB"]) <= 256})
 
     meta = {"memcpy_GBps (read+write)": round(bw, 2), "dtype": "float32", "repeat": repeat,
+            "threads": args.threads or "all cores",
             "total_seconds": round(time.perf_counter() - t_all, 1), "machine": machine_info()}
     write_results("covariance_kernels", kern, meta=meta, title="Covariance kernels forced, and the cost model's pick")
     write_results("covariance_subsampling", sub, meta=meta, title="Subsampling S: speed-up against S = 1")

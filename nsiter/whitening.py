@@ -33,12 +33,10 @@ from ._dispatch import is_tensor, torch_backend
 from ._validation import (
     as_float_array,
     as_pair,
-    check_finite,
     check_ndim,
     check_nonempty,
     check_option,
     check_positive_int,
-    result_float_dtype,
 )
 from .covariance import GROUPINGS, _check_finite_fast
 
