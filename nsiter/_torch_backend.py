@@ -887,23 +887,8 @@ def _eigh_power(A64: torch.Tensor, dtype: torch.dtype, delta: np.ndarray, eps: f
     lam, V = torch.linalg.eigh(A64)
     ends = lam.detach()[:, [0, -1]].cpu().numpy()
     lo, hi = ends[:, 0], ends[:, 1]
-    bad = lo < -delta
-    if bad.any():
-        b = int(np.flatnonzero(bad)[0])
-        raise ValueError(
-            f"expected symmetric positive semidefinite matrices, but {int(bad.sum())} of {len(lo)} "
-            f"(first at flat batch index {b}) have eigenvalue {lo[b]:.3g} below -{delta[b]:.3g} "
-            "(= 10 n eps ||A||_F, the rounding tolerance); check how A was formed, or add a ridge "
-            "with eps > 0 large enough to make it positive definite"
-        )
+    ns._check_spectrum(lo, hi, delta, eps, power)
     if power < 0:
-        if np.any(lo <= 0):
-            b = int(np.flatnonzero(lo <= 0)[0])
-            raise ValueError(
-                f"expected positive definite matrices for method='eigh', but matrix {b} (flat batch "
-                f"index) is singular: eigenvalue {lo[b]:.3g} <= 0 (largest {hi[b]:.3g}, eps={eps:g}); "
-                "A^(-1/2) does not exist — pass a ridge eps > 0 (A + eps I)"
-            )
         fro = _fro(A64.detach()).cpu().numpy()
         ns._check_singular(lo, fro, ns._singular_tol(fro, A64.shape[-1], _np_dtype(dtype)), eps, len(lo),
                            stacklevel=6)

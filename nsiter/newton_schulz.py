@@ -582,6 +582,30 @@ def _freeze_history(hist, n_done, n_run):
     return hist
 
 
+def _check_spectrum(lo, hi, delta, eps, power):
+    """Reject indefinite matrices (``lo < -delta``) and, for ``power < 0``, singular ones (``lo <= 0``).
+
+    ``lo``/``hi`` are the smallest/largest eigenvalues per matrix (float64 arrays), ``delta``
+    the rounding tolerance ``10 n eps ||A||_F``.  Shared by the numpy and torch backends.
+    """
+    bad = lo < -delta
+    if bad.any():
+        b = int(np.flatnonzero(bad)[0])
+        raise ValueError(
+            f"expected symmetric positive semidefinite matrices, but {int(bad.sum())} of {len(lo)} "
+            f"(first at flat batch index {b}) have eigenvalue {lo[b]:.3g} below -{delta[b]:.3g} "
+            "(= 10 n eps ||A||_F, the rounding tolerance); check how A was formed, or add a ridge "
+            "with eps > 0 large enough to make it positive definite"
+        )
+    if power < 0 and np.any(lo <= 0):
+        b = int(np.flatnonzero(lo <= 0)[0])
+        raise ValueError(
+            f"expected positive definite matrices for method='eigh', but matrix {b} (flat batch "
+            f"index) is singular: eigenvalue {lo[b]:.3g} <= 0 (largest {hi[b]:.3g}, eps={eps:g}); "
+            "A^(-1/2) does not exist — pass a ridge eps > 0 (A + eps I)"
+        )
+
+
 def _eigh_power(A64, dtype, delta, eps, power=-0.5):
     """``V diag(lambda^power) V^T`` from a float64 ``eigh``, cast to ``dtype``.
 
@@ -599,23 +623,8 @@ def _eigh_power(A64, dtype, delta, eps, power=-0.5):
         lam, V = np.linalg.eigh(A64)
         D = None
     lo = lam[:, 0]
-    bad = lo < -delta
-    if bad.any():
-        b = int(np.flatnonzero(bad)[0])
-        raise ValueError(
-            f"expected symmetric positive semidefinite matrices, but {int(bad.sum())} of {len(lo)} "
-            f"(first at flat batch index {b}) have eigenvalue {lo[b]:.3g} below -{delta[b]:.3g} "
-            "(= 10 n eps ||A||_F, the rounding tolerance); check how A was formed, or add a ridge "
-            "with eps > 0 large enough to make it positive definite"
-        )
+    _check_spectrum(lo, lam[:, -1], delta, eps, power)
     if power < 0:
-        if np.any(lo <= 0):
-            b = int(np.flatnonzero(lo <= 0)[0])
-            raise ValueError(
-                f"expected positive definite matrices for method='eigh', but matrix {b} (flat batch "
-                f"index) is singular: eigenvalue {lo[b]:.3g} <= 0 (largest {lam[b, -1]:.3g}, eps={eps:g}); "
-                "A^(-1/2) does not exist — pass a ridge eps > 0 (A + eps I)"
-            )
         fro = np.sqrt(np.einsum("bij,bij->b", A64, A64))
         _check_singular(lo, fro, _singular_tol(fro, n, dtype), eps, nb, stacklevel=5)
     if D is None:
