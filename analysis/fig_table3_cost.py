@@ -120,13 +120,14 @@ def main(argv=None):
               f"{'torch conv2d' if torch is not None else 'scipy correlate (extrapolated)'}.\n\n")
     (args.out and __import__('pathlib').Path(args.out)).joinpath("table3_cost.md").write_text(header + "\n".join(md) + "\n")
 
-    fig, ax = plt.subplots(figsize=(12, 4.5))
+    fig, ax = plt.subplots(figsize=(14, 5.5))
     idx = np.arange(len(rows))
     ax.bar(idx - 0.2, [r["ratio_ours"] for r in rows], 0.4, label="nsiter, this machine: (cov + inv) / conv")
     ax.bar(idx + 0.2, [r["ratio_paper"] for r in rows], 0.4, label="paper: (im2col + cov + inv) / conv")
     ax.set_yscale("log")
     ax.set_xticks(idx)
-    ax.set_xticklabels([f"{r['H']}/{r['Cin']}\ng{r['groups']} k{r['k']} S{r['S']}" for r in rows], fontsize=7)
+    ax.set_xticklabels([f"{r['H']}²×{r['Cin']}→{r['Cout']}, g{r['groups']}, k{r['k']}, S{r['S']}" for r in rows],
+                       fontsize=8, rotation=60, ha="right")
     ax.set_ylabel("deconvolution cost / convolution cost")
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_title(f"Table 3: deconvolution statistics as a fraction of the convolution (batch {args.batch})")
