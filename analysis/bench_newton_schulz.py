@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 import numpy as np
 
@@ -87,8 +88,22 @@ class Bench:
         return self.gemm[key]
 
     def time(self, fn):
+        # OpenBLAS worker threads busy-wait for ~0.1 s after a threaded call (numpy eigh,
+        # large products): let them go idle so that no method pays for the one before it
+        time.sleep(0.25)
         fn()  # JIT warm-up / cache load
         return median_time(fn, repeat=self.repeat, warmup=1, min_time=0.02)
+
+    def time_interleaved(self, *fns, rounds=7):
+        """Medians of ``fns`` timed in alternation (each round times every function once):
+        the ratios of the goals are then not skewed by drifts of the shared machine."""
+        for fn in fns:
+            fn()  # JIT warm-up / cache load
+        samples = [[] for _ in fns]
+        for _ in range(rounds):
+            for fn, s in zip(fns, samples):
+                s.append(median_time(fn, repeat=1, warmup=0, min_time=0.02))
+        return [float(np.median(s)) for s in samples]
 
 
 def table(bench, sizes, cond, dtypes, rows):
@@ -145,9 +160,9 @@ def goals(bench, quick):
         if np.all(r <= 1e-7) or k >= ns.MAX_ITER:
             break
         k += 1
-    t_c = bench.time(lambda: nsiter.inv_sqrtm(A, n_iter=k))
-    t_auto = bench.time(lambda: nsiter.inv_sqrtm(A, method="auto", tol=1e-7))
-    t_acc = bench.time(lambda: nsiter.inv_sqrtm(A, method="accelerated", tol=1e-7))
+    t_c, t_auto, t_acc = bench.time_interleaved(
+        lambda: nsiter.inv_sqrtm(A, n_iter=k), lambda: nsiter.inv_sqrtm(A, method="auto", tol=1e-7),
+        lambda: nsiter.inv_sqrtm(A, method="accelerated", tol=1e-7))
     _, ia = nsiter.inv_sqrtm(A, method="auto", tol=1e-7, return_info=True)
     _, ic = nsiter.inv_sqrtm(A, method="accelerated", tol=1e-7, return_info=True)
     out.append(dict(goal="cond 1e6, 32 x 64x64 f64, tol 1e-7: coupled(minimal k) / auto", target=">= 1.8",
@@ -168,9 +183,9 @@ def goals(bench, quick):
     for n, batch, cond, dtype in configs:
         A = spd(n, cond, batch, dtype, seed=3 + n)
         tol_ = 1e-7 if dtype == np.float64 else 1e-2
-        t_a = bench.time(lambda: nsiter.inv_sqrtm(A, method="auto", tol=tol_))
-        t_c = bench.time(lambda: nsiter.inv_sqrtm(A, method="coupled", tol=tol_))
-        t_e = bench.time(lambda: nsiter.inv_sqrtm(A, method="eigh"))
+        t_a, t_c, t_e = bench.time_interleaved(
+            lambda: nsiter.inv_sqrtm(A, method="auto", tol=tol_),
+            lambda: nsiter.inv_sqrtm(A, method="coupled", tol=tol_), lambda: nsiter.inv_sqrtm(A, method="eigh"))
         ratio = t_a / min(t_c, t_e)
         worst = max(worst, ratio)
         _, ia = nsiter.inv_sqrtm(A, method="auto", tol=tol_, return_info=True)

@@ -36,11 +36,18 @@ Methods (registry :data:`METHODS`):
     ``cond = 1e6`` it needs 11–12 steps where the classic one needs 22.
 ``"eigh"``
     The exact reference ``V diag(lambda^{-1/2}) V^T`` from a float64 LAPACK
-    eigendecomposition, returned in the input dtype.
+    eigendecomposition, returned in the input dtype.  Up to ``n = 128`` one matrix per
+    Numba thread with SciPy's OpenBLAS held to one thread for the call (measured with two
+    threads: 8.5 ms for 32 x 64 x 64 against 13-18 ms for numpy's batched ``eigh``); above,
+    numpy's batched ``eigh``.
 ``"auto"``
     Per matrix, the cheaper of ``"accelerated"`` (its step count predicted from the
     schedule) and ``"eigh"``, by a cost model in units of one ``n x n`` product
     (:data:`_EIGH_COST`, measured): LAPACK wins for ill-conditioned or large matrices.
+    Where ``eigh`` is cheaper than even the best-conditioned schedule (large ``n``), the
+    spectrum probe is skipped; where every matrix of the batch picks ``eigh``, nothing of
+    the iteration is prepared.  A matrix the probe finds numerically singular goes to the
+    iteration (which warns and returns its best iterate), never to ``eigh`` (which raises).
 
 Stopping (``tol``, or the default :func:`default_tol` when neither ``n_iter`` nor ``tol``
 is given): a matrix stops at the first iterate with ``||D_k D_k A - I||_F <= tol`` (the
@@ -66,7 +73,12 @@ batch.  ``analysis/bench_newton_schulz.py`` re-measures all of this (rows
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import functools
+import glob
 import math
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -116,6 +128,11 @@ _PARALLEL_MAX_N = 64
 # above it numpy's batched eigh: concurrent calls into a threaded OpenBLAS from several
 # threads serialise (measured: 2 threads at n = 64 slower than one)
 _EIGH_KERNEL_MAX_N = 32
+# ... and up to this size when SciPy's OpenBLAS (the LAPACK that Numba calls) can be held
+# to one thread for the call (:func:`_single_thread_blas`): then the per-thread eigh has
+# no pool to compete for (measured, 2 threads: 32 x 64 x 64 in 8.5 ms vs 13-18 ms for
+# numpy's batched eigh; 8 x 128 x 128 in 11.6 vs 14-17 ms)
+_EIGH_KERNEL_MAX_N_SINGLE_BLAS = 128
 # the fused Numba kernel up to this size; above it the same steps on numpy ``@`` (one BLAS
 # library for probe and iteration: measured 2-5x faster at n = 128-512 with two threads,
 # where numpy's and SciPy's OpenBLAS thread pools otherwise compete)
@@ -213,6 +230,58 @@ def _use_thread_pool(n: int, nb: int) -> bool:
     return n <= _PARALLEL_MAX_N and nb > 1
 
 
+_BLAS_THREADS = []  # [(get, set) ctypes functions of SciPy's OpenBLAS, or None]; filled lazily
+
+
+def _blas_thread_functions():
+    """``(get_num_threads, set_num_threads)`` of the OpenBLAS bundled with SciPy (the
+    BLAS/LAPACK that ``np.dot`` / ``np.linalg.eigh`` call inside Numba), or ``None``."""
+    if not _BLAS_THREADS:
+        fns = None
+        try:
+            import scipy
+
+            root = os.path.dirname(os.path.dirname(scipy.__file__))
+            for path in sorted(glob.glob(os.path.join(root, "scipy.libs", "libscipy_openblas*.so*"))):
+                lib = ctypes.CDLL(path)
+                get = getattr(lib, "scipy_openblas_get_num_threads", None)
+                set_ = getattr(lib, "scipy_openblas_set_num_threads", None)
+                if get is not None and set_ is not None:
+                    get.restype, get.argtypes = ctypes.c_int, []
+                    set_.restype, set_.argtypes = None, [ctypes.c_int]
+                    fns = (get, set_)
+                    break
+        except (ImportError, OSError):
+            fns = None
+        _BLAS_THREADS.append(fns)
+    return _BLAS_THREADS[0]
+
+
+@contextlib.contextmanager
+def _single_thread_blas():
+    """Hold SciPy's OpenBLAS to one thread (restored on exit) while Numba threads each call
+    LAPACK; yields whether the limit is in force (``False`` where the library is not found)."""
+    fns = _blas_thread_functions()
+    if fns is None:
+        yield False
+        return
+    get, set_ = fns
+    old = int(get())
+    if old <= 1:
+        yield True
+        return
+    set_(1)
+    try:
+        yield True
+    finally:
+        set_(old)
+
+
+def _eigh_kernel_max_n() -> int:
+    """Largest ``n`` for which ``method="eigh"`` runs the per-matrix Numba LAPACK kernel."""
+    return _EIGH_KERNEL_MAX_N_SINGLE_BLAS if _blas_thread_functions() is not None else _EIGH_KERNEL_MAX_N
+
+
 def _probe(A64: np.ndarray, delta: np.ndarray, n_inverse: int, n_power: int) -> tuple[np.ndarray, np.ndarray]:
     """PSD check + eigenvalue estimates ``(lmin, lmax)``; raises on indefinite input.
 
@@ -228,7 +297,8 @@ def _probe(A64: np.ndarray, delta: np.ndarray, n_inverse: int, n_power: int) -> 
     nb, n, _ = A64.shape
     if n <= _PARALLEL_MAX_N:
         out = np.empty((nb, 3))
-        (_psd_probe if _use_thread_pool(n, nb) else _psd_probe_serial)(A64, delta, n_inverse, n_power, out)
+        with _single_thread_blas():
+            (_psd_probe if _use_thread_pool(n, nb) else _psd_probe_serial)(A64, delta, n_inverse, n_power, out)
         ok, lmin, lmax = out[:, 0] > 0, out[:, 1].copy(), out[:, 2].copy()
     else:
         lmin = np.empty(nb)
@@ -615,10 +685,12 @@ def _eigh_power(A64, dtype, delta, eps, power=-0.5):
     ``[-delta, 0]`` are rounding noise and are clipped to 0.
     """
     nb, n, _ = A64.shape
-    if n <= _EIGH_KERNEL_MAX_N:
+    if n <= _eigh_kernel_max_n():
         D = np.empty_like(A64)
         lam = np.empty((nb, n))
-        (_eigh_power_kernel if _use_thread_pool(n, nb) else _eigh_power_serial)(A64, float(power), D, lam)
+        with _single_thread_blas():
+            (_eigh_power_kernel if nb > 1 else _eigh_power_serial)(
+                A64, float(power), D, lam)
     else:
         lam, V = np.linalg.eigh(A64)
         D = None
@@ -647,11 +719,13 @@ def _warn_diverged(diverged, best_r, best_iter, method, nb):
 
 
 # Time of method="eigh" (LAPACK eigh in float64 + reconstruction) in units of one n x n
-# product of the iteration in the working dtype, measured on the development machine
-# (numpy 2.4 / OpenBLAS, one thread, quiet): interpolated in log n, constant outside.
+# product of the iteration in the working dtype, per matrix and thread, measured with two
+# threads on the development machine (numpy 2.4 / OpenBLAS; the Numba LAPACK kernel up to
+# :func:`_eigh_kernel_max_n`, numpy's batched eigh above): interpolated in log n,
+# constant outside.
 _EIGH_COST = {
-    "float64": ((27, 33.0), (64, 23.0), (128, 23.0), (512, 11.0)),
-    "float32": ((27, 50.0), (64, 45.0), (128, 42.0), (512, 22.0)),
+    "float64": ((16, 19.0), (27, 21.0), (64, 22.0), (128, 20.0), (256, 11.0), (512, 8.0)),
+    "float32": ((16, 24.0), (27, 24.0), (64, 35.0), (128, 35.0), (256, 20.0), (512, 15.0)),
 }
 
 
@@ -669,15 +743,41 @@ def _auto_plan(K, n, dtype):
     ``-1`` (the last step skips ``Y``), ``+2`` for the float64 confirmation, ``+1.5`` for
     the Cholesky probe and the schedule; ``eigh``: :func:`_eigh_cost`.  Each is divided
     by the Numba thread count where it runs one matrix per thread (iteration:
-    ``n <= 64``; eigh: ``n <= 32``).  The choice depends on ``n``, ``K``, the dtype and
+    ``n <= 64``; eigh: :func:`_eigh_kernel_max_n`).  The choice depends on ``n``, ``K``, the dtype and
     the thread count only, so a matrix gets the same method alone or in a batch.
     """
+    threads = _threads()
+    ns_cost = (3 * K + 0.5) / (threads if n <= _PARALLEL_MAX_N else 1)
+    eigh_cost = _eigh_cost(n, dtype) / (threads if n <= _eigh_kernel_max_n() else 1)
+    return ns_cost > eigh_cost
+
+
+def _threads() -> int:
+    """Numba's thread count (the parallelism of the per-matrix kernels)."""
     import numba
 
-    threads = max(int(numba.get_num_threads()), 1)
-    ns_cost = (3 * K + 0.5) / (threads if n <= _PARALLEL_MAX_N else 1)
-    eigh_cost = _eigh_cost(n, dtype) / (threads if n <= _EIGH_KERNEL_MAX_N else 1)
-    return ns_cost > eigh_cost
+    return max(int(numba.get_num_threads()), 1)
+
+
+@functools.lru_cache(maxsize=256)
+def _fewest_steps(tol, n, n_max):
+    """Accelerated steps for the best-conditioned input (``p_lo = 1/2``, the largest value
+    :func:`_solve` can design for): a lower bound on ``K`` for every matrix of size ``n``."""
+    return _accelerated_schedule(np.array([0.5]), tol, n, n_max)[1]
+
+
+@functools.lru_cache(maxsize=256)
+def _eigh_below(tol, n, n_max, dtype_name, threads):
+    """A ``p_lo`` at or below which :func:`_auto_plan` picks ``eigh`` (``0.0``: none on the grid).
+
+    The predicted count ``K`` does not increase with ``p_lo``, so a matrix at or below the
+    largest grid point that picks ``eigh`` picks it too: the schedule need not be built.
+    ``threads`` is part of the cache key only (the plan reads it).
+    """
+    grid = np.logspace(-30.0, math.log10(0.5), 600)
+    plan = _auto_plan(_accelerated_schedule(grid, tol, n, n_max)[1], n, np.dtype(dtype_name))
+    first_ns = int(np.argmin(plan)) if not plan.all() else grid.size
+    return float(grid[first_ns - 1]) if first_ns > 0 else 0.0
 
 
 def _empty_info(batch, method, scaling, tol):
@@ -721,24 +821,23 @@ def _solve(A, method, n_iter, tol, scaling, eps, return_info, *, want):
     # rounding tolerance of the PSD test (the zero matrix, allowed by sqrtm_psd, gets 1)
     delta = np.where(fro > 0, 10.0 * n * np.finfo(dtype).eps * fro, 1.0)
 
-    if method == "eigh":
-        out, r = _eigh_subset(A64, dtype, delta, eps, want, return_info)
-        if not return_info:
-            return out.reshape(arr.shape)
-        finite = np.isfinite(r)
-        info = NewtonSchulzInfo(
-            residuals=r.reshape(batch + (1,)), n_iter=1,
-            converged=(finite if tol is None else finite & (r <= tol)).reshape(batch),
-            diverged=(~finite).reshape(batch), best_iter=np.ones(batch, dtype=np.int64),
-            scale=np.ones(batch), method="eigh", scaling=scaling, tol=tol_used,
-        )
-        return out.reshape(arr.shape), info
+    if method == "auto" and bool(_auto_plan(_fewest_steps(tol_used or default_tol(dtype, n), n, n_max), n, dtype)[0]):
+        # eigh is cheaper than even the best-conditioned accelerated run: no probe
+        method = "eigh_auto"
+    if method in ("eigh", "eigh_auto"):
+        return _eigh_only(A64, arr.shape, dtype, delta, eps, want, return_info, tol, tol_used, scaling,
+                          "eigh" if method == "eigh" else "auto:eigh")
 
     scheduled = method in ("accelerated", "auto")
     lmin, lmax = _probe(A64, delta, _PROBE_INVERSE_STEPS_SCHEDULE if scheduled else _PROBE_INVERSE_STEPS,
                         _PROBE_POWER_STEPS if scaling == "spectral" else 0)
+    # auto sends a numerically singular matrix to the iteration (which warns and returns
+    # its best iterate) rather than to eigh (which raises)
+    singular = np.zeros(nb, dtype=bool)
     if want == "isqrt":
-        _check_singular(lmin, fro, _singular_tol(fro, n, dtype), eps, nb)
+        sing_tol = _singular_tol(fro, n, dtype)
+        _check_singular(lmin, fro, sing_tol, eps, nb)
+        singular = lmin <= sing_tol
     c = _scale(A64, scaling, lmax)
     c = np.where(c > 0, c, 1.0)
     coefs = None
@@ -750,13 +849,21 @@ def _solve(A, method, n_iter, tol, scaling, eps, return_info, *, want):
         bound = np.minimum(fro, np.max(np.abs(A64).sum(axis=-1), axis=-1))
         p_hi = np.where(bound > 0, bound / c, 1.0)  # (the zero matrix of sqrtm_psd: 1)
         p_lo = np.maximum(lmin, delta / 10.0) / c / _LMIN_SAFETY / p_hi
-        coefs, K = _accelerated_schedule(p_lo, tol_used if tol_used else default_tol(dtype, n), n, n_max)
+        tol_s = tol_used if tol_used else default_tol(dtype, n)
+        if method == "auto" and not singular.any() and np.all(p_lo <= _eigh_below(tol_s, n, n_max, np.dtype(dtype).name, _threads())):
+            # (the probe has checked the spectrum; eigh checks it again, exactly)
+            return _eigh_only(A64, arr.shape, dtype, delta, eps, want, return_info, tol, tol_used, scaling,
+                              "auto:eigh")
+        coefs, K = _accelerated_schedule(p_lo, tol_s, n, n_max)
         # the schedule is designed for s / h, h = sqrt(p_hi): q(s) = q'(s / h)
         h = np.sqrt(p_hi)
         coefs[:, 0, 0] /= h
         coefs[:, 0, 1] /= h ** 3
         if method == "auto":
-            use_eigh = _auto_plan(K, n, dtype)
+            use_eigh = _auto_plan(K, n, dtype) & ~singular
+            if use_eigh.all():
+                return _eigh_only(A64, arr.shape, dtype, delta, eps, want, return_info, tol, tol_used,
+                                  scaling, "auto:eigh")
         if want == "isqrt" and stop_early:
             k_last = K
     label = method
@@ -854,6 +961,22 @@ def _solve(A, method, n_iter, tol, scaling, eps, return_info, *, want):
         method=label, scaling=scaling, tol=tol_used,
     )
     return out, info
+
+
+def _eigh_only(A64, shape, dtype, delta, eps, want, return_info, tol, tol_used, scaling, label):
+    """Every matrix by ``eigh``: the result (``shape``) and, with ``return_info``, its info."""
+    batch = shape[:-2]
+    out, r = _eigh_subset(A64, dtype, delta, eps, want, return_info)
+    if not return_info:
+        return out.reshape(shape)
+    finite = np.isfinite(r)
+    info = NewtonSchulzInfo(
+        residuals=r.reshape(batch + (1,)), n_iter=1,
+        converged=(finite if tol is None else finite & (r <= tol)).reshape(batch),
+        diverged=(~finite).reshape(batch), best_iter=np.ones(batch, dtype=np.int64),
+        scale=np.ones(batch), method=label, scaling=scaling, tol=tol_used,
+    )
+    return out.reshape(shape), info
 
 
 def _eigh_subset(A64, dtype, delta, eps, want, with_residual):

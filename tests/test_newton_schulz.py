@@ -364,7 +364,7 @@ def test_one_by_one_matrix_is_the_scalar_inverse_square_root():
 
 def test_auto_picks_the_accelerated_iteration_for_small_matrices_and_eigh_for_large():
     rng = np.random.default_rng(19)
-    _, info = nsiter.inv_sqrtm(spd_with_condition(16, 1e3, rng, batch=(4,)), method="auto", return_info=True)
+    _, info = nsiter.inv_sqrtm(spd_with_condition(16, 2.0, rng, batch=(4,)), method="auto", return_info=True)
     assert info.method == "auto:accelerated"
     _, info = nsiter.inv_sqrtm(spd_with_condition(300, 1e6, rng), method="auto", return_info=True)
     assert info.method == "auto:eigh"
@@ -499,16 +499,17 @@ def test_registries_list_the_methods_and_scalings():
 
 def test_auto_splits_a_mixed_batch_between_the_iteration_and_eigh():
     rng = np.random.default_rng(21)
-    # n = 128: the iteration runs without the thread pool, so the choice is thread-count free
-    A = np.stack([spd_with_condition(128, 10.0, rng), spd_with_condition(128, 1e8, rng)])
+    # n = 160: neither the iteration nor eigh runs on the thread pool, so the choice is
+    # thread-count free
+    A = np.stack([spd_with_condition(160, 2.0, rng), spd_with_condition(160, 1e8, rng)])
     D, info = nsiter.inv_sqrtm(A, method="auto", tol=1e-6, return_info=True)
     assert info.method == "auto:accelerated+eigh"
     assert np.all(info.converged) and not np.any(info.diverged)
     assert info.best_iter[1] == 1 and info.scale[1] == 1.0
     assert info.residuals.shape == (2, info.n_iter)
     for b in range(2):
-        assert np.linalg.norm(D[b] @ D[b] @ A[b] - np.eye(128)) <= 1e-6
-        assert_close(D[b], nsiter.inv_sqrtm(A[b], method="auto", tol=1e-6), n=128)
+        assert np.linalg.norm(D[b] @ D[b] @ A[b] - np.eye(160)) <= 1e-6
+        assert_close(D[b], nsiter.inv_sqrtm(A[b], method="auto", tol=1e-6), n=160)
 
 
 def test_sqrtm_psd_of_the_zero_matrix_is_zero():
