@@ -11,23 +11,13 @@ batch of 64-channel feature maps (k = 3, F = 576, smooth random fields, seeded).
 from __future__ import annotations
 
 import sys
-import time
 
 import numpy as np
 
+from _bench import median_time
 from _figures import load_image, parser, plt, save_figure, write_csv, write_json
 
 import nsiter
-
-
-def median(fn, repeat=5):
-    fn()
-    ts = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
 
 
 def feature_maps(rng):
@@ -54,8 +44,8 @@ def main(argv=None):
         for s in range(1, 6):
             def pipeline():
                 return nsiter.covariance(nsiter.im2col(x, 3, stride=s, padding=1))
-            t_pipe = median(pipeline)
-            t_fused = median(lambda: nsiter.patch_covariance(x, 3, padding=1, sampling_stride=s))
+            t_pipe = median_time(pipeline, repeat=5)
+            t_fused = median_time(lambda: nsiter.patch_covariance(x, 3, padding=1, sampling_stride=s), repeat=5)
             cov_s, _ = nsiter.patch_covariance(x, 3, padding=1, sampling_stride=s)
             d_s = nsiter.inv_sqrtm(cov_s.astype(np.float64), method="eigh", eps=args.eps)
             cov1_64 = cov1.astype(np.float64)

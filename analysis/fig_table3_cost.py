@@ -15,47 +15,17 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
+import numba
 import numpy as np
 
+from _bench import median_time
 from _figures import parser, plt, save_figure, write_csv, write_json
+from _paper import TABLE3 as PAPER
 
 import nsiter
 
-PAPER = [  # H, W, Cin, Cout, groups, k, stride, im2col, cov, inv, conv (seconds, batch 128)
-    (256, 256, 3, 64, 1, 3, 3, 0.069, 0.0079, 0.00025, 0.50),
-    (128, 128, 64, 128, 1, 3, 3, 0.315, 0.3214, 0.02069, 0.67),
-    (64, 64, 128, 256, 2, 3, 3, 0.045, 0.0445, 0.00076, 0.55),
-    (32, 32, 256, 512, 4, 3, 3, 0.022, 0.0391, 0.00222, 0.48),
-    (16, 16, 512, 512, 8, 3, 3, 0.011, 0.0444, 0.01155, 0.23),
-    (128, 128, 64, 128, 64, 3, 3, 0.376, 0.0871, 0.00024, 0.66),
-    (64, 64, 128, 256, 128, 3, 3, 0.042, 0.0412, 0.00082, 0.53),
-    (32, 32, 256, 512, 256, 3, 3, 0.023, 0.0377, 0.00208, 0.47),
-    (16, 16, 512, 512, 512, 3, 3, 0.011, 0.0437, 0.01194, 0.22),
-    (128, 128, 64, 128, 32, 3, 3, 0.360, 0.0939, 0.00021, 0.67),
-    (64, 64, 128, 256, 32, 3, 3, 0.044, 0.0425, 0.00076, 0.55),
-    (32, 32, 256, 512, 32, 3, 3, 0.023, 0.0374, 0.00204, 0.46),
-    (16, 16, 512, 512, 32, 3, 3, 0.011, 0.0421, 0.01180, 0.22),
-    (256, 256, 3, 64, 1, 3, 5, 0.030, 0.0046, 0.00029, 0.49),
-    (128, 128, 64, 128, 1, 3, 5, 0.153, 0.1284, 0.01901, 0.66),
-    (256, 256, 3, 64, 1, 7, 3, 0.338, 0.1111, 0.00107, 0.69),
-    (256, 256, 3, 64, 1, 7, 5, 0.180, 0.0408, 0.00107, 0.69),
-    (256, 256, 3, 64, 1, 7, 7, 0.063, 0.0210, 0.00104, 0.70),
-    (256, 256, 3, 64, 1, 11, 3, 0.681, 0.4810, 0.00479, 0.99),
-    (256, 256, 3, 64, 1, 11, 5, 0.315, 0.1909, 0.00488, 1.00),
-    (256, 256, 3, 64, 1, 11, 7, 0.199, 0.1022, 0.00494, 0.99),
-    (256, 256, 3, 64, 1, 11, 11, 0.069, 0.0420, 0.00496, 1.00),
-]
-
-
-def median(fn, repeat):
-    fn()
-    ts = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
 
 
 def main(argv=None):
@@ -78,21 +48,21 @@ def main(argv=None):
         x = rng.standard_normal((n, cin, h, w), dtype=np.float32)
         b = cin // groups
         pad = k // 2
-        t_im2col = median(lambda: nsiter.im2col(x, k, stride=s, padding=pad), args.repeat)
+        t_im2col = median_time(lambda: nsiter.im2col(x, k, stride=s, padding=pad), repeat=args.repeat)
         kw = dict(padding=pad, sampling_stride=s, block_size=b, grouping="reference")
         cov, _ = nsiter.patch_covariance(x, k, **kw)
-        t_cov = median(lambda: nsiter.patch_covariance(x, k, **kw), args.repeat)
-        t_inv = median(lambda: nsiter.inv_sqrtm(cov, n_iter=5, eps=1e-5), max(args.repeat, 5))
+        t_cov = median_time(lambda: nsiter.patch_covariance(x, k, **kw), repeat=args.repeat)
+        t_inv = median_time(lambda: nsiter.inv_sqrtm(cov, n_iter=5, eps=1e-5), repeat=max(args.repeat, 5))
         if torch is not None:
             xt = torch.from_numpy(x)
             wt = torch.from_numpy(rng.standard_normal((cout, cin, k, k), dtype=np.float32))
             with torch.no_grad():
-                t_conv = median(lambda: F.conv2d(xt, wt, padding=pad), args.repeat)
+                t_conv = median_time(lambda: F.conv2d(xt, wt, padding=pad), repeat=args.repeat)
         else:
             from scipy.signal import correlate
 
             wt = rng.standard_normal((cin, k, k)).astype(np.float32)
-            t_conv = median(lambda: correlate(x[0], wt, mode="same"), 1) * cout * n
+            t_conv = median_time(lambda: correlate(x[0], wt, mode="same"), repeat=1) * cout * n
         ours = (t_cov + t_inv) / t_conv
         theirs = (paper[0] + paper[1] + paper[2]) / paper[3]
         rows.append({"H": h, "W": w, "Cin": cin, "Cout": cout, "groups": groups, "k": k, "S": s,
@@ -115,10 +85,10 @@ def main(argv=None):
                   f"{r['im2col_ms']:.2f} | {r['cov_ms']:.2f} | {r['inv_ms']:.3f} | {r['conv_ms']:.1f} | "
                   f"{r['ratio_ours']:.3f} | {r['ratio_paper']:.3f} |")
     header = (f"Table 3 on this machine: batch {args.batch} (paper: 128), float32, nsiter numba threads = "
-              f"{__import__('numba').get_num_threads()}; cov = fused im2col + covariance "
+              f"{numba.get_num_threads()}; cov = fused im2col + covariance "
               f"(patch_covariance, reference grouping); inv = 5 coupled NS iterations; conv = "
               f"{'torch conv2d' if torch is not None else 'scipy correlate (extrapolated)'}.\n\n")
-    (args.out and __import__('pathlib').Path(args.out)).joinpath("table3_cost.md").write_text(header + "\n".join(md) + "\n")
+    Path(args.out).joinpath("table3_cost.md").write_text(header + "\n".join(md) + "\n")
 
     fig, ax = plt.subplots(figsize=(14, 5.5))
     idx = np.arange(len(rows))

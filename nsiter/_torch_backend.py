@@ -412,16 +412,8 @@ def covariance(X, *, eps=0.0):
 
 
 def _check_block(block_size, c: int):
-    if block_size is None:
-        return None
-    block_size = check_positive_int(block_size, "block_size")
-    if c % block_size:
-        fix = math.gcd(block_size, c)
-        raise ValueError(
-            f"block_size {block_size} does not divide the {c} channels of x; "
-            f"use block_size={fix} (gcd({block_size}, {c})) or another divisor of {c}"
-        )
-    return block_size
+    """Block-size check shared with the numpy backend (``nsiter.covariance._check_block``)."""
+    return importlib.import_module("nsiter.covariance")._check_block(block_size, c)
 
 
 def _sampled_geometry(shape4, kernel_size, stride, padding, dilation, sampling_stride) -> Geometry:
