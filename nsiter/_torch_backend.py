@@ -1211,36 +1211,12 @@ def _solve(A, method, n_iter, tol, scaling, eps, return_info, *, want):
             out = next(iter(parts.values()))
 
         ns._warn_diverged(diverged, best_r, best_iter, label, nb)
-        if tol is not None:
-            missed = ~diverged & ~(best_r <= tol) & ~use_eigh
-            if missed.any():
-                i = int(np.flatnonzero(missed)[0])
-                warnings.warn(
-                    f"tol={tol:g} was not reached for {int(missed.sum())} of {nb} matrices (e.g. flat batch "
-                    f"index {i}: residual {best_r[i]:.3g} after {n_done[i]} iterations); the residual floor "
-                    f"is about cond(A) * eps({np_dtype}) — raise tol, use float64, add a ridge eps, or raise n_iter",
-                    _nsiter_warning(),
-                    stacklevel=4,
-                )
+        ns._warn_tol_missed(tol, diverged, best_r, use_eigh, n_done, np_dtype, stacklevel=5)
     out = out.reshape(t.shape)
     if not return_info:
         return out
-    finite = np.isfinite(best_r)
-    converged = finite & ~diverged if tol is None else finite & (best_r <= tol)
-    if tol is None:
-        converged |= ~diverged & np.isnan(best_r) & use_eigh
-    return out, ns.NewtonSchulzInfo(
-        residuals=hist.reshape(batch + (hist.shape[1],)), n_iter=int(hist.shape[1]) if eig_idx.size < nb else 1,
-        converged=converged.reshape(batch), diverged=diverged.reshape(batch),
-        best_iter=best_iter.reshape(batch), scale=np.where(use_eigh, 1.0, c_np).reshape(batch),
-        method=label, scaling=scaling, tol=tol_used,
-    )
-
-
-def _nsiter_warning():
-    from ._warnings import NsiterWarning
-
-    return NsiterWarning
+    return out, ns._make_info(hist, best_r, best_iter, diverged, use_eigh, c_np, eig_idx.size, batch, label,
+                              scaling, tol, tol_used)
 
 
 def inv_sqrtm(A, *, method="coupled", n_iter=None, tol=None, scaling="fro", eps=0.0, return_info=False):

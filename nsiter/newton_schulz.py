@@ -936,31 +936,45 @@ def _solve(A, method, n_iter, tol, scaling, eps, return_info, *, want):
         hist[eig_idx] = best_r[eig_idx][:, None]
 
     _warn_diverged(diverged, best_r, best_iter, label, nb)
-    if tol is not None:
-        missed = ~diverged & ~(best_r <= tol) & ~use_eigh
-        if missed.any():
-            i = int(np.flatnonzero(missed)[0])
-            warnings.warn(
-                f"tol={tol:g} was not reached for {int(missed.sum())} of {nb} matrices (e.g. flat batch "
-                f"index {i}: residual {best_r[i]:.3g} after {n_done[i]} iterations); the residual floor "
-                f"is about cond(A) * eps({dtype}) — raise tol, use float64, add a ridge eps, or raise n_iter",
-                NsiterWarning,
-                stacklevel=3,
-            )
+    _warn_tol_missed(tol, diverged, best_r, use_eigh, n_done, dtype, stacklevel=4)
     out = out.reshape(arr.shape)
     if not return_info:
         return out
+    return out, _make_info(hist, best_r, best_iter, diverged, use_eigh, c, eig_idx.size, batch, label,
+                           scaling, tol, tol_used)
+
+
+def _warn_tol_missed(tol, diverged, best_r, use_eigh, n_done, dtype, stacklevel):
+    """Warn when an explicit ``tol`` was not reached by some non-diverged iterated matrix
+    (shared by the numpy and torch backends)."""
+    if tol is None:
+        return
+    missed = ~diverged & ~(best_r <= tol) & ~use_eigh
+    if missed.any():
+        i = int(np.flatnonzero(missed)[0])
+        warnings.warn(
+            f"tol={tol:g} was not reached for {int(missed.sum())} of {len(best_r)} matrices (e.g. flat batch "
+            f"index {i}: residual {best_r[i]:.3g} after {n_done[i]} iterations); the residual floor "
+            f"is about cond(A) * eps({dtype}) — raise tol, use float64, add a ridge eps, or raise n_iter",
+            NsiterWarning,
+            stacklevel=stacklevel,
+        )
+
+
+def _make_info(hist, best_r, best_iter, diverged, use_eigh, c, n_eigh, batch, label, scaling, tol, tol_used):
+    """The :class:`NewtonSchulzInfo` of a solved batch (flat per-matrix arrays reshaped to ``batch``);
+    shared by the numpy and torch backends."""
+    nb = len(best_r)
     finite = np.isfinite(best_r)
     converged = finite & ~diverged if tol is None else finite & (best_r <= tol)
     if tol is None:
         converged |= ~diverged & np.isnan(best_r) & use_eigh
-    info = NewtonSchulzInfo(
-        residuals=hist.reshape(batch + (hist.shape[1],)), n_iter=int(hist.shape[1]) if eig_idx.size < nb else 1,
+    return NewtonSchulzInfo(
+        residuals=hist.reshape(batch + (hist.shape[1],)), n_iter=int(hist.shape[1]) if n_eigh < nb else 1,
         converged=converged.reshape(batch), diverged=diverged.reshape(batch),
         best_iter=best_iter.reshape(batch), scale=np.where(use_eigh, 1.0, c).reshape(batch),
         method=label, scaling=scaling, tol=tol_used,
     )
-    return out, info
 
 
 def _eigh_only(A64, shape, dtype, delta, eps, want, return_info, tol, tol_used, scaling, label):
