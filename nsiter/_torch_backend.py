@@ -1094,8 +1094,17 @@ def _solve(A, method, n_iter, tol, scaling, eps, return_info, *, want):
         delta_t = _delta(fro, n, dtype)
         delta = delta_t.cpu().numpy()
 
-        if method == "eigh":
+        # on the CPU, auto follows the numpy backend's cost model (a GPU eigh costs far more)
+        eigh_auto = (method == "auto" and not cuda
+                     and ns._eigh_without_probe(float(tol_used), n, n_max, np.dtype(np_dtype)))
+        if eigh_auto:
+            try:  # a singular matrix (eigh raises) takes the probe's path to the iteration below
+                out, r = _eigh_subset(A64, dtype, delta, eps, want, return_info)
+            except ns._SingularError:
+                eigh_auto = False
+        elif method == "eigh":
             out, r = _eigh_subset(A64, dtype, delta, eps, want, return_info)
+        if method == "eigh" or eigh_auto:
             if not return_info:
                 return out.reshape(t.shape)
             finite = np.isfinite(r)
@@ -1103,14 +1112,19 @@ def _solve(A, method, n_iter, tol, scaling, eps, return_info, *, want):
                 residuals=r.reshape(batch + (1,)), n_iter=1,
                 converged=(finite if tol is None else finite & (r <= tol)).reshape(batch),
                 diverged=(~finite).reshape(batch), best_iter=np.ones(batch, dtype=np.int64),
-                scale=np.ones(batch), method="eigh", scaling=scaling, tol=tol_used,
+                scale=np.ones(batch), method="auto:eigh" if eigh_auto else "eigh", scaling=scaling,
+                tol=tol_used,
             )
 
         scheduled = method in ("accelerated", "auto")
         lmin, lmax = _probe(A64, delta_t, ns._PROBE_INVERSE_STEPS_SCHEDULE if scheduled else ns._PROBE_INVERSE_STEPS,
                             ns._PROBE_POWER_STEPS if scaling == "spectral" else 0)
+        # auto sends a numerically singular matrix to the iteration, never to eigh (which raises)
+        singular = np.zeros(nb, dtype=bool)
         if want == "isqrt":
-            ns._check_singular(lmin, fro_np, ns._singular_tol(fro_np, n, np_dtype), eps, nb)
+            sing_tol = ns._singular_tol(fro_np, n, np_dtype)
+            ns._check_singular(lmin, fro_np, sing_tol, eps, nb)
+            singular = lmin <= sing_tol
         c = _scale(A64, scaling, torch.as_tensor(lmax, device=t.device), fro)
         c_np = c.detach().cpu().numpy()
         coefs = None
@@ -1125,8 +1139,8 @@ def _solve(A, method, n_iter, tol, scaling, eps, return_info, *, want):
             h = np.sqrt(p_hi)
             coefs[:, 0, 0] /= h
             coefs[:, 0, 1] /= h ** 3
-            if method == "auto" and not cuda:  # a GPU eigh costs far more than the CPU cost model says
-                use_eigh = ns._auto_plan(K, n, np_dtype)
+            if method == "auto" and not cuda:
+                use_eigh = ns._auto_plan(K, n, np_dtype) & ~singular
             if want == "isqrt" and stop_early:
                 k_last = K
         label = method

@@ -39,11 +39,14 @@ Methods (registry :data:`METHODS`):
     eigendecomposition, returned in the input dtype.  Up to ``n = 128`` one matrix per
     Numba thread with SciPy's OpenBLAS held to one thread for the call (measured with two
     threads: 8.5 ms for 32 x 64 x 64 against 13-18 ms for numpy's batched ``eigh``); above,
-    numpy's batched ``eigh``.
+    numpy's batched ``eigh``.  The result is formed as ``W W^T`` with
+    ``W = V diag(lambda^{-1/4})``: symmetric to the last bit.
 ``"auto"``
     Per matrix, the cheaper of ``"accelerated"`` (its step count predicted from the
-    schedule) and ``"eigh"``, by a cost model in units of one ``n x n`` product
-    (:data:`_EIGH_COST`, measured): LAPACK wins for ill-conditioned or large matrices.
+    schedule) and ``"eigh"``, by a cost model in units of one step of the iteration
+    (:data:`_AUTO_COST`, measured by ``analysis/calibrate_auto.py``): LAPACK wins for
+    ill-conditioned or large matrices (at ``n = 64``, float64, two threads: ``eigh`` costs
+    about 10.6 steps, so the iteration is kept up to ``K = 8``).
     Where ``eigh`` is cheaper than even the best-conditioned schedule (large ``n``), the
     spectrum probe is skipped; where every matrix of the batch picks ``eigh``, nothing of
     the iteration is prepared.  A matrix the probe finds numerically singular goes to the
@@ -89,6 +92,8 @@ from ._numba._newton_schulz import (
     _coupled_ns_parallel,
     _coupled_ns_serial,
     _eigh_power_serial,
+    _prepare,
+    _prepare_serial,
     _psd_probe,
     _psd_probe_serial,
     _spectrum_estimates_serial,
@@ -198,7 +203,9 @@ class NewtonSchulzInfo:
 # --------------------------------------------------------------------------- validation
 
 
-def _validate(A, method, n_iter, tol, scaling, eps, return_info, name="A"):
+def _validate(A, method, n_iter, tol, scaling, eps, return_info, name="A", check_values=True):
+    """Options and shape checks; with ``check_values`` also finite and symmetric entries
+    (:func:`_prepare_input` checks them in its one pass instead)."""
     method = check_option(method, "method", METHODS)
     scaling = check_option(scaling, "scaling", SCALINGS)
     if n_iter is not None:
@@ -218,10 +225,29 @@ def _validate(A, method, n_iter, tol, scaling, eps, return_info, name="A"):
         check_square(arr, name)  # raises with the house message
     if arr.shape[-1] == 0:
         raise ValueError(f"expected {name} with n >= 1 (shape (..., n, n)), got shape {arr.shape}")
-    if arr.size:
+    if arr.size and check_values:
         check_finite(arr, name)
         check_symmetric(arr, name)
     return arr, method, n_iter, tol, scaling, eps, bool(return_info)
+
+
+def _prepare_input(arr, eps, name="A"):
+    """``(A64, fro, norm_inf)``: the stack ``(nb, n, n)`` as float64 ``(A + A^T)/2 + eps I``
+    (a new array: the caller's data is never touched) with its Frobenius and infinity norms,
+    in one pass that also checks the entries (finite; symmetric up to 100 ulp of the
+    largest entry, as :func:`~nsiter._validation.check_symmetric`)."""
+    n = arr.shape[-1]
+    src = np.ascontiguousarray(arr.reshape(-1, n, n))
+    nb = src.shape[0]
+    A64 = np.empty((nb, n, n))
+    stats = np.empty((nb, 5))
+    (_prepare if nb > 1 else _prepare_serial)(src, float(eps), A64, stats)
+    if not stats[:, 0].all():
+        check_finite(arr, name)  # raises with the house message
+    scale = np.where(stats[:, 1] > 0, stats[:, 1], 1.0)
+    if np.any(stats[:, 2] > 100 * np.finfo(arr.dtype).eps * scale):
+        check_symmetric(arr, name)  # raises with the house message
+    return A64, stats[:, 3].copy(), stats[:, 4].copy()
 
 
 def _use_thread_pool(n: int, nb: int) -> bool:
@@ -350,17 +376,15 @@ def _check_singular(lmin, fro, sing_tol, eps, nb, stacklevel=4):
         )
 
 
-def _scale(A64, scaling, lmax):
-    """``c`` of ``Y_0 = A / c`` (float64, per matrix)."""
+def _scale(A64, scaling, lmax, fro):
+    """``c`` of ``Y_0 = A / c`` (float64, per matrix); ``fro = ||A||_F``."""
     if scaling == "fro":
-        return np.sqrt(np.einsum("bij,bij->b", A64, A64))
+        return fro
     if scaling == "trace":
         return np.einsum("bii->b", A64).copy()
     # spectral: the power-iteration estimate is a lower bound of lambda_max; it is never
     # allowed below ||A||_F / sqrt(n) (another lower bound) nor above ||A||_F (an upper bound).
-    n = A64.shape[-1]
-    fro = np.sqrt(np.einsum("bij,bij->b", A64, A64))
-    return np.clip(lmax, fro / math.sqrt(n), fro)
+    return np.clip(lmax, fro / math.sqrt(A64.shape[-1]), fro)
 
 
 # --------------------------------------------------------------------------- iterations
@@ -499,7 +523,7 @@ def _deg3_minimax(lo, hi):
     return a, b, E
 
 
-def _accelerated_schedule(p_lo, tol: float, n: int, n_max: int):
+def _design_schedule(p_lo, tol: float, n: int, n_max: int):
     """Per-matrix, per-step coefficients of the accelerated coupled iteration.
 
     The eigenvalues of ``Y_0`` lie in ``[p_lo, 1]`` (``p_lo``: one value per matrix).
@@ -531,6 +555,51 @@ def _accelerated_schedule(p_lo, tol: float, n: int, n_max: int):
         if not active.any():
             break
     return coefs, K
+
+
+# p_lo is rounded down to the grid 10^(-j / _GRID_PER_DECADE): a schedule designed for a
+# smaller p_lo maps the true, narrower interval just as well (at most a fraction of a step
+# more), and the grid's schedules are computed once
+_GRID_PER_DECADE = 16
+_GRID_MAX = 300 * _GRID_PER_DECADE  # p_lo = 1e-300
+
+
+def _grid_index(p_lo):
+    """Index ``j`` of the largest grid point ``10^(-j/16) <= p_lo`` (``p_lo <= 1``)."""
+    x = -np.log10(np.clip(p_lo, 1e-300, 1.0)) * _GRID_PER_DECADE
+    return np.minimum(np.ceil(x - 1e-9), _GRID_MAX).astype(np.int64)
+
+
+@functools.lru_cache(maxsize=2048)
+def _grid_schedule(j: int, tol: float, n: int, n_max: int):
+    """:func:`_design_schedule` at grid point ``j``: ``(coefs (n_max, 3), K)``, read-only."""
+    coefs, K = _design_schedule(np.array([10.0 ** (-j / _GRID_PER_DECADE)]), tol, n, n_max)
+    coefs = coefs[0]
+    coefs.flags.writeable = False
+    return coefs, int(K[0])
+
+
+def _schedule_lookup(p_lo, tol: float, n: int, n_max: int):
+    """The grid schedules for ``p_lo``: ``(tables (m, n_max, 3), inv (nb,), K (nb,))``;
+    matrix ``b`` uses ``tables[inv[b]]`` and ``K[b]`` steps (``m`` distinct grid points)."""
+    j = _grid_index(np.atleast_1d(np.asarray(p_lo, dtype=np.float64)))
+    if j.size and (j == j[0]).all():  # the common case: one grid point for the batch
+        uniq, inv = j[:1], np.zeros(j.size, dtype=np.intp)
+    else:
+        uniq, inv = np.unique(j, return_inverse=True)
+    found = [_grid_schedule(int(u), float(tol), int(n), int(n_max)) for u in uniq]
+    tables = np.stack([f[0] for f in found]) if found else np.empty((0, n_max, 3))
+    K = np.array([f[1] for f in found], dtype=np.int64)[inv.ravel()]
+    return tables, inv.ravel(), K
+
+
+def _accelerated_schedule(p_lo, tol: float, n: int, n_max: int):
+    """:func:`_design_schedule` for ``p_lo`` rounded down to the grid (cached per grid point).
+
+    Returns ``(coefs (nb, n_max, 3) float64, a fresh array; K (nb,) int)``.
+    """
+    tables, inv, K = _schedule_lookup(p_lo, tol, n, n_max)
+    return tables[inv], K
 
 
 def _coupled_ns_one_numpy(Y0, Y0_64, coefs, n_max, k_last, record, stop_early, tol,
@@ -652,6 +721,10 @@ def _freeze_history(hist, n_done, n_run):
     return hist
 
 
+class _SingularError(ValueError):
+    """``eigh`` met a singular matrix (``auto`` then routes it to the iteration instead)."""
+
+
 def _check_spectrum(lo, hi, delta, eps, power):
     """Reject indefinite matrices (``lo < -delta``) and, for ``power < 0``, singular ones (``lo <= 0``).
 
@@ -669,7 +742,7 @@ def _check_spectrum(lo, hi, delta, eps, power):
         )
     if power < 0 and np.any(lo <= 0):
         b = int(np.flatnonzero(lo <= 0)[0])
-        raise ValueError(
+        raise _SingularError(
             f"expected positive definite matrices for method='eigh', but matrix {b} (flat batch "
             f"index) is singular: eigenvalue {lo[b]:.3g} <= 0 (largest {hi[b]:.3g}, eps={eps:g}); "
             "A^(-1/2) does not exist — pass a ridge eps > 0 (A + eps I)"
@@ -718,66 +791,53 @@ def _warn_diverged(diverged, best_r, best_iter, method, nb):
         )
 
 
-# Time of method="eigh" (LAPACK eigh in float64 + reconstruction) in units of one n x n
-# product of the iteration in the working dtype, per matrix and thread, measured with two
-# threads on the development machine (numpy 2.4 / OpenBLAS; the Numba LAPACK kernel up to
-# :func:`_eigh_kernel_max_n`, numpy's batched eigh above): interpolated in log n,
-# constant outside.
-_EIGH_COST = {
-    "float64": ((16, 19.0), (27, 21.0), (64, 22.0), (128, 20.0), (256, 11.0), (512, 8.0)),
-    "float32": ((16, 24.0), (27, 24.0), (64, 35.0), (128, 35.0), (256, 20.0), (512, 15.0)),
+# Costs behind method="auto", per matrix, in steps of the iteration (one step: three n x n
+# products in the working dtype and the by-product residual): ``fixed``, the fixed cost of
+# an iteration run (set-up, float64 confirmation of the last step, output); ``eigh``,
+# method="eigh" (float64 LAPACK eigh + reconstruction, :func:`_eigh_power`); ``probe``, the
+# spectrum probe (:func:`_probe`).  Measured with the kernels of each size and two threads
+# by ``analysis/calibrate_auto.py`` (``analysis/results/auto_cost.md``); interpolated in
+# log n, constant outside.  Up to n = 64 the iteration and eigh both run one matrix per
+# thread, so there the ratios do not depend on the thread count.
+_AUTO_COST_N = (8, 16, 27, 48, 64, 96, 128, 192, 256, 512)
+_AUTO_COST = {
+    "float64": {
+        "fixed": (1.8, 1.6, 2.0, 1.6, 2.2, 1.6, 1.8, 1.3, 1.4, 0.7),
+        "eigh": (6.6, 10.8, 9.7, 10.3, 10.6, 6.3, 4.8, 5.3, 4.6, 3.1),
+        "probe": (1.3, 1.7, 1.2, 1.3, 1.2, 0.7, 1.1, 0.8, 0.8, 0.5),
+    },
+    "float32": {
+        "fixed": (0.6, 1.3, 3.7, 2.6, 2.4, 2.8, 3.3, 2.6, 3.2, 2.6),
+        "eigh": (3.1, 7.3, 14.8, 16.2, 14.8, 10.3, 9.1, 9.2, 9.2, 6.5),
+        "probe": (0.6, 1.1, 1.8, 2.1, 2.1, 1.3, 1.9, 1.4, 1.7, 1.2),
+    },
 }
 
 
-def _eigh_cost(n: int, dtype) -> float:
-    """Cost of ``eigh`` in products of the iteration (:data:`_EIGH_COST`)."""
-    table = _EIGH_COST["float32" if np.dtype(dtype) == np.float32 else "float64"]
-    ns_, cs = zip(*table)
-    return float(np.interp(math.log(n), np.log(ns_), cs))
+def _cost(kind: str, n: int, dtype) -> float:
+    """``_AUTO_COST[dtype][kind]`` at size ``n``, in steps of the iteration."""
+    table = _AUTO_COST["float32" if np.dtype(dtype) == np.float32 else "float64"][kind]
+    return float(np.interp(math.log(n), np.log(_AUTO_COST_N), table))
 
 
 def _auto_plan(K, n, dtype):
-    """Per matrix: True where ``eigh`` is cheaper than ``K`` accelerated steps.
-
-    Cost of the accelerated iteration in products: ``3K - 2`` (the first step needs one),
-    ``-1`` (the last step skips ``Y``), ``+2`` for the float64 confirmation, ``+1.5`` for
-    the Cholesky probe and the schedule; ``eigh``: :func:`_eigh_cost`.  Each is divided
-    by the Numba thread count where it runs one matrix per thread (iteration:
-    ``n <= 64``; eigh: :func:`_eigh_kernel_max_n`).  The choice depends on ``n``, ``K``, the dtype and
-    the thread count only, so a matrix gets the same method alone or in a batch.
-    """
-    threads = _threads()
-    ns_cost = (3 * K + 0.5) / (threads if n <= _PARALLEL_MAX_N else 1)
-    eigh_cost = _eigh_cost(n, dtype) / (threads if n <= _eigh_kernel_max_n() else 1)
-    return ns_cost > eigh_cost
+    """Per matrix: True where ``eigh`` is cheaper than a run of ``K`` accelerated steps
+    (``K + fixed`` steps against ``eigh``, :data:`_AUTO_COST`).  The choice depends on
+    ``n``, ``K`` and the dtype only, so a matrix gets the same method alone or in a batch."""
+    return np.asarray(K) + _cost("fixed", n, dtype) > _cost("eigh", n, dtype)
 
 
-def _threads() -> int:
-    """Numba's thread count (the parallelism of the per-matrix kernels)."""
-    import numba
-
-    return max(int(numba.get_num_threads()), 1)
+# the probe pays only where the iteration can beat eigh by more than this factor
+_PROBE_MARGIN = 1.1
 
 
 @functools.lru_cache(maxsize=256)
-def _fewest_steps(tol, n, n_max):
-    """Accelerated steps for the best-conditioned input (``p_lo = 1/2``, the largest value
-    :func:`_solve` can design for): a lower bound on ``K`` for every matrix of size ``n``."""
-    return _accelerated_schedule(np.array([0.5]), tol, n, n_max)[1]
-
-
-@functools.lru_cache(maxsize=256)
-def _eigh_below(tol, n, n_max, dtype_name, threads):
-    """A ``p_lo`` at or below which :func:`_auto_plan` picks ``eigh`` (``0.0``: none on the grid).
-
-    The predicted count ``K`` does not increase with ``p_lo``, so a matrix at or below the
-    largest grid point that picks ``eigh`` picks it too: the schedule need not be built.
-    ``threads`` is part of the cache key only (the plan reads it).
-    """
-    grid = np.logspace(-30.0, math.log10(0.5), 600)
-    plan = _auto_plan(_accelerated_schedule(grid, tol, n, n_max)[1], n, np.dtype(dtype_name))
-    first_ns = int(np.argmin(plan)) if not plan.all() else grid.size
-    return float(grid[first_ns - 1]) if first_ns > 0 else 0.0
+def _eigh_without_probe(tol: float, n: int, n_max: int, dtype) -> bool:
+    """True when ``eigh`` costs less than ``_PROBE_MARGIN`` times the probe plus the fewest
+    steps any matrix of size ``n`` needs (``p_lo = 1/2``, the largest value :func:`_solve`
+    designs for): then ``auto`` goes straight to ``eigh``."""
+    K = _grid_schedule(int(_grid_index(np.array([0.5]))[0]), float(tol), int(n), int(n_max))[1]
+    return (K + _cost("fixed", n, dtype) + _cost("probe", n, dtype)) * _PROBE_MARGIN > _cost("eigh", n, dtype)
 
 
 def _empty_info(batch, method, scaling, tol):
@@ -792,7 +852,7 @@ def _empty_info(batch, method, scaling, tol):
 def _solve(A, method, n_iter, tol, scaling, eps, return_info, *, want):
     """Shared body of :func:`inv_sqrtm` (``want="isqrt"``) and :func:`sqrtm_psd` (``"sqrt"``)."""
     arr, method, n_iter, tol, scaling, eps, return_info = _validate(
-        A, method, n_iter, tol, scaling, eps, return_info
+        A, method, n_iter, tol, scaling, eps, return_info, check_values=False
     )
     dtype = arr.dtype
     batch, n = arr.shape[:-2], arr.shape[-1]
@@ -807,11 +867,7 @@ def _solve(A, method, n_iter, tol, scaling, eps, return_info, *, want):
         out = np.empty(arr.shape, dtype=dtype)
         return (out, _empty_info(batch, method, scaling, tol_used)) if return_info else out
 
-    A64 = arr.reshape(nb, n, n).astype(np.float64)  # a copy: the caller's data is never touched
-    if eps:
-        A64[:, np.arange(n), np.arange(n)] += eps
-    A64 = (A64 + np.swapaxes(A64, -1, -2)) * 0.5
-    fro = np.sqrt(np.einsum("bij,bij->b", A64, A64))
+    A64, fro, norm_inf = _prepare_input(arr, eps)
     if want == "isqrt" and np.any(fro == 0):
         raise ValueError(
             "expected a nonzero positive semidefinite matrix, got the zero matrix (all eigenvalues 0) "
@@ -821,12 +877,16 @@ def _solve(A, method, n_iter, tol, scaling, eps, return_info, *, want):
     # rounding tolerance of the PSD test (the zero matrix, allowed by sqrtm_psd, gets 1)
     delta = np.where(fro > 0, 10.0 * n * np.finfo(dtype).eps * fro, 1.0)
 
-    if method == "auto" and bool(_auto_plan(_fewest_steps(tol_used or default_tol(dtype, n), n, n_max), n, dtype)[0]):
-        # eigh is cheaper than even the best-conditioned accelerated run: no probe
-        method = "eigh_auto"
-    if method in ("eigh", "eigh_auto"):
-        return _eigh_only(A64, arr.shape, dtype, delta, eps, want, return_info, tol, tol_used, scaling,
-                          "eigh" if method == "eigh" else "auto:eigh")
+    if method == "eigh":
+        return _eigh_only(A64, arr.shape, dtype, delta, eps, want, return_info, tol, tol_used, scaling, "eigh")
+    if method == "auto" and _eigh_without_probe(float(tol_used), n, n_max, np.dtype(dtype)):
+        # eigh is cheaper than even the best-conditioned accelerated run: no probe; a
+        # singular matrix (eigh raises) takes the probe's path to the iteration below
+        try:
+            return _eigh_only(A64, arr.shape, dtype, delta, eps, want, return_info, tol, tol_used, scaling,
+                              "auto:eigh")
+        except _SingularError:
+            pass
 
     scheduled = method in ("accelerated", "auto")
     lmin, lmax = _probe(A64, delta, _PROBE_INVERSE_STEPS_SCHEDULE if scheduled else _PROBE_INVERSE_STEPS,
@@ -838,7 +898,7 @@ def _solve(A, method, n_iter, tol, scaling, eps, return_info, *, want):
         sing_tol = _singular_tol(fro, n, dtype)
         _check_singular(lmin, fro, sing_tol, eps, nb)
         singular = lmin <= sing_tol
-    c = _scale(A64, scaling, lmax)
+    c = _scale(A64, scaling, lmax, fro)
     c = np.where(c > 0, c, 1.0)
     coefs = None
     k_last = None
@@ -846,24 +906,21 @@ def _solve(A, method, n_iter, tol, scaling, eps, return_info, *, want):
     if method in ("accelerated", "auto"):
         # eigenvalues of Y_0 = A/c lie in [p_lo, p_hi]: p_hi from rigorous bounds on
         # lambda_max (||A||_F, ||A||_inf), p_lo from the over-estimate of lambda_min / safety
-        bound = np.minimum(fro, np.max(np.abs(A64).sum(axis=-1), axis=-1))
+        bound = np.minimum(fro, norm_inf)
         p_hi = np.where(bound > 0, bound / c, 1.0)  # (the zero matrix of sqrtm_psd: 1)
         p_lo = np.maximum(lmin, delta / 10.0) / c / _LMIN_SAFETY / p_hi
-        tol_s = tol_used if tol_used else default_tol(dtype, n)
-        if method == "auto" and not singular.any() and np.all(p_lo <= _eigh_below(tol_s, n, n_max, np.dtype(dtype).name, _threads())):
-            # (the probe has checked the spectrum; eigh checks it again, exactly)
-            return _eigh_only(A64, arr.shape, dtype, delta, eps, want, return_info, tol, tol_used, scaling,
-                              "auto:eigh")
-        coefs, K = _accelerated_schedule(p_lo, tol_s, n, n_max)
+        tables, inv, K = _schedule_lookup(p_lo, tol_used if tol_used else default_tol(dtype, n), n, n_max)
+        if method == "auto":
+            use_eigh = _auto_plan(K, n, dtype) & ~singular
+            if use_eigh.all():
+                # (the probe has checked the spectrum; eigh checks it again, exactly)
+                return _eigh_only(A64, arr.shape, dtype, delta, eps, want, return_info, tol, tol_used,
+                                  scaling, "auto:eigh")
+        coefs = tables[inv]
         # the schedule is designed for s / h, h = sqrt(p_hi): q(s) = q'(s / h)
         h = np.sqrt(p_hi)
         coefs[:, 0, 0] /= h
         coefs[:, 0, 1] /= h ** 3
-        if method == "auto":
-            use_eigh = _auto_plan(K, n, dtype) & ~singular
-            if use_eigh.all():
-                return _eigh_only(A64, arr.shape, dtype, delta, eps, want, return_info, tol, tol_used,
-                                  scaling, "auto:eigh")
         if want == "isqrt" and stop_early:
             k_last = K
     label = method

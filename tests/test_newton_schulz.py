@@ -379,6 +379,27 @@ def test_accelerated_schedule_becomes_the_classic_step():
     assert (a, b, E) == pytest.approx((1.5, -0.5, 0.0))
 
 
+@pytest.mark.parametrize("p_lo", [3.7e-7, 2.2e-3, 0.31])
+def test_grid_schedule_maps_the_whole_true_interval(p_lo):
+    """p_lo is rounded down to the schedule grid: the schedule still maps every eigenvalue
+    of [p_lo, 1] to within tol (scalar model p <- p (a + b p)^2), at most one step later."""
+    coefs, K = ns._accelerated_schedule(np.array([p_lo]), 1e-7, 16, 60)
+    _, K_exact = ns._design_schedule(np.array([p_lo]), 1e-7, 16, 60)
+    assert K_exact[0] <= K[0] <= K_exact[0] + 1
+    p = np.logspace(np.log10(p_lo), 0.0, 400)
+    for a, b, _ in coefs[0, :K[0]]:
+        p = p * (a + b * p) ** 2
+    assert np.sqrt(16) * np.max(np.abs(p - 1.0)) <= 1e-7
+
+
+def test_auto_cost_model_is_batch_free_and_prefers_eigh_for_ill_conditioned_matrices():
+    for dtype in (np.float32, np.float64):
+        for n in (4, 16, 64, 300):
+            plan = ns._auto_plan(np.array([3, 60]), n, dtype)
+            assert not plan[0] or ns._eigh_without_probe(1e-3, n, 100, np.dtype(dtype)) or n <= 8
+            assert plan[1]
+
+
 # ----------------------------------------------------------------------------- divergence
 
 
@@ -414,6 +435,11 @@ def test_singular_matrix_warning_names_eps_and_eigh_raises():
         nsiter.inv_sqrtm(A, n_iter=5)
     with pytest.raises(ValueError, match="singular.*eps"):
         nsiter.inv_sqrtm(A, method="eigh")
+    # auto never hands a singular matrix to eigh, even where it skips the probe (small n)
+    assert ns._eigh_without_probe(ns.default_tol(np.float64, 2), 2, ns.MAX_ITER, np.dtype(np.float64))
+    with pytest.warns(nsiter.IllConditionedWarning, match="eps"):
+        D, info = nsiter.inv_sqrtm(A, method="auto", return_info=True)
+    assert info.method == "auto:accelerated" and np.all(np.isfinite(D))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         nsiter.inv_sqrtm(A, n_iter=5, eps=1e-3)
@@ -499,17 +525,18 @@ def test_registries_list_the_methods_and_scalings():
 
 def test_auto_splits_a_mixed_batch_between_the_iteration_and_eigh():
     rng = np.random.default_rng(21)
-    # n = 160: neither the iteration nor eigh runs on the thread pool, so the choice is
-    # thread-count free
-    A = np.stack([spd_with_condition(160, 2.0, rng), spd_with_condition(160, 1e8, rng)])
+    # the choice depends on n, the predicted step count and the dtype only (not the batch
+    # or the thread count): a well-conditioned n = 48 matrix iterates, an ill-conditioned one
+    # goes to eigh
+    A = np.stack([spd_with_condition(48, 2.0, rng), spd_with_condition(48, 1e8, rng)])
     D, info = nsiter.inv_sqrtm(A, method="auto", tol=1e-6, return_info=True)
     assert info.method == "auto:accelerated+eigh"
     assert np.all(info.converged) and not np.any(info.diverged)
     assert info.best_iter[1] == 1 and info.scale[1] == 1.0
     assert info.residuals.shape == (2, info.n_iter)
     for b in range(2):
-        assert np.linalg.norm(D[b] @ D[b] @ A[b] - np.eye(160)) <= 1e-6
-        assert_close(D[b], nsiter.inv_sqrtm(A[b], method="auto", tol=1e-6), n=160)
+        assert np.linalg.norm(D[b] @ D[b] @ A[b] - np.eye(48)) <= 1e-6
+        assert_close(D[b], nsiter.inv_sqrtm(A[b], method="auto", tol=1e-6), n=48)
 
 
 def test_sqrtm_psd_of_the_zero_matrix_is_zero():

@@ -286,6 +286,20 @@ def test_inv_sqrtm_matches_numpy_with_the_same_info(method, scaling, mode, cond)
                                rtol=0, atol=1e-10 * np.abs(D).max())
 
 
+@pytest.mark.parametrize("n", [2, 20])  # auto without the probe (n = 2) and with it
+def test_auto_sends_a_singular_matrix_to_the_iteration_like_numpy(n):
+    v = np.arange(1.0, n + 1.0)[None, :]
+    A = np.stack([v.T @ v, spd_with_condition(n, 10.0, np.random.default_rng(5))])  # rank 1, regular
+    for X in (A, _t(A)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            D, info = nsiter.inv_sqrtm(X, method="auto", return_info=True)
+        # (the iteration may also report that the singular matrix diverged)
+        assert any(w.category is nsiter.IllConditionedWarning and "eps" in str(w.message) for w in caught)
+        assert info.method.startswith("auto:accelerated") and info.best_iter[0] > 1 and info.best_iter[1] >= 1
+        assert np.all(np.isfinite(np.asarray(D)))
+
+
 def test_uncoupled_and_sqrtm_psd_match_numpy():
     rng = np.random.default_rng(11)
     A = spd_with_condition(6, 10.0, rng, batch=3)

@@ -13,7 +13,17 @@ from .._config import jit, prange
 __all__ = [
     "_psd_probe", "_psd_probe_serial", "_spectrum_estimates", "_spectrum_estimates_serial",
     "_coupled_ns_parallel", "_coupled_ns_serial", "_eigh_power", "_eigh_power_serial",
+    "_prepare", "_prepare_serial",
 ]
+
+
+@jit
+def _norm2(v):
+    """``||v||_2`` without a temporary array."""
+    s = 0.0
+    for i in range(v.shape[0]):
+        s += v[i] * v[i]
+    return np.sqrt(s)
 
 
 @jit
@@ -27,7 +37,7 @@ def _power_one(a, n_steps, v, w):
     for i in range(n):
         v[i] = np.sqrt(abs(a[i, i])) + 1e-3 * np.cos(1.7 * i + 0.3)
     for _ in range(n_steps):
-        nv = np.sqrt(np.sum(v * v))
+        nv = _norm2(v)
         if not (nv > 0.0):
             break
         for i in range(n):
@@ -36,7 +46,7 @@ def _power_one(a, n_steps, v, w):
             vk = v[k] / nv
             for i in range(n):
                 w[i] += vk * a[k, i]
-        est = np.sqrt(np.sum(w * w))
+        est = _norm2(w)
         for i in range(n):
             v[i] = w[i]
     return est
@@ -45,30 +55,37 @@ def _power_one(a, n_steps, v, w):
 @jit
 def _inverse_one(L, n_steps, v, w):
     """``n_steps`` of inverse iteration with the Cholesky factor ``L``: an estimate
-    ``>= lambda_min(L L^T)`` (also bounded by the smallest pivot ``L_jj^2``)."""
+    ``>= lambda_min(L L^T)`` (also bounded by the smallest pivot ``L_jj^2``).
+
+    Both triangular solves are column oriented (contiguous ``axpy`` updates, vectorisable):
+    the forward one on a copy ``U = L^T``, the backward one on the rows of ``L``.
+    """
     n = L.shape[0]
     min_pivot = np.inf
+    U = np.empty((n, n))
     for i in range(n):
         p = L[i, i] * L[i, i]
         if p < min_pivot:
             min_pivot = p
         v[i] = np.cos(2.3 * i + 0.7) + 0.25
+        for k in range(i + 1):
+            U[k, i] = L[i, k]
     inv_est = 0.0
     for _ in range(n_steps):
-        nv = np.sqrt(np.sum(v * v))
+        nv = _norm2(v)
         for i in range(n):
             v[i] /= nv
-        for i in range(n):  # forward: L y = v
-            t = v[i]
-            for k in range(i):
-                t -= L[i, k] * w[k]
-            w[i] = t / L[i, i]
+        for j in range(n):  # forward: L y = v (v is overwritten)
+            yj = v[j] / U[j, j]
+            w[j] = yj
+            for i in range(j + 1, n):
+                v[i] -= U[j, i] * yj
         for i in range(n - 1, -1, -1):  # backward, column oriented: L^T x = y
             w[i] /= L[i, i]
             xi = w[i]
             for k in range(i):
                 w[k] -= L[i, k] * xi
-        inv_est = np.sqrt(np.sum(w * w))
+        inv_est = _norm2(w)
         for i in range(n):
             v[i] = w[i]
     est = 1.0 / inv_est if inv_est > 0.0 else min_pivot
@@ -409,15 +426,22 @@ def _coupled_ns_serial(Y0, Y0_64, coefs, n_max, k_last, record, stop_early, tol,
 @jit
 def _eigh_power_one(a, power, out, lam_out):
     """``out = V diag(lambda^power) V^T`` from LAPACK ``eigh`` of ``a`` (float64);
-    eigenvalues ``<= 0`` contribute 0; ``lam_out`` gets them (ascending)."""
+    eigenvalues ``<= 0`` contribute 0; ``lam_out`` gets them (ascending).
+
+    Computed as ``W W^T`` with ``W = V diag(lambda^(power/2))``: symmetric to the last bit,
+    and one power per eigenvalue (not per entry).
+    """
     n = a.shape[0]
     lam, V = np.linalg.eigh(a)
     lam_out[:] = lam
+    s = np.empty(n)
+    for j in range(n):
+        s[j] = lam[j] ** (0.5 * power) if lam[j] > 0.0 else 0.0
     W = np.empty((n, n))
     for i in range(n):
         for j in range(n):
-            W[i, j] = V[i, j] * lam[j] ** power if lam[j] > 0.0 else 0.0
-    np.dot(W, np.ascontiguousarray(V.T), out)
+            W[i, j] = V[i, j] * s[j]
+    np.dot(W, np.ascontiguousarray(W.T), out)
 
 
 @jit(parallel=True)
@@ -432,3 +456,56 @@ def _eigh_power_serial(A, power, out, lam_out):
     """:func:`_eigh_power_one` in batch order."""
     for b in range(A.shape[0]):
         _eigh_power_one(A[b], power, out[b], lam_out[b])
+
+
+@jit
+def _prepare_one(a, eps, out, stats):
+    """``out = (a + a^T)/2 + eps I`` in float64 and, in one pass over ``a``,
+    ``stats = [all finite, max|a_ij|, max|a_ij - a_ji|, ||out||_F, ||out||_inf]``."""
+    n = a.shape[0]
+    finite = True
+    amax = 0.0
+    asym = 0.0
+    fro2 = 0.0
+    rows = np.zeros(n)
+    for i in range(n):
+        d = float(a[i, i])
+        if not np.isfinite(d):
+            finite = False
+        amax = max(amax, abs(d))
+        d += eps
+        out[i, i] = d
+        fro2 += d * d
+        rows[i] += abs(d)
+        for j in range(i + 1, n):
+            x = float(a[i, j])
+            y = float(a[j, i])
+            if not (np.isfinite(x) and np.isfinite(y)):
+                finite = False
+            amax = max(amax, max(abs(x), abs(y)))
+            asym = max(asym, abs(x - y))
+            s = (x + y) * 0.5
+            out[i, j] = s
+            out[j, i] = s
+            fro2 += 2.0 * s * s
+            rows[i] += abs(s)
+            rows[j] += abs(s)
+    stats[0] = 1.0 if finite else 0.0
+    stats[1] = amax
+    stats[2] = asym
+    stats[3] = np.sqrt(fro2)
+    stats[4] = np.max(rows) if n > 0 else 0.0
+
+
+@jit(parallel=True)
+def _prepare(A, eps, out, stats):
+    """:func:`_prepare_one` for every matrix, one per thread."""
+    for b in prange(A.shape[0]):
+        _prepare_one(A[b], eps, out[b], stats[b])
+
+
+@jit
+def _prepare_serial(A, eps, out, stats):
+    """:func:`_prepare_one` in batch order (a single matrix: no thread pool to wake)."""
+    for b in range(A.shape[0]):
+        _prepare_one(A[b], eps, out[b], stats[b])
