@@ -816,8 +816,12 @@ _AUTO_COST = {
 
 def _cost(kind: str, n: int, dtype) -> float:
     """``_AUTO_COST[dtype][kind]`` at size ``n``, in steps of the iteration."""
-    table = _AUTO_COST["float32" if np.dtype(dtype) == np.float32 else "float64"][kind]
-    return float(np.interp(math.log(n), np.log(_AUTO_COST_N), table))
+    return _cost_at(kind, int(n), "float32" if np.dtype(dtype) == np.float32 else "float64")
+
+
+@functools.lru_cache(maxsize=1024)
+def _cost_at(kind: str, n: int, dtype_name: str) -> float:
+    return float(np.interp(math.log(n), np.log(_AUTO_COST_N), _AUTO_COST[dtype_name][kind]))
 
 
 def _auto_plan(K, n, dtype):

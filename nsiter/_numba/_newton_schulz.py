@@ -53,23 +53,22 @@ def _power_one(a, n_steps, v, w):
 
 
 @jit
-def _inverse_one(L, n_steps, v, w):
-    """``n_steps`` of inverse iteration with the Cholesky factor ``L``: an estimate
-    ``>= lambda_min(L L^T)`` (also bounded by the smallest pivot ``L_jj^2``).
+def _inverse_lu(L, U, n_steps, v, w):
+    """``n_steps`` of inverse iteration with the Cholesky factor ``L`` (lower, and its
+    transpose ``U``): an estimate ``>= lambda_min(L L^T)`` (also bounded by the smallest
+    pivot ``L_jj^2``).
 
-    Both triangular solves are column oriented (contiguous ``axpy`` updates, vectorisable):
-    the forward one on a copy ``U = L^T``, the backward one on the rows of ``L``.
+    Both triangular solves are column oriented: contiguous ``axpy`` updates written as
+    0-based loops over row views, the form LLVM vectorises (the forward solve on rows of
+    ``U``, the backward one on rows of ``L``).
     """
     n = L.shape[0]
     min_pivot = np.inf
-    U = np.empty((n, n))
     for i in range(n):
         p = L[i, i] * L[i, i]
         if p < min_pivot:
             min_pivot = p
         v[i] = np.cos(2.3 * i + 0.7) + 0.25
-        for k in range(i + 1):
-            U[k, i] = L[i, k]
     inv_est = 0.0
     for _ in range(n_steps):
         nv = _norm2(v)
@@ -78,18 +77,32 @@ def _inverse_one(L, n_steps, v, w):
         for j in range(n):  # forward: L y = v (v is overwritten)
             yj = v[j] / U[j, j]
             w[j] = yj
-            for i in range(j + 1, n):
-                v[i] -= U[j, i] * yj
-        for i in range(n - 1, -1, -1):  # backward, column oriented: L^T x = y
+            tail = v[j + 1:]
+            urow = U[j, j + 1:]
+            for k in range(n - j - 1):
+                tail[k] -= urow[k] * yj
+        for i in range(n - 1, -1, -1):  # backward: L^T x = y
             w[i] /= L[i, i]
             xi = w[i]
+            lrow = L[i]
             for k in range(i):
-                w[k] -= L[i, k] * xi
+                w[k] -= lrow[k] * xi
         inv_est = _norm2(w)
         for i in range(n):
             v[i] = w[i]
     est = 1.0 / inv_est if inv_est > 0.0 else min_pivot
     return min(est, min_pivot)
+
+
+@jit
+def _inverse_one(L, n_steps, v, w):
+    """:func:`_inverse_lu` from the lower factor ``L`` alone."""
+    n = L.shape[0]
+    U = np.empty((n, n))
+    for i in range(n):
+        for k in range(i + 1):
+            U[k, i] = L[i, k]
+    return _inverse_lu(L, U, n_steps, v, w)
 
 
 @jit(parallel=True)
@@ -126,33 +139,41 @@ def _psd_probe_one(a, shift, n_inverse, n_power, out):
     ``<= 0`` or NaN: ``a`` has an eigenvalue below ``-shift`` (``lambda_min = nan``).
     """
     n = a.shape[0]
-    L = np.empty((n, n))
-    col = np.empty(n)
+    U = np.empty((n, n))
     v = np.empty(n)
     w = np.empty(n)
-    for i in range(n):
-        for k in range(i + 1):
-            L[i, k] = a[i, k]
-        L[i, i] += shift
+    for i in range(n):  # the upper triangle of a + shift I
+        urow = U[i, i:]
+        arow = a[i, i:]
+        for k in range(n - i):
+            urow[k] = arow[k]
+        U[i, i] += shift
     good = True
-    for j in range(n):
-        d = L[j, j]
+    for j in range(n):  # right-looking on the upper triangle: U^T U = a + shift I
+        d = U[j, j]
         if not (d > 0.0):
             good = False
             break
-        ljj = np.sqrt(d)
-        L[j, j] = ljj
-        inv = 1.0 / ljj
+        inv = 1.0 / np.sqrt(d)
+        head = U[j, j:]
+        for k in range(n - j):
+            head[k] *= inv
         for i in range(j + 1, n):
-            L[i, j] *= inv
-            col[i] = L[i, j]
-        for i in range(j + 1, n):
-            lij = col[i]
-            for k in range(j + 1, i + 1):
-                L[i, k] -= lij * col[k]
+            uji = U[j, i]
+            row = U[i, i:]
+            src = U[j, i:]
+            for k in range(n - i):
+                row[k] -= uji * src[k]
     out[0] = 1.0 if good else 0.0
     out[2] = _power_one(a, n_power, v, w) if n_power > 0 else 0.0
-    out[1] = _inverse_one(L, n_inverse, v, w) - shift if good else np.nan
+    if good:
+        L = np.empty((n, n))
+        for i in range(n):
+            for k in range(i, n):
+                L[k, i] = U[i, k]
+        out[1] = _inverse_lu(L, U, n_inverse, v, w) - shift
+    else:
+        out[1] = np.nan
 
 
 @jit(parallel=True)
