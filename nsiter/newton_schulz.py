@@ -46,7 +46,7 @@ Methods (registry :data:`METHODS`):
     schedule) and ``"eigh"``, by a cost model in units of one step of the iteration
     (:data:`_AUTO_COST`, measured by ``analysis/calibrate_auto.py``): LAPACK wins for
     ill-conditioned or large matrices (at ``n = 64``, float64, two threads: ``eigh`` costs
-    about 10.6 steps, so the iteration is kept up to ``K = 8``).
+    about 9.2 steps and a run 2.1 steps plus ``K``, so the iteration is kept up to ``K = 7``).
     Where ``eigh`` is cheaper than even the best-conditioned schedule (large ``n``), the
     spectrum probe is skipped; where every matrix of the batch picks ``eigh``, nothing of
     the iteration is prepared.  A matrix the probe finds numerically singular goes to the
@@ -523,7 +523,7 @@ def _deg3_minimax(lo, hi):
     return a, b, E
 
 
-def _design_schedule(p_lo, tol: float, n: int, n_max: int):
+def _design_schedule(p_lo, tol: float, n: int, n_max: int, with_coefs: bool = True):
     """Per-matrix, per-step coefficients of the accelerated coupled iteration.
 
     The eigenvalues of ``Y_0`` lie in ``[p_lo, 1]`` (``p_lo``: one value per matrix).
@@ -533,12 +533,15 @@ def _design_schedule(p_lo, tol: float, n: int, n_max: int):
     step becomes the classic ``(3I - M)/2``, which is used from the predicted count on.
     The predicted count ``K`` is the first with ``sqrt(n) (2 E_K + E_K^2) <= tol`` (a bound
     on ``||D A D - I||_F`` in exact arithmetic).
-    Returns ``(coefs (nb, n_max, 3) float64, K (nb,) int)``.
+    Returns ``(coefs (nb, n_max, 3) float64, K (nb,) int)`` (``coefs`` is ``None`` without
+    ``with_coefs``).
     """
     p_lo = np.atleast_1d(np.asarray(p_lo, dtype=np.float64))
     nb = p_lo.shape[0]
-    coefs = np.empty((nb, n_max, 3))
-    coefs[:] = (1.5, -0.5, 0.0)
+    coefs = None
+    if with_coefs:
+        coefs = np.empty((nb, n_max, 3))
+        coefs[:] = (1.5, -0.5, 0.0)
     lo = np.sqrt(np.maximum(p_lo, 1e-300))
     hi = np.ones(nb)
     K = np.full(nb, n_max, dtype=np.int64)
@@ -546,8 +549,9 @@ def _design_schedule(p_lo, tol: float, n: int, n_max: int):
     root_n = math.sqrt(n)
     for k in range(n_max):
         a, b, E = _deg3_minimax(lo, hi)
-        coefs[active, k, 0] = a[active]
-        coefs[active, k, 1] = b[active]
+        if with_coefs:
+            coefs[active, k, 0] = a[active]
+            coefs[active, k, 1] = b[active]
         lo, hi = 1.0 - E, 1.0 + E
         done = active & ((root_n * (2 * E + E * E) <= tol) | (E < 1e-9))
         K[done] = k + 1
@@ -577,6 +581,23 @@ def _grid_schedule(j: int, tol: float, n: int, n_max: int):
     coefs = coefs[0]
     coefs.flags.writeable = False
     return coefs, int(K[0])
+
+
+@functools.lru_cache(maxsize=256)
+def _grid_steps(tol: float, n: int, n_max: int) -> np.ndarray:
+    """Predicted step count ``K`` at every grid point (index ``j``), read-only."""
+    K = _design_schedule(10.0 ** (-np.arange(_GRID_MAX + 1) / _GRID_PER_DECADE), tol, n, n_max,
+                         with_coefs=False)[1]
+    K.flags.writeable = False
+    return K
+
+
+@functools.lru_cache(maxsize=256)
+def _grid_plan(tol: float, n: int, n_max: int, dtype) -> np.ndarray:
+    """:func:`_auto_plan` at every grid point: True where ``auto`` picks ``eigh``, read-only."""
+    plan = _auto_plan(_grid_steps(tol, n, n_max), n, dtype)
+    plan.flags.writeable = False
+    return plan
 
 
 def _schedule_lookup(p_lo, tol: float, n: int, n_max: int):
@@ -802,14 +823,14 @@ def _warn_diverged(diverged, best_r, best_iter, method, nb):
 _AUTO_COST_N = (8, 16, 27, 48, 64, 96, 128, 192, 256, 512)
 _AUTO_COST = {
     "float64": {
-        "fixed": (1.8, 1.6, 2.0, 1.6, 2.2, 1.6, 1.8, 1.3, 1.4, 0.7),
-        "eigh": (6.6, 10.8, 9.7, 10.3, 10.6, 6.3, 4.8, 5.3, 4.6, 3.1),
-        "probe": (1.3, 1.7, 1.2, 1.3, 1.2, 0.7, 1.1, 0.8, 0.8, 0.5),
+        "fixed": (2.1, 2.1, 2.0, 1.9, 2.1, 1.5, 1.5, 1.1, 1.7, 0.9),
+        "eigh": (7.6, 11.4, 9.9, 9.3, 9.2, 5.9, 4.6, 4.9, 4.7, 3.3),
+        "probe": (1.3, 1.5, 0.9, 0.9, 0.7, 0.9, 1.3, 0.8, 0.7, 0.6),
     },
     "float32": {
-        "fixed": (0.6, 1.3, 3.7, 2.6, 2.4, 2.8, 3.3, 2.6, 3.2, 2.6),
-        "eigh": (3.1, 7.3, 14.8, 16.2, 14.8, 10.3, 9.1, 9.2, 9.2, 6.5),
-        "probe": (0.6, 1.1, 1.8, 2.1, 2.1, 1.3, 1.9, 1.4, 1.7, 1.2),
+        "fixed": (0.9, 1.8, 2.2, 2.8, 2.2, 3.4, 3.4, 2.3, 3.0, 2.6),
+        "eigh": (3.3, 8.8, 11.6, 15.0, 16.8, 8.5, 9.4, 9.3, 9.6, 6.5),
+        "probe": (0.5, 1.2, 1.1, 1.2, 1.2, 1.0, 2.1, 1.6, 1.6, 1.3),
     },
 }
 
@@ -913,13 +934,14 @@ def _solve(A, method, n_iter, tol, scaling, eps, return_info, *, want):
         bound = np.minimum(fro, norm_inf)
         p_hi = np.where(bound > 0, bound / c, 1.0)  # (the zero matrix of sqrtm_psd: 1)
         p_lo = np.maximum(lmin, delta / 10.0) / c / _LMIN_SAFETY / p_hi
-        tables, inv, K = _schedule_lookup(p_lo, tol_used if tol_used else default_tol(dtype, n), n, n_max)
+        tol_s = float(tol_used if tol_used else default_tol(dtype, n))
         if method == "auto":
-            use_eigh = _auto_plan(K, n, dtype) & ~singular
+            use_eigh = _grid_plan(tol_s, n, n_max, np.dtype(dtype))[_grid_index(p_lo)] & ~singular
             if use_eigh.all():
                 # (the probe has checked the spectrum; eigh checks it again, exactly)
                 return _eigh_only(A64, arr.shape, dtype, delta, eps, want, return_info, tol, tol_used,
                                   scaling, "auto:eigh")
+        tables, inv, K = _schedule_lookup(p_lo, tol_s, n, n_max)
         coefs = tables[inv]
         # the schedule is designed for s / h, h = sqrt(p_hi): q(s) = q'(s / h)
         h = np.sqrt(p_hi)
