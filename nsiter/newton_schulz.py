@@ -46,7 +46,7 @@ Methods (registry :data:`METHODS`):
     schedule) and ``"eigh"``, by a cost model in units of one step of the iteration
     (:data:`_AUTO_COST`, measured by ``analysis/calibrate_auto.py``): LAPACK wins for
     ill-conditioned or large matrices (at ``n = 64``, float64, two threads: ``eigh`` costs
-    about 9.2 steps and a run 2.1 steps plus ``K``, so the iteration is kept up to ``K = 7``).
+    about 8.4 steps and a run 1.7 steps plus ``K``, so the iteration is kept up to ``K = 6``).
     Where ``eigh`` is cheaper than even the best-conditioned schedule (large ``n``), the
     spectrum probe is skipped; where every matrix of the batch picks ``eigh``, nothing of
     the iteration is prepared.  A matrix the probe finds numerically singular goes to the
@@ -138,6 +138,10 @@ _EIGH_KERNEL_MAX_N = 32
 # no pool to compete for (measured, 2 threads: 32 x 64 x 64 in 8.5 ms vs 13-18 ms for
 # numpy's batched eigh; 8 x 128 x 128 in 11.6 vs 14-17 ms)
 _EIGH_KERNEL_MAX_N_SINGLE_BLAS = 128
+# the spectrum probe factorises with Numba up to this size (measured, two threads: 1.2-1.9 ms
+# for 16 x 96^2 ... 2 x 256^2 against 2.6-3.0 ms for numpy's LAPACK, whose spinning threads
+# also slow the kernel that follows), with LAPACK above
+_PROBE_NUMBA_MAX_N = 256
 # the fused Numba kernel up to this size; above it the same steps on numpy ``@`` (one BLAS
 # library for probe and iteration: measured 2-5x faster at n = 128-512 with two threads,
 # where numpy's and SciPy's OpenBLAS thread pools otherwise compete)
@@ -314,17 +318,18 @@ def _probe(A64: np.ndarray, delta: np.ndarray, n_inverse: int, n_power: int) -> 
     ``delta = 10 n eps(dtype) ||A||_F`` is the rounding tolerance: the Cholesky
     factorisation of ``A + delta I`` fails exactly when ``A`` has an eigenvalue below
     ``-delta`` (up to float64 rounding), i.e. ``A`` is indefinite beyond tolerance.
-    ``n <= 64``: a Numba Cholesky (one matrix per thread for a batch); larger: LAPACK
-    (batched ``numpy.linalg.cholesky``).  The choice depends on ``n`` only, so that a
-    matrix gets the same estimates alone or in a batch.  From the factor, ``n_inverse`` steps of inverse
-    iteration over-estimate ``lambda_min``; ``n_power`` steps of power iteration
-    under-estimate ``lambda_max`` (0 when ``n_power == 0``).
+    ``n <= _PROBE_NUMBA_MAX_N``: a Numba Cholesky (one matrix per thread for a batch of
+    ``n <= 64``, in order above; no BLAS, so no OpenBLAS thread pool is left spinning
+    against the Numba threads of the eigh or iteration kernels that follow); larger:
+    LAPACK (batched ``numpy.linalg.cholesky``).  The choice depends on ``n`` only, so that a
+    matrix gets the same estimates alone or in a batch.  From the factor, ``n_inverse``
+    steps of inverse iteration over-estimate ``lambda_min``; ``n_power`` steps of power
+    iteration under-estimate ``lambda_max`` (0 when ``n_power == 0``).
     """
     nb, n, _ = A64.shape
-    if n <= _PARALLEL_MAX_N:
+    if n <= _PROBE_NUMBA_MAX_N:
         out = np.empty((nb, 3))
-        with _single_thread_blas():
-            (_psd_probe if _use_thread_pool(n, nb) else _psd_probe_serial)(A64, delta, n_inverse, n_power, out)
+        (_psd_probe if _use_thread_pool(n, nb) else _psd_probe_serial)(A64, delta, n_inverse, n_power, out)
         ok, lmin, lmax = out[:, 0] > 0, out[:, 1].copy(), out[:, 2].copy()
     else:
         lmin = np.empty(nb)
@@ -823,14 +828,14 @@ def _warn_diverged(diverged, best_r, best_iter, method, nb):
 _AUTO_COST_N = (8, 16, 27, 48, 64, 96, 128, 192, 256, 512)
 _AUTO_COST = {
     "float64": {
-        "fixed": (2.1, 2.1, 2.0, 1.9, 2.1, 1.5, 1.5, 1.1, 1.7, 0.9),
-        "eigh": (7.6, 11.4, 9.9, 9.3, 9.2, 5.9, 4.6, 4.9, 4.7, 3.3),
-        "probe": (1.3, 1.5, 0.9, 0.9, 0.7, 0.9, 1.3, 0.8, 0.7, 0.6),
+        "fixed": (1.7, 1.6, 1.8, 2.1, 1.7, 1.4, 1.7, 1.2, 1.1, 0.9),
+        "eigh": (6.4, 10.6, 9.4, 10.0, 8.4, 5.2, 5.6, 5.0, 4.0, 3.2),
+        "probe": (1.0, 1.2, 0.8, 0.9, 0.6, 0.8, 0.7, 0.6, 0.5, 0.6),
     },
     "float32": {
-        "fixed": (0.9, 1.8, 2.2, 2.8, 2.2, 3.4, 3.4, 2.3, 3.0, 2.6),
-        "eigh": (3.3, 8.8, 11.6, 15.0, 16.8, 8.5, 9.4, 9.3, 9.6, 6.5),
-        "probe": (0.5, 1.2, 1.1, 1.2, 1.2, 1.0, 2.1, 1.6, 1.6, 1.3),
+        "fixed": (0.7, 1.2, 2.6, 2.9, 2.2, 2.3, 3.1, 2.7, 2.6, 2.6),
+        "eigh": (2.9, 6.6, 12.0, 14.9, 17.2, 6.5, 8.6, 9.7, 9.0, 6.8),
+        "probe": (0.4, 0.7, 1.0, 1.1, 1.1, 0.8, 1.0, 1.1, 1.3, 1.4),
     },
 }
 
