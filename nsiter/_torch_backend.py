@@ -517,19 +517,6 @@ def _probe_device(A64: torch.Tensor, delta: torch.Tensor, n_inverse: int, n_powe
     return ok, lmin, lmax
 
 
-def _raise_probe(ok, delta, nb):
-    """The numpy probe's error for a matrix with an eigenvalue below ``-delta``."""
-    if not ok.all():
-        bad = np.flatnonzero(~ok)
-        raise ValueError(
-            f"expected symmetric positive semidefinite matrices, but {bad.size} of {nb} "
-            f"(first at flat batch index {bad[0]}) have an eigenvalue below -{delta[bad[0]]:.3g} "
-            f"(= 10 n eps ||A||_F, the rounding tolerance): Cholesky of A + {delta[bad[0]]:.3g} I "
-            "failed; an inverse square root needs A >= 0 — check how A was formed, or add a "
-            "ridge with eps > 0 large enough to make it positive definite"
-        )
-
-
 def _probe(A64: torch.Tensor, delta: torch.Tensor, n_inverse: int, n_power: int):
     """``(lmin, lmax)`` as float64 numpy arrays; raises on indefinite input (one host sync).
 
@@ -540,7 +527,7 @@ def _probe(A64: torch.Tensor, delta: torch.Tensor, n_inverse: int, n_power: int)
                             n_inverse, n_power)
     ok, lmin, lmax = _probe_device(A64.detach(), delta.detach(), n_inverse, n_power)
     host = torch.stack([ok.to(torch.float64), lmin, lmax]).cpu().numpy()
-    _raise_probe(host[0] > 0, delta.detach().cpu().numpy(), A64.shape[0])
+    ns._raise_indefinite(host[0] > 0, delta.detach().cpu().numpy(), A64.shape[0])
     return host[1], host[2]
 
 
@@ -1076,7 +1063,7 @@ def _solve(A, method, n_iter, tol, scaling, eps, return_info, *, want):
         _raise_input(int(f[0, 0]), f[:, 1], dtype)
         if want == "isqrt":
             _raise_zero(f[:, 2])
-        _raise_probe(f[:, 3] > 0, f[:, 6], nb)
+        ns._raise_indefinite(f[:, 3] > 0, f[:, 6], nb)
         if want == "isqrt":
             ns._check_singular(f[:, 4], f[:, 2], ns._singular_tol(f[:, 2], n, np_dtype), eps, nb)
         if f[:, 7].all():

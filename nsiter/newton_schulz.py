@@ -207,9 +207,8 @@ class NewtonSchulzInfo:
 # --------------------------------------------------------------------------- validation
 
 
-def _validate(A, method, n_iter, tol, scaling, eps, return_info, name="A", check_values=True):
-    """Options and shape checks; with ``check_values`` also finite and symmetric entries
-    (:func:`_prepare_input` checks them in its one pass instead)."""
+def _validate(A, method, n_iter, tol, scaling, eps, return_info, name="A"):
+    """Options and shape checks (:func:`_prepare_input` checks the entries in its one pass)."""
     method = check_option(method, "method", METHODS)
     scaling = check_option(scaling, "scaling", SCALINGS)
     if n_iter is not None:
@@ -229,9 +228,6 @@ def _validate(A, method, n_iter, tol, scaling, eps, return_info, name="A", check
         check_square(arr, name)  # raises with the house message
     if arr.shape[-1] == 0:
         raise ValueError(f"expected {name} with n >= 1 (shape (..., n, n)), got shape {arr.shape}")
-    if arr.size and check_values:
-        check_finite(arr, name)
-        check_symmetric(arr, name)
     return arr, method, n_iter, tol, scaling, eps, bool(return_info)
 
 
@@ -345,6 +341,13 @@ def _probe(A64: np.ndarray, delta: np.ndarray, n_inverse: int, n_power: int) -> 
             ok = out[:, 0] > 0
         else:
             _spectrum_estimates_serial(A64, L, delta, n_inverse, n_power, lmin, lmax)
+    _raise_indefinite(ok, delta, nb)
+    return lmin, lmax
+
+
+def _raise_indefinite(ok, delta, nb):
+    """The probe's error for matrices (``~ok``) with an eigenvalue below ``-delta``; shared by
+    the numpy and torch backends."""
     if not ok.all():
         bad = np.flatnonzero(~ok)
         raise ValueError(
@@ -354,7 +357,6 @@ def _probe(A64: np.ndarray, delta: np.ndarray, n_inverse: int, n_power: int) -> 
             "failed; an inverse square root needs A >= 0 — check how A was formed, or add a "
             "ridge with eps > 0 large enough to make it positive definite"
         )
-    return lmin, lmax
 
 
 def _singular_tol(fro, n, dtype):
@@ -882,7 +884,7 @@ def _empty_info(batch, method, scaling, tol):
 def _solve(A, method, n_iter, tol, scaling, eps, return_info, *, want):
     """Shared body of :func:`inv_sqrtm` (``want="isqrt"``) and :func:`sqrtm_psd` (``"sqrt"``)."""
     arr, method, n_iter, tol, scaling, eps, return_info = _validate(
-        A, method, n_iter, tol, scaling, eps, return_info, check_values=False
+        A, method, n_iter, tol, scaling, eps, return_info
     )
     dtype = arr.dtype
     batch, n = arr.shape[:-2], arr.shape[-1]
@@ -946,8 +948,7 @@ def _solve(A, method, n_iter, tol, scaling, eps, return_info, *, want):
                 # (the probe has checked the spectrum; eigh checks it again, exactly)
                 return _eigh_only(A64, arr.shape, dtype, delta, eps, want, return_info, tol, tol_used,
                                   scaling, "auto:eigh")
-        tables, inv, K = _schedule_lookup(p_lo, tol_s, n, n_max)
-        coefs = tables[inv]
+        coefs, K = _accelerated_schedule(p_lo, tol_s, n, n_max)
         # the schedule is designed for s / h, h = sqrt(p_hi): q(s) = q'(s / h)
         h = np.sqrt(p_hi)
         coefs[:, 0, 0] /= h
