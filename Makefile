@@ -14,8 +14,23 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
 
+# Coverage is reported for the torch backend only (the Numba kernels are not traced).
+TORCH_MODULES := nsiter/_torch/*,nsiter/torch.py
+
+# ruff first (a lint error fails the target), then pytest under coverage (subprocesses
+# included, combined): pytest's exit
+# status decides; the report runs either way and only fails the target for a real report
+# error ("No data to report", e.g. no torch modules in the tree, is not one).
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m ruff check nsiter analysis tests
+	@$(PY) -m coverage erase
+	@$(PY) -m coverage run -m pytest -q; status=$$?; \
+	$(PY) -m coverage combine -q >/dev/null 2>&1; \
+	out=$$($(PY) -m coverage report --include='$(TORCH_MODULES)' 2>&1); report=$$?; \
+	echo "$$out"; \
+	if [ $$status -eq 0 ] && [ $$report -ne 0 ] && ! echo "$$out" | grep -q "No data to report"; then \
+	  status=$$report; fi; \
+	exit $$status
 
 figures: $(STAMP)
 	$(PY) analysis/make_figures.py
@@ -24,5 +39,5 @@ bench: $(STAMP)
 	$(PY) analysis/run_benchmarks.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
+	rm -rf $(VENV) .pytest_cache .hypothesis .ruff_cache .coverage .coverage.* build *.egg-info
 	find . -name __pycache__ -prune -exec rm -rf {} +

@@ -64,7 +64,9 @@ from _bench import (  # noqa: E402
 )
 
 import nsiter  # noqa: E402
-from nsiter.covariance import KERNELS, _choose_kernel, _patch_moments, _plan, _sampled_geometry  # noqa: E402
+from nsiter._moments import plan as _plan  # noqa: E402
+from nsiter._numba.patches import KERNELS, choose_kernel as _choose_kernel, patch_moments as _patch_moments  # noqa: E402
+from nsiter.covariance import _sampled_geometry  # noqa: E402
 
 from _paper import TABLE3 as PAPER  # noqa: E402
 
@@ -100,7 +102,7 @@ def head_to_head(label, x, k, p, repeat):
     flops = 2.0 * n * f * f
     t_ours = median_time(lambda: nsiter.patch_covariance(x, k, padding=p), repeat=repeat)
     t_peer = median_time(lambda: peer_cov(x, k, 1, p), repeat=repeat)
-    t_xtx = median_time(lambda: X.T @ X, repeat=repeat)
+    t_xtx = median_time(lambda X=X: X.T @ X, repeat=repeat)  # X bound now: it is deleted below
     del X
     return {"case": label, "F": f, "rows": n, "kernel": chosen(x, k, padding=p), "nsiter_ms": 1e3 * t_ours,
             "peer_ms": 1e3 * t_peer, "speedup_vs_peer": t_peer / t_ours, "XtX_ms": 1e3 * t_xtx,
@@ -128,7 +130,7 @@ def subsampling_rows(cases, repeat):
             t_pipe = median_time(lambda: nsiter.covariance(nsiter.im2col(x, k, stride=S, padding=p)), repeat=repeat)
             X = nsiter.im2col(x, k, stride=S, padding=p)
             t_stages = (median_time(lambda: nsiter.im2col(x, k, stride=S, padding=p), repeat=repeat)
-                        + median_time(lambda: nsiter.covariance(X), repeat=repeat))
+                        + median_time(lambda X=X: nsiter.covariance(X), repeat=repeat))
             del X
             t_peer = median_time(lambda: peer_cov(x, k, S, p), repeat=repeat)
             t_fused = median_time(lambda: nsiter.patch_covariance(x, k, padding=p, sampling_stride=S), repeat=repeat)
@@ -170,7 +172,7 @@ def table3_rows(batch, repeat, budget_s):
         kw = dict(padding=p, sampling_stride=S, block_size=B, grouping="reference")
         t_im2col = median_time(lambda: nsiter.im2col(x, k, stride=S, padding=p), repeat=repeat)
         X = nsiter.im2col(x, k, stride=S, padding=p)
-        t_cov = median_time(lambda: nsiter.covariance(stacked_reference(X, groups)), repeat=repeat)
+        t_cov = median_time(lambda X=X: nsiter.covariance(stacked_reference(X, groups)), repeat=repeat)
         del X
         t_fused = median_time(lambda: nsiter.patch_covariance(x, k, **kw), repeat=repeat)
         row = {"H": h, "W": w, "Cin": cin, "Cout": cout, "groups": groups, "k": k, "S": S, "batch": batch,
@@ -194,7 +196,9 @@ _MEMORY_PROBE = r"""
 import json, resource, sys, time, tracemalloc
 import numpy as np
 import nsiter
-from nsiter.covariance import KERNELS, _patch_moments, _plan, _sampled_geometry
+from nsiter._moments import plan as _plan
+from nsiter._numba.patches import KERNELS, patch_moments as _patch_moments
+from nsiter.covariance import _sampled_geometry
 shape, k, p = json.loads(sys.argv[1])
 tiny = np.ones((1, shape[1], 2 * k, 2 * k), np.float32)
 g = _sampled_geometry(tiny.shape, k, 1, p, 1, 1)

@@ -45,7 +45,10 @@ except ImportError:  # pragma: no cover - the script needs torch
 
 import nsiter  # noqa: E402
 import nsiter.torch as nt  # noqa: E402
-from nsiter import _torch_backend as tb  # noqa: E402
+from nsiter import _torch as tb  # noqa: E402
+from nsiter import newton_schulz as ns  # noqa: E402
+from nsiter._backend import backend  # noqa: E402
+from nsiter._torch import linalg as tlinalg  # noqa: E402
 
 # H, W, Cin, Cout, groups (channel blocks), k, sampling stride — the paper's Table 3
 TABLE3 = [
@@ -119,10 +122,10 @@ def bench_ns_batched(timer, device, sizes, batches):
         for b in batches:
             progress(f"ns_batched n={n} batch={b}")
             A = spd_batch(b, n, torch.float32, device)
-            with tb._matmul_precision(device):
+            with tb.matmul_precision(device):
                 c = torch.linalg.matrix_norm(A)[:, None, None]
                 Y0 = A / c
-                t_core = timer(lambda: tb._run_coupled_fixed(Y0, 5, want_y=False))
+                t_core = timer(lambda: ns._run_fixed(backend(Y0), Y0, 5, None, want_y=False))
                 X1, X2 = torch.randn(b, n, n, device=device), torch.randn(b, n, n, device=device)
                 t_bmm = timer(lambda: torch.bmm(X1, X2))
             t_pub = timer(lambda: nsiter.inv_sqrtm(A, n_iter=5))
@@ -150,15 +153,15 @@ def bench_ns_small(timer, device, n=27, n_iter=15):
         t_eager = timer(lambda: nsiter.inv_sqrtm(A, n_iter=n_iter), warmup=3)
     finally:
         tb.set_cuda_graphs(old)
-    with tb._matmul_precision(device):
+    with tb.matmul_precision(device):
         Y0 = (A / torch.linalg.matrix_norm(A))[None]
-        t_core = timer(lambda: tb._run_coupled_fixed(Y0, n_iter, want_y=False), warmup=3)
-    graphs_used = device.type == "cuda" and any(bool(v) for v in tb._GRAPHS.values())
+        t_core = timer(lambda: ns._run_fixed(backend(Y0), Y0, n_iter, None, want_y=False), warmup=3)
+    graphs_used = device.type == "cuda" and any(bool(v) for v in tlinalg._GRAPHS.values())
     rows.append({"n": n, "iterations": n_iter, "inv_sqrtm_ms": 1e3 * t_graph,
                  "cuda_graph_used": graphs_used, "inv_sqrtm_eager_ms": 1e3 * t_eager,
                  "bare_iteration_eager_ms": 1e3 * t_core})
-    if tb._GRAPH_FAILURES:
-        print("CUDA-graph capture failed (the eager path ran):", tb._GRAPH_FAILURES)
+    if tlinalg._GRAPH_FAILURES:
+        print("CUDA-graph capture failed (the eager path ran):", tlinalg._GRAPH_FAILURES)
     return rows
 
 
@@ -188,9 +191,10 @@ def bench_table3(timer, device, shapes, batch):
         layer = nt.Deconv2d(cin, cout, k, padding=k // 2, block_size=cin // groups, sampling_stride=s,
                             device=device)
         with torch.no_grad():
-            t_stats = timer(lambda: layer.batch_statistics(x), warmup=1)
-            t_conv = timer(lambda: F.conv2d(x, layer.weight, layer.bias, padding=k // 2), warmup=1)
-            t_layer = timer(lambda: layer(x), warmup=1)
+            # x and layer bound as defaults: the lambdas must not read names deleted below
+            t_stats = timer(lambda layer=layer, x=x: layer.batch_statistics(x), warmup=1)
+            t_conv = timer(lambda layer=layer, x=x: F.conv2d(x, layer.weight, layer.bias, padding=k // 2), warmup=1)
+            t_layer = timer(lambda layer=layer, x=x: layer(x), warmup=1)
         rows.append({"H": h, "W": w, "Cin": cin, "Cout": cout, "blocks": groups, "k": k, "S": s,
                      "stats_ms": 1e3 * t_stats, "conv2d_ms": 1e3 * t_conv, "stats_over_conv": t_stats / t_conv,
                      "deconv_layer_ms": 1e3 * t_layer})

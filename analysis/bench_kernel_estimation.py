@@ -105,7 +105,7 @@ def main(argv=None):
         ts, errs = [], []
         for _ in range(args.peer_repeat):
             X, t_im = once(lambda: nsiter.im2col(x, k))
-            w, t_solve = once(lambda: solve(X))
+            w, t_solve = once(lambda X=X: solve(X))
             ts.append((t_im, t_solve))
             errs.append(rel_err(w, kern))
             del X

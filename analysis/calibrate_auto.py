@@ -6,19 +6,19 @@ predicted from the probe's condition estimate) against ``eigh``; it skips the pr
 ``eigh`` beats even the fewest steps plus the probe.  Every term is measured here with the
 kernels ``auto`` calls, in the mode and thread configuration it uses:
 
-- the iteration: the fused Numba kernel (n <= 64, one matrix per thread) or its numpy
-  ``@`` twin (larger n), stopping on a tolerance and confirming the predicted last step in
+- the iteration: ``newton_schulz._iterate_coupled`` with the numpy backend's runner (the
+  fused Numba kernel for small n, the array code on numpy ``@`` above), stopping on a tolerance and confirming the predicted last step in
   float64 as ``auto`` does, run for 4 and for 12 steps (cond 1e6 in float64, 1e4 in
   float32: no matrix converges earlier); one step is ``(t_12 - t_4) / 8``, the fixed cost
   ``t_4 - 4 steps``;
-- ``eigh``: :func:`nsiter.newton_schulz._eigh_power` (float64 LAPACK, per-thread up to
-  n = 128 with SciPy's OpenBLAS held to one thread, numpy's batched eigh above), cast to the
-  working dtype;
-- the probe: :func:`nsiter.newton_schulz._probe` (Cholesky + 4 inverse-iteration steps).
+- ``eigh``: ``newton_schulz._eigh_subset`` (the backend's float64 LAPACK kernel, with its
+  spectrum checks), cast to the working dtype;
+- the probe: the backend's ``probe`` kernel (Cholesky + 4 inverse-iteration steps).
 
 Rounds are interleaved and medians taken.  The table printed (and written to
-``analysis/results/auto_cost.{md,json,csv}``) is what ``_AUTO_COST`` in
-``nsiter/newton_schulz.py`` holds.  ``--quick``: fewer sizes and rounds.
+``analysis/results/auto_cost.{md,json,csv}``) is what ``AUTO_COST`` in
+``nsiter/_tuning.py`` holds; the script prints that section ready to paste.  ``--quick``:
+fewer sizes and rounds.
 """
 from __future__ import annotations
 
@@ -34,6 +34,8 @@ from _bench import progress, write_results  # noqa: E402
 from bench_newton_schulz import spd  # noqa: E402
 
 from nsiter import newton_schulz as ns  # noqa: E402
+from nsiter._backend import backend  # noqa: E402
+from nsiter._numba import linalg as numba_linalg  # noqa: E402
 
 
 def batch_for(n):
@@ -60,20 +62,19 @@ def measure(n, dtype, rounds):
     delta = 10.0 * n * np.finfo(dtype).eps * fro
     Y0_64 = A / fro[:, None, None]
     Y0 = Y0_64.astype(dtype)
+    be = backend(A)
     coefs = np.empty((nb, 12, 3))
     coefs[:] = (1.5, -0.5, 0.0)
     tiny = 1e-30  # never reached: every run takes all its steps
 
     def steps(k):
-        return lambda: ns._run_coupled(Y0, Y0_64, coefs, k, tol=tiny, record=False, stop_early=True,
-                                       k_last=np.full(nb, k))
+        return lambda: ns._iterate_coupled(be, Y0, Y0_64, coefs, k, tiny, False, True, np.full(nb, k), "isqrt")
 
     t4, t12, t_eigh, t_probe = interleaved(
-        [steps(4), steps(12), lambda: ns._eigh_power(A, dtype, delta, 0.0),
-         lambda: ns._probe(A, delta, ns._PROBE_INVERSE_STEPS_SCHEDULE, 0)], rounds)
+        [steps(4), steps(12), lambda: ns._eigh_subset(be, A, dtype, delta, fro, 0.0, "isqrt", False),
+         lambda: be.linalg.probe(A, delta, ns._PROBE_INVERSE_STEPS_SCHEDULE, 0)], rounds)
     for k in (4, 12):  # every matrix ran every step (no early stop, no divergence)
-        n_done = ns._run_coupled(Y0, Y0_64, coefs, k, tol=tiny, record=False, stop_early=True,
-                                 k_last=np.full(nb, k))[2]
+        n_done = steps(k)()[2]
         assert np.all(n_done == k), (n, dtype, k, np.unique(n_done))
     t_step = (t12 - t4) / 8.0
     return dict(n=n, dtype=np.dtype(dtype).name, batch=nb, step_us=1e6 * t_step / nb,
@@ -94,12 +95,26 @@ def main(argv=None):
             progress(f"n={n} {np.dtype(dtype).name}")
             rows.append(measure(n, dtype, rounds))
     meta = {"numba_threads": numba.get_num_threads(), "numpy": np.__version__,
-            "eigh_kernel_max_n": ns._eigh_kernel_max_n()}
+            "eigh_kernel_max_n": numba_linalg.EIGH_KERNEL_MAX_N}
     path = write_results("auto_cost", rows, meta=meta,
                          columns=["n", "dtype", "batch", "step_us", "fixed_steps", "eigh_steps", "probe_steps"],
                          title="inv_sqrtm auto: costs in steps of the iteration")
     print(path.read_text())
+    print(tuning_snippet(rows))
     return 0
+
+
+def tuning_snippet(rows):
+    """The ``AUTO_COST`` section of ``nsiter/_tuning.py`` for these measurements (to paste there)."""
+    sizes = sorted({r["n"] for r in rows})
+    lines = [f"AUTO_COST_N = {tuple(sizes)}", "AUTO_COST = {"]
+    for dt in ("float64", "float32"):
+        lines.append(f'    "{dt}": {{')
+        for kind in ("fixed", "eigh", "probe"):
+            vals = tuple(round(r[kind + "_steps"], 1) for n in sizes for r in rows if r["n"] == n and r["dtype"] == dt)
+            lines.append(f'        "{kind}": {vals},')
+        lines.append("    },")
+    return "\n".join(lines + ["}"])
 
 
 if __name__ == "__main__":

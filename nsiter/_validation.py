@@ -6,12 +6,15 @@ then handle degenerate cases, then dispatch to one kernel; kernels never validat
 """
 from __future__ import annotations
 
+import math
 import numbers
+import sys
 from typing import Iterable, Sequence
 
 import numpy as np
 
 __all__ = [
+    "is_tensor",
     "result_float_dtype",
     "as_float_array",
     "check_finite",
@@ -25,6 +28,22 @@ __all__ = [
     "check_square",
     "check_symmetric",
 ]
+
+
+def is_tensor(*objs) -> bool:
+    """True when any of ``objs`` is a ``torch.Tensor``, without importing torch.
+
+    A tensor can only exist if the caller imported torch already, so looking in
+    ``sys.modules`` first costs nothing for numpy users (the array-api-compat pattern).
+    """
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return False
+    return any(isinstance(o, torch.Tensor) for o in objs)
+
+
+def _shape(arr) -> tuple:
+    return tuple(int(s) for s in arr.shape)
 
 
 def result_float_dtype(dtype) -> np.dtype:
@@ -57,8 +76,11 @@ def as_float_array(x, name: str = "x", *, dtype=None) -> np.ndarray:
 
     The dtype follows :func:`result_float_dtype` unless ``dtype`` forces one.
     No copy is made when ``x`` already has the right dtype (callers never write
-    into the result).
+    into the result).  A ``torch.Tensor`` stays a tensor on its device, with the same
+    dtype rules (bfloat16 and float16 -> float32).
     """
+    if is_tensor(x):
+        return _as_float_tensor(x, dtype)
     if isinstance(x, np.ndarray):
         arr = x
     else:
@@ -77,27 +99,48 @@ def as_float_array(x, name: str = "x", *, dtype=None) -> np.ndarray:
     return arr
 
 
-def check_finite(arr: np.ndarray, name: str = "x") -> None:
-    """Raise ``ValueError`` when ``arr`` holds NaN or infinity."""
-    if not np.isfinite(arr).all():
-        n_bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+def _as_float_tensor(t, dtype=None):
+    """The tensor rule of :func:`as_float_array` (``dtype``: a numpy dtype forcing the result)."""
+    torch = sys.modules["torch"]
+    if dtype is not None:
+        target = torch.float32 if result_float_dtype(dtype) == np.float32 else torch.float64
+    elif t.dtype.is_complex:
+        raise TypeError(
+            f"expected a real floating, integer or bool tensor, got complex dtype {t.dtype}; "
+            "pass the real part (x.real) or the magnitude (x.abs()) explicitly"
+        )
+    elif t.dtype in (torch.float32, torch.float64):
+        return t
+    else:
+        target = torch.float32 if t.dtype.is_floating_point else torch.float64
+    return t if t.dtype == target else t.to(target)
+
+
+def check_finite(arr, name: str = "x") -> None:
+    """Raise ``ValueError`` when ``arr`` (ndarray or tensor) holds NaN or infinity."""
+    if is_tensor(arr):
+        finite = sys.modules["torch"].isfinite(arr.detach())
+        n_bad = int(arr.numel() - int(finite.sum()))
+    else:
+        n_bad = 0 if np.isfinite(arr).all() else int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+    if n_bad:
         raise ValueError(
             f"expected finite values in {name}, found {n_bad} NaN/inf entries; "
             f"clean the data first (e.g. np.nan_to_num or drop the affected samples)"
         )
 
 
-def check_ndim(arr: np.ndarray, name: str, allowed: Iterable[int], meaning: str = "") -> None:
+def check_ndim(arr, name: str, allowed: Iterable[int], meaning: str = "") -> None:
     allowed = tuple(allowed)
     if arr.ndim not in allowed:
         want = " or ".join(str(a) for a in allowed)
         extra = f" ({meaning})" if meaning else ""
-        raise ValueError(f"expected {name} with ndim {want}{extra}, got ndim {arr.ndim} with shape {arr.shape}")
+        raise ValueError(f"expected {name} with ndim {want}{extra}, got ndim {arr.ndim} with shape {_shape(arr)}")
 
 
-def check_nonempty(arr: np.ndarray, name: str = "x") -> None:
-    if arr.size == 0:
-        raise ValueError(f"expected a non-empty {name}, got shape {arr.shape} with no elements")
+def check_nonempty(arr, name: str = "x") -> None:
+    if math.prod(arr.shape) == 0:
+        raise ValueError(f"expected a non-empty {name}, got shape {_shape(arr)} with no elements")
 
 
 def _is_int(v) -> bool:
@@ -154,13 +197,13 @@ def check_nonnegative_float(value, name: str) -> float:
     return v
 
 
-def check_square(arr: np.ndarray, name: str = "A") -> None:
+def check_square(arr, name: str = "A") -> None:
     """Require ``arr`` of shape ``(..., n, n)`` with ``n >= 1``."""
     if arr.ndim < 2:
-        raise ValueError(f"expected {name} of shape (..., n, n), got ndim {arr.ndim} with shape {arr.shape}")
+        raise ValueError(f"expected {name} of shape (..., n, n), got ndim {arr.ndim} with shape {_shape(arr)}")
     if arr.shape[-1] != arr.shape[-2]:
         raise ValueError(
-            f"expected square matrices in {name} (shape (..., n, n)), got shape {arr.shape}; "
+            f"expected square matrices in {name} (shape (..., n, n)), got shape {_shape(arr)}; "
             "for a samples x features data matrix form its covariance first (nsiter.covariance)"
         )
     check_nonempty(arr, name)

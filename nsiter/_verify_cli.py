@@ -15,12 +15,15 @@ import sys
 import time
 import warnings
 
+from ._cli_common import EXIT_FAILED, EXIT_INTERNAL, EXIT_OK, _UsageError, one_line as _one_line
+
 __all__ = ["add_verify_parser", "load_matrix", "data_covariance"]
 
 _PROG = "nsiter verify"
 _NPY_MAGIC = b"\x93NUMPY"
 _ZIP_MAGIC = b"PK"  # local file header PK\x03\x04, or PK\x05\x06 for an empty archive
-#: Estimated flops above which a terminal gets progress lines (a few seconds on a laptop).
+#: Estimated flops above which a terminal gets progress lines; smaller checks end before
+#: progress lines would help (measured times: analysis/results/verify.md).
 _PROGRESS_FLOPS = 2e10
 
 _DESCRIPTION = """\
@@ -56,19 +59,9 @@ examples:
 
 
 # --------------------------------------------------------------------------- errors
-def _usage_error():
-    # the class main() catches: one line on stderr, exit 2
-    from .cli import _UsageError
-
-    return _UsageError
-
-
 def _fail(message: str):
-    raise _usage_error()(f"{_PROG}: {message}")
-
-
-def _one_line(message) -> str:
-    return " ".join(str(message).split())
+    # the class nsiter.cli.main catches: one line on stderr, exit 2
+    raise _UsageError(f"{_PROG}: {message}")
 
 
 # --------------------------------------------------------------------------- argument types
@@ -358,7 +351,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 def _cmd_verify(args) -> int:
     try:
         return _run_verify(args)
-    except _usage_error():
+    except _UsageError:
         raise
     except MemoryError:
         _fail(f"not enough memory to check {args.file!r}; try a smaller matrix")
@@ -367,7 +360,7 @@ def _cmd_verify(args) -> int:
             raise
         print(f"{_PROG}: internal error {type(exc).__name__}: {_one_line(exc)} "
               "(set NSITER_DEBUG=1 for the traceback and please report it)", file=sys.stderr)
-        return 3
+        return EXIT_INTERNAL
 
 
 def _run_verify(args) -> int:
@@ -415,8 +408,8 @@ def _run_verify(args) -> int:
         worst = ", ".join(f"{m} ({report[m].final_residual:.2e})" for m in report.failures())
         print(f"{_PROG}: FAIL: ||D_k D_k C - I||_F of the last iterate above --tol {args.tol:g} for {worst}",
               file=sys.stderr)
-        return 1
-    return 0
+        return EXIT_FAILED
+    return EXIT_OK
 
 
 def _print_report(args, report) -> None:

@@ -9,16 +9,10 @@ import argparse
 import platform
 import sys
 
+from ._cli_common import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, _Parser, _UsageError
+from ._verify_cli import add_verify_parser
+
 __all__ = ["main"]
-
-
-class _UsageError(Exception):
-    """Bad input or usage: reported as one line on stderr, exit status 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse prints usage + exits 2; keep it to one line
-        raise _UsageError(f"{self.prog}: {message} (see '{self.prog} --help')")
 
 
 def _info() -> dict:
@@ -61,7 +55,7 @@ def _cmd_info(args) -> int:
         width = max(len(k) for k in info)
         for k, v in info.items():
             print(f"{k:<{width}}  {v}")
-    return 0
+    return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,12 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_info = sub.add_parser("info", help="versions, Numba threads, torch/CUDA availability")
     p_info.add_argument("--json", action="store_true", help="print as JSON")
     p_info.set_defaults(func=_cmd_info)
-    try:
-        from ._verify_cli import add_verify_parser
-    except ImportError:
-        pass
-    else:
-        add_verify_parser(sub)
+    add_verify_parser(sub)
     return parser
 
 
@@ -88,19 +77,17 @@ def main(argv=None) -> int:
         args = parser.parse_args(argv)
         if getattr(args, "func", None) is None:
             parser.print_help(sys.stderr)
-            return 2
+            return EXIT_USAGE
         return int(args.func(args))
     except _UsageError as exc:
         print(str(exc), file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print("nsiter: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":  # pragma: no cover
-    # run the package's module, not this __main__ copy, so that sub-commands raising
-    # nsiter.cli._UsageError (nsiter/_verify_cli.py) are caught by the same class
-    from nsiter.cli import main as _main
-
-    sys.exit(_main())
+    # _UsageError lives in nsiter._cli_common, so this __main__ copy of the module catches
+    # the class the sub-commands raise
+    sys.exit(main())

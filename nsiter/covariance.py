@@ -6,47 +6,22 @@ image batch, per channel block and on a subsampled patch grid (§4.5.2, Algorith
 computed without materialising the im2col matrix.  ``PatchStatistics`` accumulates it
 batch by batch and merges shards exactly.
 
-Numerics (every kernel): second moments are accumulated in float64 about a *shift* close to
-the feature means (the channel mean times the fraction of the grid where a tap sees the
-image, so padding is accounted for) and corrected exactly at the end,
-``M2 = S_2 - s s^T / N`` with ``s`` the shifted column sums.  Data with a large mean
-therefore does not cancel the way the reference code's ``E[x x^T] - mu mu^T`` in float32
-does.  Three kernels compute the moments (:data:`KERNELS`):
-
-* ``"gemm"`` (any geometry): chunks of shifted patch rows (at most 8 MB), each augmented by a
-  column of ones, and one BLAS product ``B^T B`` per chunk (moments and column sums at once);
-  chunk results are summed in float64.  For float32 input with blocks of at least 64
-  features one chunk's product (at most 2048 rows) runs in float32 BLAS, otherwise in
-  float64.
-* ``"rowshift"`` (vertical step 1): BLAS products of 1-row patch matrices ``Z_u^T Z_{u+di}``,
-  one per row shift ``di`` and window segment, instead of one per tap-row pair; ``kh`` times
-  less fill and about ``kh/2`` times fewer multiply-adds than ``"gemm"``.
-* ``"shifted"`` (step 1 both ways): the moment of two taps is a window sum of the product of
-  the image with a shifted copy of itself, ``O(C^2 k^2 H W)`` work instead of
-  ``O(C^2 k^4 H W)``, in float64 (:func:`nsiter._numba._covariance._shifted_moments`).
-
-A cost model (:func:`_cost`, rates measured on this project's 2-core machine) picks the
-cheapest; all three agree to rounding (the tests compare each with the loop reference).
-Work buffers of at most 8 MB are kept per thread and reused between calls (:func:`_scratch`).
+Each function is written once for numpy arrays and torch tensors: validation, the block plan
+(:mod:`nsiter._moments`), the exact merge and the final scaling are here; the moments
+themselves come from the backend's kernels (``backend(x).patches``): for numpy the float64
+Numba/BLAS kernels of :mod:`nsiter._numba.patches` (three kernels and a cost model that
+picks one; no ``E[x x^T] - mu mu^T`` cancellation), for torch the chunked two-pass
+statistics of :mod:`nsiter._torch.patches` on the tensor's device, differentiable.
 """
 from __future__ import annotations
 
 import math
-import threading
-from typing import NamedTuple
 
-import numba
 import numpy as np
 
+from ._backend import backend
 from ._conventions import as_images, geometry
-from ._dispatch import is_tensor, torch_backend
-from ._numba._covariance import (
-    _patch_rows,
-    _subtract_outer,
-    _row_patches,
-    _scatter_moments,
-    _shifted_moments,
-)
+from ._moments import merge_moments, plan as _plan
 from ._validation import (
     as_float_array,
     as_pair,
@@ -56,6 +31,7 @@ from ._validation import (
     check_nonnegative_float,
     check_option,
     check_positive_int,
+    is_tensor,
 )
 
 __all__ = ["GROUPINGS", "covariance", "patch_covariance", "PatchStatistics"]
@@ -63,37 +39,14 @@ __all__ = ["GROUPINGS", "covariance", "patch_covariance", "PatchStatistics"]
 #: Channel groupings of ``patch_covariance`` / ``PatchStatistics`` (``block_size`` given).
 GROUPINGS = ("contiguous", "reference")
 
-#: Kernels behind ``patch_covariance`` (chosen automatically; the private ``_kernel``
-#: argument of :func:`_patch_moments` forces one, for tests and benchmarks).
-KERNELS = ("gemm", "rowshift", "shifted")
 
-_BUFFER_BYTES = 8 * 2**20  # one chunk of shifted patch rows
-_F32_ROWS = 2048  # rows per float32 chunk of patch rows (its rounding grows like sqrt(rows))
-_F32_GEMM_ROWS = 8192  # rows per float32 product of 1-row patch matrices (fewer, larger BLAS calls)
-_F64_ROWS = 65536
-_F32_MIN_FEATURES = 64  # narrower blocks are fill-bound: their products run in float64
-_DENSE_BYTES = 32 * 2**20  # one piece of padded, shifted float64 images ("shifted" kernel)
-_ROWS_BYTES = 32 * 2**20  # one piece of 1-row patch matrices ("rowshift" kernel)
-_SCRATCH_MAX = 8 * 2**20  # work buffers up to this size are kept per thread and reused
-
-# cost model (seconds = work / rate), per thread, measured on a 2-core AVX2 machine
-_RATE_MAC = {np.dtype(np.float32): 27e9, np.dtype(np.float64): 14e9}  # BLAS multiply-adds / s
-_RATE_FILL = 0.5e9  # patch entries written / s (serial fills)
-_RATE_SHIFTED = 2.0e9  # multiply-adds / s, shifted-product kernel
-_CALL_OVERHEAD = 10e-6  # per BLAS call
-
-
-# --------------------------------------------------------------------------------------
-# validation helpers
-# --------------------------------------------------------------------------------------
-
-def _check_finite_fast(arr: np.ndarray, name: str) -> None:
-    """``check_finite`` in one pass without a boolean temporary.
+def _check_finite_fast(arr, name: str) -> None:
+    """``check_finite`` in one pass without a boolean temporary (arrays and tensors).
 
     The sum of the array is finite unless it holds NaN/inf or overflows; only then is the
     exact (element-wise) check run, so huge but finite data is still accepted.
     """
-    if arr.size and not np.isfinite(arr.sum()):
+    if math.prod(arr.shape) and not math.isfinite(float((arr.detach() if is_tensor(arr) else arr).sum())):
         check_finite(arr, name)
 
 
@@ -110,458 +63,26 @@ def _check_block(block_size, c: int):
     return block_size
 
 
-def _ridge(cov: np.ndarray, eps: float) -> np.ndarray:
+
+def _sampled_geometry(shape4, kernel_size, stride, padding, dilation, sampling_stride):
+    s = check_positive_int(sampling_stride, "sampling_stride")
+    sh, sw = as_pair(stride, "stride", minimum=1)
+    return geometry(shape4, kernel_size, (sh * s, sw * s), padding, dilation)
+
+
+
+def _finish(be, stats, plan, eps: float, dtype):
+    """``(M2 / n + eps I, mean)`` in ``dtype``, shaped as the plan's public result."""
+    n, mean, m2 = stats
+    xp = be.xp
+    cov = xp.astype(m2 / n, dtype, copy=False)
     if eps:
-        n = cov.shape[-1]
-        idx = np.arange(n)
-        cov[..., idx, idx] += eps
-    return cov
+        cov = cov + eps * be.eye(cov.shape[-1], cov)
+    mean = xp.astype(mean, dtype, copy=False)
+    if plan is None or plan.mode == "contiguous":
+        return cov, mean
+    return cov[0], mean[0]
 
-
-_LOCAL = threading.local()
-
-
-def _scratch(name: str, shape, dtype, *, zero: bool = False) -> np.ndarray:
-    """A work buffer kept per thread and reused between calls (fresh pages are slow to fault in).
-
-    Buffers above ``_SCRATCH_MAX`` bytes are allocated per call.  Results handed to the
-    caller are never scratch: they are copied or computed into fresh arrays.
-    """
-    dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape)) * dtype.itemsize
-    if nbytes > _SCRATCH_MAX:
-        return np.zeros(shape, dtype) if zero else np.empty(shape, dtype)
-    store = getattr(_LOCAL, "buffers", None)
-    if store is None:
-        store = _LOCAL.buffers = {}
-    raw = store.get(name)
-    if raw is None or raw.nbytes < nbytes:
-        raw = store[name] = np.empty(max(nbytes, 64), dtype=np.uint8)
-    arr = raw[:nbytes].view(dtype).reshape(shape)
-    if zero:
-        arr.fill(0)
-    return arr
-
-
-# --------------------------------------------------------------------------------------
-# layout of groups
-# --------------------------------------------------------------------------------------
-
-class _Plan(NamedTuple):
-    """How im2col columns map to covariance blocks.
-
-    ``mode`` is ``"full"`` (one ``F x F`` matrix), ``"contiguous"`` (``groups`` matrices of
-    ``fb x fb``) or ``"reference"`` (``stack`` column groups stacked as rows, one matrix).
-    Column ``j`` goes to block ``grp[j]`` at feature ``feat[j]``.
-    """
-
-    mode: str
-    c: int
-    taps: int
-    groups: int  # matrices returned
-    stack: int  # column groups stacked as rows (reference grouping), else 1
-    fb: int
-    grp: np.ndarray
-    feat: np.ndarray
-
-    @property
-    def n_features(self) -> int:
-        return self.c * self.taps
-
-
-def _plan(c: int, taps: int, block_size, grouping: str) -> _Plan:
-    f = c * taps
-    j = np.arange(f, dtype=np.int64)
-    if block_size is None:
-        return _Plan("full", c, taps, 1, 1, f, np.zeros(f, np.int64), j)
-    g = c // block_size
-    fb = block_size * taps
-    if grouping == "contiguous":
-        return _Plan("contiguous", c, taps, g, 1, fb, j // fb, j % fb)
-    return _Plan("reference", c, taps, 1, g, fb, j % g, j // g)
-
-
-# --------------------------------------------------------------------------------------
-# moments: (count, mean (G, fb), M2 (G, fb, fb)), float64, M2 = sum of centred outer products
-# --------------------------------------------------------------------------------------
-
-def _finish_shifted(count, shift, sums, second):
-    """Centred statistics from moments about ``shift``: ``M2 = S_2 - s s^T / N`` (in place on ``second``).
-
-    ``z = s / sqrt(N)`` makes the correction ``z z^T`` exactly symmetric, so an exactly
-    symmetric ``second`` gives an exactly symmetric ``M2``.
-    """
-    z = sums / math.sqrt(count)
-    _subtract_outer(second.reshape((-1,) + second.shape[-2:]), z.reshape(-1, z.shape[-1]))
-    return count, shift + sums / count, second
-
-
-def _merge_moments(a, b):
-    """Chan–Golub–LeVeque: statistics of the union of two sample sets (exact in exact arithmetic)."""
-    na, ma, Ma = a
-    nb, mb, Mb = b
-    n = na + nb
-    d = mb - ma
-    mean = ma + d * (nb / n)
-    m2 = Ma + Mb + (na * nb / n) * (d[..., :, None] * d[..., None, :])
-    return n, mean, m2
-
-
-def _chunk_rows(width: int, dtype: np.dtype) -> int:
-    rows = max(1, _BUFFER_BYTES // (width * dtype.itemsize))
-    return int(min(rows, _F32_ROWS if dtype == np.float32 else _F64_ROWS))
-
-
-def _buffer_dtype(arr_dtype: np.dtype, fb: int) -> np.dtype:
-    if arr_dtype == np.float32 and fb >= _F32_MIN_FEATURES:
-        return np.dtype(np.float32)
-    return np.dtype(np.float64)
-
-
-def _matrix_moments(arr: np.ndarray):
-    """Moments of the rows of a samples x features matrix about a sampled shift, in chunks through BLAS."""
-    n, f = arr.shape
-    shift = arr[:: max(1, n // 256)].mean(axis=0, dtype=np.float64)  # a shift near the mean (<= 511 rows)
-    bdt = _buffer_dtype(arr.dtype, f)
-    shift_b = shift.astype(bdt)  # subtract in the buffer's dtype (no mixed-type loop) ...
-    shift = shift_b.astype(np.float64)  # ... and correct for exactly that shift
-    rows = _chunk_rows(f + 1, bdt)
-    flat = _scratch("rows", (min(rows, n) * (f + 1),), bdt)
-    tmp = _scratch("tmp", (f + 1, f + 1), bdt)
-    acc = _scratch("acc", (f + 1, f + 1), np.float64, zero=True)
-    for p0 in range(0, n, rows):
-        r = min(rows, n - p0)
-        buf = flat[: r * (f + 1)].reshape(r, f + 1)
-        np.subtract(arr[p0:p0 + r], shift_b, out=buf[:, :f])
-        buf[:, f] = 1.0
-        np.matmul(buf.T, buf, out=tmp)
-        acc += tmp
-    return _finish_shifted(n, shift, acc[f, :f], acc[:f, :f])
-
-
-def _channel_means(imgs: np.ndarray) -> np.ndarray:
-    """Per-channel means of a strided sample (<= 64 images x ~16 x 16 pixels): only a shift.
-
-    The statistics are exact for any shift; a shift near the mean only keeps the float64
-    moments free of cancellation, and a sample keeps its cost negligible next to the fill.
-    """
-    n, _, h, w = imgs.shape
-    sub = imgs[:: max(1, n // 64), :, :: max(1, h // 16), :: max(1, w // 16)]
-    return sub.mean(axis=(0, 2, 3), dtype=np.float64)
-
-
-def _valid_fraction(out: int, step: int, pad: int, dil: int, k: int, size: int) -> np.ndarray:
-    pos = np.arange(out)[:, None] * step - pad + np.arange(k)[None, :] * dil
-    return ((pos >= 0) & (pos < size)).mean(axis=0)
-
-
-def _patch_shift(imgs: np.ndarray, g, plan: _Plan):
-    """Per-column shift ``m_c * (fraction of the grid where tap (i, j) is inside the image)``.
-
-    This is the column mean of a stationary image, padding included.  For the reference
-    grouping the shift is averaged over the stacked groups (one shift per shared feature).
-    Returns ``(shift per im2col column (F,), shift per output feature (G, fb))``.
-    """
-    m_c = _channel_means(imgs)
-    fh = _valid_fraction(g.oh, g.sh, g.ph, g.dh, g.kh, g.h)
-    fw = _valid_fraction(g.ow, g.sw, g.pw, g.dw, g.kw, g.w)
-    shift_col = (m_c[:, None, None] * fh[None, :, None] * fw[None, None, :]).reshape(-1)
-    if plan.mode == "reference":
-        shift_out = shift_col.reshape(plan.fb, plan.stack).mean(axis=1)
-        return np.ascontiguousarray(shift_out[plan.feat]), shift_out[None]
-    return shift_col, shift_col.reshape(plan.groups, plan.fb)
-
-
-def _lanes(plan: _Plan) -> int:
-    """Group rows per patch row: the stacked groups (reference) or the blocks."""
-    return plan.stack if plan.mode == "reference" else plan.groups
-
-
-def _gemm_moments(imgs: np.ndarray, g, plan: _Plan):
-    """Moments of the (grouped, stacked) patch rows, chunk by chunk through BLAS."""
-    shift_col, shift_out = _patch_shift(imgs, g, plan)
-    fb1 = plan.fb + 1
-    stacked = plan.mode == "reference"
-    lanes = _lanes(plan)
-    bdt = _buffer_dtype(imgs.dtype, plan.fb)
-    total = g.n * g.oh * g.ow
-    rows = min(_chunk_rows(lanes * fb1, bdt), total)
-    flat = _scratch("rows", (rows * lanes * fb1,), bdt)
-    tmp = _scratch("tmp", (plan.groups, fb1, fb1), bdt)
-    acc = _scratch("acc", (plan.groups, fb1, fb1), np.float64, zero=True)
-    x = np.ascontiguousarray(imgs)
-    if stacked:  # (R, G, fb1): row stride lanes*fb1
-        base = plan.grp * fb1 + plan.feat
-        ones = np.arange(lanes, dtype=np.int64) * fb1 + plan.fb
-    for p0 in range(0, total, rows):
-        r = min(rows, total - p0)
-        if stacked:
-            _patch_rows(x, shift_col, base, ones, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.oh, g.ow,
-                        p0, r, lanes * fb1, flat)
-            b2 = flat[: r * lanes * fb1].reshape(r * lanes, fb1)
-            np.matmul(b2.T, b2, out=tmp[0])
-        else:  # (G, R, fb1): group stride r*fb1, row stride fb1
-            base = plan.grp * (r * fb1) + plan.feat
-            ones = np.arange(lanes, dtype=np.int64) * (r * fb1) + plan.fb
-            _patch_rows(x, shift_col, base, ones, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.oh, g.ow,
-                        p0, r, fb1, flat)
-            buf = flat[: r * lanes * fb1].reshape(lanes, r, fb1)
-            np.matmul(buf.transpose(0, 2, 1), buf, out=tmp)
-        acc += tmp
-    count = total * plan.stack
-    fb = plan.fb
-    return _finish_shifted(count, shift_out, acc[:, fb, :fb], acc[:, :fb, :fb])
-
-
-def _dense_pairs(plan: _Plan) -> tuple[np.ndarray, np.ndarray]:
-    """Channel pairs ``a <= b`` whose moments the plan needs (all, or within contiguous blocks)."""
-    a, b = np.triu_indices(plan.c)
-    if plan.mode == "contiguous":
-        block = plan.c // plan.groups
-        keep = a // block == b // block
-        a, b = a[keep], b[keep]
-    return a, b
-
-
-def _dense_tasks(plan: _Plan, kh: int) -> np.ndarray:
-    """Tasks ``(c, c2, di)``: ``di >= 0`` for ``c == c2`` (the rest is the transpose), all ``di`` else."""
-    a, b = _dense_pairs(plan)
-    di = np.arange(-(kh - 1), kh)
-    t = np.stack(np.broadcast_arrays(a[:, None], b[:, None], di[None, :]), axis=-1).reshape(-1, 3)
-    t = t[(t[:, 0] != t[:, 1]) | (t[:, 2] >= 0)]
-    return np.ascontiguousarray(t, dtype=np.int64)
-
-
-def _dense_pieces(g):
-    """``(n0, n1, a0, a1)``: image ranges and output-row bands whose padded rows fit the budget."""
-    wp = 2 * g.ow + 4 * (g.kw - 1) * g.dw  # two copies, one with zero margins
-    hp = g.oh + (g.kh - 1) * g.dh
-    per_image = g.c * hp * wp * 8
-    if per_image <= _DENSE_BYTES:
-        step = max(1, _DENSE_BYTES // per_image)
-        return [(n0, min(g.n, n0 + step), 0, g.oh) for n0 in range(0, g.n, step)]
-    halo = (g.kh - 1) * g.dh
-    band = max(1, _DENSE_BYTES // (g.c * wp * 8) - halo)
-    return [(n, n + 1, a0, min(g.oh, a0 + band)) for n in range(g.n) for a0 in range(0, g.oh, band)]
-
-
-def _shifted_moments_driver(imgs: np.ndarray, g, plan: _Plan):
-    """Moments of a dense (effective stride 1) patch grid via shifted inner products."""
-    m_c = _channel_means(imgs)
-    kh, kw, dh, dw = g.kh, g.kw, g.dh, g.dw
-    wp = g.ow + (kw - 1) * dw
-    margin = (kw - 1) * dw
-    halo = (kh - 1) * dh
-    tasks = _dense_tasks(plan, kh)
-    acc = np.zeros((len(tasks), kh, 2 * kw - 1, kw))
-    colsum = np.zeros((g.c, kh, kw))
-    ii = np.arange(kh) * dh
-    jj = np.arange(kw) * dw
-    for n0, n1, a0, a1 in _dense_pieces(g):
-        rows = a1 - a0 + halo
-        xs = np.empty((n1 - n0, g.c, rows, wp))
-        xs[...] = -m_c[None, :, None, None]
-        # padded rows [a0, a0 + rows) hold image rows [a0 - ph, ...); columns [pw, pw + w)
-        r0 = max(0, a0 - g.ph)
-        r1 = min(g.h, a0 + rows - g.ph)
-        if r1 > r0:
-            dst = xs[:, :, r0 + g.ph - a0:r1 + g.ph - a0, g.pw:g.pw + g.w]
-            np.subtract(imgs[n0:n1, :, r0:r1], m_c[None, :, None, None], out=dst)
-        xb = np.zeros((n1 - n0, g.c, rows, wp + 2 * margin))
-        xb[..., margin:margin + wp] = xs
-        _shifted_moments(xs, xb, tasks, kh, kw, dh, dw, a1 - a0, g.ow, acc)
-        sat = np.zeros((g.c, rows + 1, wp + 1))
-        np.cumsum(np.cumsum(xs.sum(axis=0), axis=1), axis=2, out=sat[:, 1:, 1:])
-        oh = a1 - a0
-        colsum += (sat[:, ii[:, None] + oh, jj[None, :] + g.ow] - sat[:, ii[:, None], jj[None, :] + g.ow]
-                   - sat[:, ii[:, None] + oh, jj[None, :]] + sat[:, ii[:, None], jj[None, :]])
-    f = plan.n_features
-    second = np.zeros((f, f))
-    _scatter_moments(acc, tasks, kh, kw, second)
-    count = g.n * g.oh * g.ow
-    shift = np.repeat(m_c, kh * kw)
-    n, mean, m2 = _finish_shifted(count, shift, colsum.reshape(-1), second)
-    return _regroup(n, mean, m2, plan)
-
-
-def _row_pieces(g, width: int, itemsize: int):
-    """Like :func:`_dense_pieces` for 1-row patch matrices of ``width`` columns."""
-    halo = (g.kh - 1) * g.dh
-    per_row = g.ow * width * itemsize
-    per_image = (g.oh + halo) * per_row
-    if per_image <= _ROWS_BYTES:
-        step = max(1, _ROWS_BYTES // per_image)
-        return [(n0, min(g.n, n0 + step), 0, g.oh) for n0 in range(0, g.n, step)]
-    band = max(1, _ROWS_BYTES // per_row - halo)
-    return [(n, n + 1, a0, min(g.oh, a0 + band)) for n in range(g.n) for a0 in range(0, g.oh, band)]
-
-
-def _rowshift_moments(imgs: np.ndarray, g, plan: _Plan):
-    r"""Moments of a patch grid with vertical step 1 from row-shifted products of 1-row patches.
-
-    With ``Z_u`` the im2col matrix of padded row ``u`` for a ``1 x kw`` kernel (rows over
-    images and horizontal positions, columns ``(c, j)``), the im2col moment of taps
-    ``(c, i, j)`` and ``(c', i + di, j')`` is
-
-    .. math::  \sum_{u = i d_h}^{i d_h + oh - 1} (Z_u^T Z_{u + di\,d_h})_{(c, j), (c', j')},
-
-    i.e. a window of the running sum over ``u`` of one product per row shift ``di``: the
-    rows between consecutive window boundaries are multiplied once (one BLAS product per
-    segment), for ``kh`` shifts instead of ``kh^2`` tap-row pairs, and the im2col fill shrinks
-    by ``kh``.  Contiguous blocks are computed block by block; the reference grouping and
-    ``block_size=None`` from the full matrix.
-    """
-    m_c = _channel_means(imgs)
-    kh, kw, dh = g.kh, g.kw, g.dh
-    halo = (kh - 1) * dh
-    cw = g.c * kw
-    blocks = plan.groups if plan.mode == "contiguous" else 1
-    cb = g.c // blocks  # channels per computed block
-    bw = cb * kw
-    zdt = _buffer_dtype(imgs.dtype, cb * g.kh * kw)
-    cap = _F32_GEMM_ROWS if zdt == np.float32 else _F64_ROWS
-    acc = _scratch("acc", (blocks, cb, kh, kw, cb, kh, kw), np.float64, zero=True)
-    colsum = np.zeros((g.c, kh, kw))
-    x = np.ascontiguousarray(imgs)
-    tmp = _scratch("tmp", (bw, bw), zdt)
-    run = _scratch("run", (bw, bw), np.float64)
-    for n0, n1, a0, a1 in _row_pieces(g, cw, zdt.itemsize):
-        oh = a1 - a0
-        rows = oh + halo
-        Z = _scratch("rows", (rows, n1 - n0, g.ow, cw), zdt)
-        rs = _scratch("rowsum", (rows, cw), np.float64)
-        _row_patches(x, m_c, kw, g.sw, g.ph, g.pw, g.dw, g.ow, n0, a0, Z, rs)
-        per_row = (n1 - n0) * g.ow
-        step = max(1, cap // per_row)  # rows of Z per BLAS product (bounded rounding in float32)
-        Zm = Z.reshape(rows * per_row, cw)
-        pre = np.zeros((rows + 1, cw))
-        np.cumsum(rs, axis=0, out=pre[1:])
-        ii = np.arange(kh) * dh
-        colsum += (pre[ii + oh] - pre[ii]).reshape(kh, g.c, kw).transpose(1, 0, 2)
-        for blk in range(blocks):
-            cols = slice(blk * bw, (blk + 1) * bw)
-            for di in range(kh):
-                starts = [i * dh for i in range(kh - di)]
-                bounds = sorted(set(starts) | {u + oh for u in starts})
-                run.fill(0)  # sum of Z_u^T Z_{u + di dh} over rows [bounds[0], u)
-                for u0, u1 in zip(bounds[:-1], bounds[1:]):
-                    for v0 in range(u0, u1, step):
-                        v1 = min(u1, v0 + step)
-                        A = Zm[v0 * per_row:v1 * per_row, cols]
-                        if di == 0:
-                            np.matmul(A.T, A, out=tmp)
-                        else:
-                            B = Zm[(v0 + di * dh) * per_row:(v1 + di * dh) * per_row, cols]
-                            np.matmul(A.T, B, out=tmp)
-                        run += tmp
-                    # window i spans rows [i dh, i dh + oh): add the running sum at its end,
-                    # subtract it at its start (the first start has run == 0)
-                    for i, u in enumerate(starts):
-                        sign = (u + oh == u1) - (u == u1)
-                        if sign:
-                            win = run.reshape(cb, kw, cb, kw)
-                            acc[blk, :, i, :, :, i + di, :] += sign * win
-                            if di:
-                                acc[blk, :, i + di, :, :, i, :] += sign * win.transpose(2, 3, 0, 1)
-    count = g.n * g.oh * g.ow
-    fb = cb * kh * kw
-    second = acc.reshape(blocks, fb, fb)
-    shift = np.repeat(m_c, kh * kw).reshape(blocks, fb)
-    n, mean, m2 = _finish_shifted(count, shift, colsum.reshape(blocks, fb), second)
-    if plan.mode == "contiguous":
-        return n, mean, m2
-    return _regroup(n, mean[0], m2[0], plan)
-
-
-def _regroup(n, mean, m2, plan: _Plan):
-    """Full-matrix statistics ``(F,), (F, F)`` arranged as the plan's blocks."""
-    if plan.mode == "full":
-        return n, mean[None], m2[None]
-    if plan.mode == "contiguous":
-        fb = plan.fb
-        idx = np.arange(plan.groups)[:, None] * fb + np.arange(fb)[None, :]
-        return n, mean[idx], m2[idx[:, :, None], idx[:, None, :]]
-    stats = None
-    for grp in range(plan.stack):
-        idx = np.arange(plan.fb) * plan.stack + grp
-        s = (n, mean[idx], m2[np.ix_(idx, idx)])
-        stats = s if stats is None else _merge_moments(stats, s)
-    n_all, mu, M = stats
-    return n_all, mu[None], M[None]
-
-
-def _gemm_seconds(macs: float, width: int, dtype) -> float:
-    """BLAS time of ``macs`` multiply-adds producing ``width``-wide outputs (narrow ones are memory-bound)."""
-    eff = min(1.0, (width / 64.0) ** 0.5)
-    return macs / (_RATE_MAC[np.dtype(dtype)] * eff * numba.get_num_threads())
-
-
-def _cost(g, plan: _Plan, dtype) -> dict:
-    """Estimated seconds of each kernel for this geometry (a coarse model; only the ranking matters).
-
-    Rates are per thread, measured on a 2-core AVX2 machine: BLAS multiply-adds (scaled by
-    the thread count and by a width efficiency for narrow outputs), the serial patch fill,
-    and the shifted-product kernel (parallel).
-    """
-    threads = numba.get_num_threads()
-    rows = g.n * g.oh * g.ow
-    fb1 = plan.fb + 1
-    f = plan.n_features
-    lanes = _lanes(plan)
-    bdt = _buffer_dtype(np.dtype(dtype), plan.fb)
-    chunks = -(-rows // _chunk_rows(lanes * fb1, bdt))
-    macs = rows * lanes * fb1 * (fb1 + 1) / 2  # syrk: upper triangles
-    cost = {
-        "gemm": rows * f / _RATE_FILL + _gemm_seconds(macs, fb1, bdt) + chunks * plan.groups * _CALL_OVERHEAD,
-        "rowshift": math.inf,
-        "shifted": math.inf,
-    }
-    if g.sh != 1:
-        return cost
-    kh, kw, dh, dw = g.kh, g.kw, g.dh, g.dw
-    hp = g.oh + (kh - 1) * dh
-    blocks = plan.groups if plan.mode == "contiguous" else 1
-    bw = g.c // blocks * kw
-    zdt = _buffer_dtype(np.dtype(dtype), g.c // blocks * kh * kw)
-    per_row = g.n * g.ow
-    macs = 0.0
-    for di in range(kh):
-        macs += ((kh - 1 - di) * dh + g.oh) * per_row * bw * bw * (0.5 if di == 0 else 1.0)
-    calls = blocks * kh * 2 * kh * max(1, -(-hp * per_row // (_F32_GEMM_ROWS if zdt == np.float32 else _F64_ROWS)))
-    cost["rowshift"] = (g.n * hp * g.ow * g.c * kw / _RATE_FILL + _gemm_seconds(blocks * macs, bw, zdt)
-                        + calls * _CALL_OVERHEAD)
-    if g.sw != 1:
-        return cost
-    wp = g.ow + (kw - 1) * dw
-    cols = (2 * kw - 1) * wp
-    a, b = _dense_pairs(plan)
-    n_same = int(np.count_nonzero(a == b))
-    n_diff = len(a) - n_same
-    rows_pos = sum(hp - di * dh for di in range(kh))  # di >= 0
-    rows_all = 2 * rows_pos - hp
-    events = 2 * kh * (2 * kw - 1) * wp
-    work = n_same * (rows_pos * cols + kh * events) + n_diff * (rows_all * cols + (2 * kh - 1) * events)
-    cost["shifted"] = g.n * work / (_RATE_SHIFTED * threads) + 3 * g.n * g.c * hp * wp / _RATE_FILL
-    return cost
-
-
-def _choose_kernel(g, plan: _Plan, dtype) -> str:
-    cost = _cost(g, plan, dtype)
-    return min(cost, key=cost.get)
-
-
-def _patch_moments(imgs: np.ndarray, g, plan: _Plan, _kernel: str | None = None):
-    """Dispatch to one kernel: ``(count, mean (G, fb), M2 (G, fb, fb))`` in float64."""
-    kernel = _kernel or _choose_kernel(g, plan, imgs.dtype)
-    if kernel == "shifted":
-        if g.sh != 1 or g.sw != 1:
-            raise ValueError("the 'shifted' kernel needs an effective stride (stride * sampling_stride) of 1")
-        return _shifted_moments_driver(imgs, g, plan)
-    if kernel == "rowshift":
-        if g.sh != 1:
-            raise ValueError("the 'rowshift' kernel needs a vertical effective stride of 1")
-        return _rowshift_moments(imgs, g, plan)
-    return _gemm_moments(imgs, g, plan)
 
 
 # --------------------------------------------------------------------------------------
@@ -601,12 +122,13 @@ def covariance(X, *, eps=0.0):
 
     Notes
     -----
-    Chunks of rows shifted by the mean of a row sample (each chunk augmented by a column of
-    ones) are multiplied by BLAS and summed in float64, then corrected exactly for the shift
-    (``M2 = S_2 - s s^T / N``): the extra memory is a few MB whatever ``N``, and there is no
-    ``E[x x^T] - mu mu^T`` cancellation.  For float32 input with ``F >= 64`` the product of one chunk (at most 2048
-    rows) runs in float32 BLAS, which keeps float32 speed at about 1e-6 relative accuracy;
-    float64 input is float64 throughout.
+    numpy: chunks of rows shifted by the mean of a row sample (each chunk augmented by a
+    column of ones) are multiplied by BLAS and summed in float64, then corrected exactly for
+    the shift (``M2 = S_2 - s s^T / N``): the extra memory is a few MB whatever ``N``, and
+    there is no ``E[x x^T] - mu mu^T`` cancellation.  For float32 input with ``F >= 64`` the
+    product of one chunk (at most 2048 rows) runs in float32 BLAS, which keeps float32 speed
+    at about 1e-6 relative accuracy; float64 input is float64 throughout.  torch tensors: the
+    two-pass (centred) product in the input dtype on the tensor's device, differentiable.
 
     Examples
     --------
@@ -619,36 +141,15 @@ def covariance(X, *, eps=0.0):
     >>> mean
     array([2., 4.])
     """
-    if is_tensor(X):
-        return torch_backend().covariance(X, eps=eps)
     arr = as_float_array(X, "X")
     check_ndim(arr, "X", (2,), "(n_samples, n_features); for one feature use X[:, None]")
     check_nonempty(arr, "X")
     eps = check_nonnegative_float(eps, "eps")
     _check_finite_fast(arr, "X")
-    n, mean, m2 = _matrix_moments(arr)
-    return _scaled(m2, n, eps, arr.dtype), mean.astype(arr.dtype, copy=False)
-
-
-def _sampled_geometry(shape4, kernel_size, stride, padding, dilation, sampling_stride):
-    s = check_positive_int(sampling_stride, "sampling_stride")
-    sh, sw = as_pair(stride, "stride", minimum=1)
-    return geometry(shape4, kernel_size, (sh * s, sw * s), padding, dilation)
-
-
-def _scaled(m2: np.ndarray, n, eps: float, dtype) -> np.ndarray:
-    """``M2 / n + eps I`` written straight into the output dtype (one rounding, no float64 copy)."""
-    cov = np.divide(m2, n, out=np.empty(m2.shape, dtype=dtype), casting="same_kind")
-    return _ridge(cov, eps)
-
-
-def _finish(stats, plan: _Plan, eps: float, dtype):
-    n, mean, m2 = stats
-    cov = _scaled(m2, n, eps, dtype)
-    mean = mean.astype(dtype, copy=False)
-    if plan.mode == "contiguous":
-        return cov, mean
-    return cov[0], mean[0]
+    be = backend(arr)
+    with be.precision(arr):
+        stats = be.patches.matrix_moments(arr)
+    return _finish(be, stats, None, eps, arr.dtype)
 
 
 def patch_covariance(x, kernel_size, *, stride=1, padding=0, dilation=1, sampling_stride=1,
@@ -715,13 +216,16 @@ def patch_covariance(x, kernel_size, *, stride=1, padding=0, dilation=1, samplin
     about the common mean; ``"contiguous"`` keeps one exact covariance per channel block.
     With ``B = C`` both equal the full covariance (``"contiguous"`` keeps a leading axis of 1).
 
-    **Cost.**  The im2col matrix is never built.  A cost model picks one of three kernels
-    (:data:`KERNELS`, module docstring): shifted patch rows in chunks of at most 8 MB times
+    **Cost.**  The im2col matrix is never built.  numpy: a cost model picks one of three
+    kernels (:mod:`nsiter._numba.patches`): shifted patch rows in chunks of at most 8 MB times
     BLAS (any geometry); BLAS products of 1-row patch matrices, one per row shift (vertical
     step 1; pieces of at most 32 MB); or shifted inner products of the image with itself,
     ``O(C^2 k^2 HW)`` instead of ``O(C^2 k^4 HW)`` (step 1; padded, shifted float64 copies of
     at most 32 MB).  Beyond those pieces the extra memory is the ``G (Fb+1)^2`` float64
     accumulators.  All accumulate in float64 about a per-feature shift and agree to rounding.
+    torch tensors: im2col chunks of at most 64 Mi elements on the tensor's device; one chunk
+    is the two-pass computation in the input dtype (differentiable), several are merged
+    exactly in float64.
 
     Examples
     --------
@@ -739,10 +243,6 @@ def patch_covariance(x, kernel_size, *, stride=1, padding=0, dilation=1, samplin
     >>> cov.shape
     (18, 18)
     """
-    if is_tensor(x):
-        return torch_backend().patch_covariance(
-            x, kernel_size, stride=stride, padding=padding, dilation=dilation, sampling_stride=sampling_stride,
-            block_size=block_size, grouping=grouping, eps=eps)
     arr = as_float_array(x, "x")
     imgs = as_images(arr, "x")
     check_nonempty(imgs, "x")
@@ -752,7 +252,15 @@ def patch_covariance(x, kernel_size, *, stride=1, padding=0, dilation=1, samplin
     block_size = _check_block(block_size, g.c)
     _check_finite_fast(imgs, "x")
     plan = _plan(g.c, g.kh * g.kw, block_size, grouping)
-    return _finish(_patch_moments(imgs, g, plan), plan, eps, arr.dtype)
+    be = backend(imgs)
+    with be.precision(imgs):
+        stats = be.patches.patch_moments(imgs, g, plan)
+    return _finish(be, stats, plan, eps, arr.dtype)
+
+
+def _host64(be, a) -> np.ndarray:
+    """A float64 host copy (never a kernel's work buffer, never attached to a graph)."""
+    return np.array(be.host(a), dtype=np.float64)
 
 
 class PatchStatistics:
@@ -792,6 +300,8 @@ class PatchStatistics:
     True
     """
 
+    _device_moments = False  # tensors: moments by the numpy kernels on a host copy
+
     def __init__(self, kernel_size, *, stride=1, padding=0, dilation=1, sampling_stride=1,
                  block_size=None, grouping="contiguous"):
         self.kernel_size = as_pair(kernel_size, "kernel_size", minimum=1)
@@ -804,7 +314,7 @@ class PatchStatistics:
         self.channels = None
         self.dtype = None
         self._plan = None
-        self._stats = None  # (count, mean (G, fb), M2 (G, fb, fb)) in float64
+        self._stats = None  # (count, mean (G, fb), M2 (G, fb, fb)) in float64, on the host
 
     def _settings(self) -> dict:
         return {"kernel_size": self.kernel_size, "stride": self.stride, "padding": self.padding,
@@ -822,12 +332,14 @@ class PatchStatistics:
     def update(self, x):
         """Add the patches of an image batch ``x`` ((N, C, H, W), (C, H, W) or (H, W)); returns ``self``.
 
-        torch tensors are copied to host memory (the statistics are float64 numpy arrays).
-        Validation as in :func:`patch_covariance`; a failed update leaves ``self`` unchanged.
+        torch tensors are copied to host memory and go through the numpy kernels
+        (:class:`nsiter.torch.PatchStatistics` computes the moments on the tensor's device
+        instead); the statistics are float64 numpy arrays either way.  Validation as in
+        :func:`patch_covariance`; a failed update leaves ``self`` unchanged.
         """
-        if is_tensor(x):
-            x = x.detach().cpu().numpy()
         arr = as_float_array(x, "x")
+        if is_tensor(arr) and not self._device_moments:
+            arr = backend(arr).host(arr)
         imgs = as_images(arr, "x")
         check_nonempty(imgs, "x")
         g = _sampled_geometry(imgs.shape, self.kernel_size, self.stride, self.padding, self.dilation,
@@ -840,11 +352,14 @@ class PatchStatistics:
         block = _check_block(self.block_size, g.c)
         _check_finite_fast(imgs, "x")
         plan = self._plan if self._plan is not None else _plan(g.c, g.kh * g.kw, block, self.grouping)
-        n, mean, m2 = _patch_moments(imgs, g, plan)  # m2 may be a reused work buffer: copy or merge
-        self._stats = (n, mean.copy(), m2.copy()) if self._stats is None else _merge_moments(self._stats,
-                                                                                           (n, mean, m2))
+        be = backend(imgs)
+        with be.precision(imgs):
+            n, mean, m2 = be.patches.patch_moments(imgs, g, plan)
+        stats = (n, _host64(be, mean), _host64(be, m2))
+        self._stats = stats if self._stats is None else merge_moments(self._stats, stats)
         self.channels, self._plan = g.c, plan
-        self.dtype = arr.dtype if self.dtype is None else np.promote_types(self.dtype, arr.dtype)
+        dtype = np.dtype(f"float{8 * arr.itemsize}")  # float32 / float64 (as_float_array), also for tensors
+        self.dtype = dtype if self.dtype is None else np.promote_types(self.dtype, dtype)
         return self
 
     def merge(self, other: "PatchStatistics"):
@@ -872,7 +387,7 @@ class PatchStatistics:
             self._stats = (n, mean.copy(), m2.copy())
             return self
         self.dtype = np.promote_types(self.dtype, other.dtype)
-        self._stats = _merge_moments(self._stats, other._stats)
+        self._stats = merge_moments(self._stats, other._stats)
         return self
 
     def covariance(self, eps=0.0):
@@ -880,4 +395,4 @@ class PatchStatistics:
         eps = check_nonnegative_float(eps, "eps")
         if self._stats is None:
             raise ValueError("PatchStatistics has seen no data (count 0); call update(x) or merge(other) first")
-        return _finish(self._stats, self._plan, eps, self.dtype)
+        return _finish(backend(), self._stats, self._plan, eps, self.dtype)

@@ -7,11 +7,8 @@ valid cross-correlation of ``x`` with ``w`` of shape ``(C, kh, kw)`` is
 """
 from __future__ import annotations
 
-import numpy as np
-
+from ._backend import backend
 from ._conventions import as_images, geometry
-from ._dispatch import is_tensor, torch_backend
-from ._numba._im2col import _col2im, _im2col
 from ._validation import as_float_array, check_ndim, check_nonempty
 
 __all__ = ["im2col", "col2im", "output_shape"]
@@ -22,12 +19,20 @@ def output_shape(image_shape, kernel_size, *, stride=1, padding=0, dilation=1) -
 
     ``image_shape`` is ``(H, W)``, ``(C, H, W)`` or ``(N, C, H, W)``.
     """
-    shape = tuple(int(s) for s in image_shape)
+    _, g = _shape_geometry(image_shape, kernel_size, stride, padding, dilation)
+    return g.oh, g.ow
+
+
+def _shape_geometry(image_shape, kernel_size, stride, padding, dilation):
+    """``(shape, geometry)`` of an ``image_shape`` argument, validated."""
+    try:
+        shape = tuple(int(s) for s in image_shape)
+    except TypeError:
+        raise TypeError(f"expected image_shape as a tuple of ints, got {image_shape!r}") from None
     if len(shape) not in (2, 3, 4):
         raise ValueError(f"expected image_shape (H, W), (C, H, W) or (N, C, H, W), got {shape}")
     shape4 = (1,) * (4 - len(shape)) + shape
-    g = geometry(shape4, kernel_size, stride, padding, dilation, name="image_shape")
-    return g.oh, g.ow
+    return shape, geometry(shape4, kernel_size, stride, padding, dilation, name="image_shape")
 
 
 def im2col(x, kernel_size, *, stride=1, padding=0, dilation=1):
@@ -53,9 +58,10 @@ def im2col(x, kernel_size, *, stride=1, padding=0, dilation=1):
 
     Returns
     -------
-    X : ndarray, shape (N * H_out * W_out, C * kh * kw)
-        float32 for float32/float16 input, float64 otherwise.  Non-finite values are
-        copied as they are (this is pure data movement).
+    X : ndarray or Tensor, shape (N * H_out * W_out, C * kh * kw)
+        float32 for float32/float16 input, float64 otherwise (a tensor on the input's
+        device for a tensor).  Non-finite values are copied as they are (this is pure data
+        movement).
 
     Raises
     ------
@@ -67,7 +73,8 @@ def im2col(x, kernel_size, *, stride=1, padding=0, dilation=1):
 
     Notes
     -----
-    Numba kernel, parallel over (image, output row) pairs.  Memory: the result has
+    numpy: a Numba kernel, parallel over (image, output row) pairs; torch: one gather of
+    ``Tensor.unfold`` views (differentiable), bit-identical to numpy.  Memory: the result has
     ``C*kh*kw / (sh*sw)`` times as many elements as ``x``; for covariances of large
     inputs use :func:`nsiter.patch_covariance`, which never builds ``X`` whole.
 
@@ -78,15 +85,11 @@ def im2col(x, kernel_size, *, stride=1, padding=0, dilation=1):
     >>> nsiter.im2col(x, 3).shape
     (4, 9)
     """
-    if is_tensor(x):
-        return torch_backend().im2col(x, kernel_size, stride=stride, padding=padding, dilation=dilation)
     arr = as_float_array(x, "x")
     imgs = as_images(arr, "x")
     check_nonempty(imgs, "x")
     g = geometry(imgs.shape, kernel_size, stride, padding, dilation)
-    out = np.empty((g.n * g.n_patches, g.n_features), dtype=arr.dtype)
-    _im2col(np.ascontiguousarray(imgs), g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.oh, g.ow, out)
-    return out
+    return backend(imgs).patches.im2col(imgs, g)
 
 
 def col2im(X, image_shape, kernel_size, *, stride=1, padding=0, dilation=1):
@@ -112,32 +115,23 @@ def col2im(X, image_shape, kernel_size, *, stride=1, padding=0, dilation=1):
 
     Returns
     -------
-    x : ndarray of shape ``image_shape``, dtype of ``X`` (float32/float64 rules as im2col)
+    x : ndarray or Tensor of shape ``image_shape``, dtype of ``X`` (float32/float64 rules as
+        im2col).  Tensors on the CPU: bit-identical to numpy; on CUDA ``F.fold``, which sums
+        the overlaps in another order (last-bit differences).
 
     Raises
     ------
     ValueError
         ``X`` not 2-D, or its shape inconsistent with ``image_shape`` and the geometry.
     """
-    if is_tensor(X):
-        return torch_backend().col2im(X, image_shape, kernel_size, stride=stride, padding=padding, dilation=dilation)
     arr = as_float_array(X, "X")
     check_ndim(arr, "X", (2,), "(N*H_out*W_out, C*kh*kw)")
-    try:
-        shape = tuple(int(s) for s in image_shape)
-    except TypeError:
-        raise TypeError(f"expected image_shape as a tuple of ints, got {image_shape!r}") from None
-    if len(shape) not in (2, 3, 4):
-        raise ValueError(f"expected image_shape (H, W), (C, H, W) or (N, C, H, W), got {shape}")
-    shape4 = (1,) * (4 - len(shape)) + shape
-    g = geometry(shape4, kernel_size, stride, padding, dilation, name="image_shape")
+    shape, g = _shape_geometry(image_shape, kernel_size, stride, padding, dilation)
     want = (g.n * g.n_patches, g.n_features)
-    if arr.shape != want:
+    if tuple(arr.shape) != want:
         raise ValueError(
-            f"X of shape {arr.shape} does not match image_shape {shape} with kernel {(g.kh, g.kw)}, "
+            f"X of shape {tuple(arr.shape)} does not match image_shape {shape} with kernel {(g.kh, g.kw)}, "
             f"stride {(g.sh, g.sw)}, padding {(g.ph, g.pw)}, dilation {(g.dh, g.dw)}: expected X of shape "
             f"{want}; check image_shape and the convolution parameters"
         )
-    out = np.zeros(shape4, dtype=arr.dtype)
-    _col2im(np.ascontiguousarray(arr), g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.oh, g.ow, out)
-    return out.reshape(shape)
+    return backend(arr).patches.col2im(arr, g).reshape(shape)

@@ -25,8 +25,8 @@ from typing import Callable
 
 import numpy as np
 
+from ._backend import backend
 from ._conventions import Geometry, as_images, geometry
-from ._dispatch import is_tensor, torch_backend
 from ._numba._kernel_estimation import ROWS_PER_PARTIAL, _correlate, _correlate_adjoint
 from ._validation import (
     as_float_array,
@@ -36,6 +36,7 @@ from ._validation import (
     check_option,
     check_positive_float,
     check_positive_int,
+    is_tensor,
     result_float_dtype,
 )
 from ._warnings import IllConditionedWarning, NsiterWarning
@@ -598,6 +599,12 @@ def estimate_kernel(x, y, kernel_size, *, method: str = "lstsq", n_iter: int | N
     im2col matrix (``cg`` applies ``X`` and ``X^T`` as correlations; mini-batches gather only their
     own patches).  One iteration of the full-batch gradient methods costs ``O(F^2)``.
 
+    torch tensors are a host computation too (the solvers' cost is ``O(F^2)`` per iteration
+    once the normal equations are formed): ``x`` and ``y`` are copied to host memory
+    (detached: no gradient flows through the estimate), and ``.kernel`` comes back as a
+    tensor on the device of ``x`` (of ``y`` if only ``y`` is a tensor) in the promoted dtype;
+    ``callback`` then receives the kernel as a float64 CPU tensor.
+
     Examples
     --------
     >>> import numpy as np, nsiter
@@ -612,11 +619,16 @@ def estimate_kernel(x, y, kernel_size, *, method: str = "lstsq", n_iter: int | N
     >>> one.n_iter, bool(np.allclose(one.kernel, k))
     (1, True)
     """
-    if is_tensor(x, y):
-        return torch_backend().estimate_kernel(
-            x, y, kernel_size, method=method, n_iter=n_iter, lr=lr, tol=tol, eps=eps,
-            fit_intercept=fit_intercept, batch_size=batch_size, rng=rng, stride=stride, padding=padding,
-            dilation=dilation, sqrtm_method=sqrtm_method, callback=callback)
+    be = backend(x, y)
+    if be.torch:  # a host computation: the solvers are float64 numpy/scipy, O(F^2) per iteration
+        ref = x if is_tensor(x) else y
+        if is_tensor(x) and is_tensor(y) and x.device != y.device:
+            raise ValueError(f"expected x and y on the same device, got x on {x.device} and y on {y.device}; "
+                             "move one of them with .to(device)")
+        x, y = (be.host(as_float_array(a, name)) if is_tensor(a) else a for a, name in ((x, "x"), (y, "y")))
+        if callable(callback):  # the kernel as a float64 CPU tensor, the intercept as a float
+            user_callback = callback
+            callback = lambda w, b: user_callback(be.xp.asarray(w), b)  # noqa: E731
     # ---- validate
     method = check_option(method, "method", METHODS)
     xa = as_float_array(x, "x")
@@ -724,7 +736,8 @@ def estimate_kernel(x, y, kernel_size, *, method: str = "lstsq", n_iter: int | N
     if method == "cg" and tol is None:
         converged = bool(converged)
     w, b = split(theta)
+    kernel = w.astype(out_dtype, copy=True)
     return KernelEstimate(
-        kernel=w.astype(out_dtype, copy=True), intercept=b, history=history, n_iter=int(it), method=method,
-        fit_intercept=fit_intercept, lr=lr_used, batch_size=batch_size, converged=converged,
+        kernel=be.asarray(kernel, ref) if be.torch else kernel, intercept=b, history=history, n_iter=int(it),
+        method=method, fit_intercept=fit_intercept, lr=lr_used, batch_size=batch_size, converged=converged,
         grad_norm=float(grad_norm), loss=float(history[-1]), optimum_loss=optimum, condition=condition)

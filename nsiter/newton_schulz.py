@@ -1,7 +1,9 @@
 r"""Newton–Schulz inverse square roots of symmetric positive (semi)definite matrices.
 
 ``D = inv_sqrtm(A)`` approximates ``A^{-1/2}``: the deconvolution (whitening) matrix
-``D = (Cov + eps I)^{-1/2}`` of Ye et al. (2020), §4.5.3 and appendix A.3.
+``D = (Cov + eps I)^{-1/2}`` of Ye et al. (2020), §4.5.3 and appendix A.3.  Written once
+for numpy arrays and torch tensors (:mod:`nsiter._backend`); the backends supply kernels
+only (:mod:`nsiter._numba.linalg`, :mod:`nsiter._torch.linalg`).
 
 Methods (registry :data:`METHODS`):
 
@@ -18,10 +20,10 @@ Methods (registry :data:`METHODS`):
 ``"uncoupled"``
     Higham (2008), Eq. (7.12), the single-sequence ("vanilla") iteration,
     ``X_0 = I``, ``X_{k+1} = (3 X_k - X_k^3 Y_0)/2``, ``D = X_k/sqrt(c)``, evaluated in
-    the order ``X_{k+1} = (3 X_k - X_k ((X_k X_k) Y_0)) / 2`` (numpy ``@``).  It amplifies
-    rounding errors whenever ``cond(A) > 9`` and blows up — the paper's Fig. 7 — so it is
-    kept exactly as it is, with its float64 residual always tracked so that the best
-    iterate can be returned.
+    the order ``X_{k+1} = (3 X_k - X_k ((X_k X_k) Y_0)) / 2``.  It amplifies rounding
+    errors whenever ``cond(A) > 9`` and blows up — the paper's Fig. 7 — so it is kept
+    exactly as it is, with its float64 residual always tracked so that the best iterate
+    can be returned.
 ``"accelerated"``
     The coupled iteration with per-step coefficients, ``T_k = a_k I + b_k Z_k Y_k``.  An
     eigenvalue ``p`` of ``M = Z Y`` maps to ``p (a + b p)^2 = q(sqrt p)^2`` with the odd
@@ -36,69 +38,45 @@ Methods (registry :data:`METHODS`):
     ``cond = 1e6`` it needs 11–12 steps where the classic one needs 22.
 ``"eigh"``
     The exact reference ``V diag(lambda^{-1/2}) V^T`` from a float64 LAPACK
-    eigendecomposition, returned in the input dtype.  Up to ``n = 128`` one matrix per
-    Numba thread with SciPy's OpenBLAS held to one thread for the call (measured with two
-    threads: 8.5 ms for 32 x 64 x 64 against 13-18 ms for numpy's batched ``eigh``); above,
-    numpy's batched ``eigh``.  The result is formed as ``W W^T`` with
-    ``W = V diag(lambda^{-1/4})``: symmetric to the last bit.
+    eigendecomposition, returned in the input dtype.
 ``"auto"``
     Per matrix, the cheaper of ``"accelerated"`` (its step count predicted from the
     schedule) and ``"eigh"``, by a cost model in units of one step of the iteration
-    (:data:`_AUTO_COST`, measured by ``analysis/calibrate_auto.py``): LAPACK wins for
-    ill-conditioned or large matrices (at ``n = 64``, float64, two threads: ``eigh`` costs
-    about 8.4 steps and a run 1.7 steps plus ``K``, so the iteration is kept up to ``K = 6``).
-    Where ``eigh`` is cheaper than even the best-conditioned schedule (large ``n``), the
-    spectrum probe is skipped; where every matrix of the batch picks ``eigh``, nothing of
-    the iteration is prepared.  A matrix the probe finds numerically singular goes to the
-    iteration (which warns and returns its best iterate), never to ``eigh`` (which raises).
+    (:mod:`nsiter._tuning`, measured by ``analysis/calibrate_auto.py``): LAPACK wins for
+    ill-conditioned or large matrices.  Where ``eigh`` is cheaper than even the
+    best-conditioned schedule, the spectrum probe is skipped; where every matrix of the
+    batch picks ``eigh``, nothing of the iteration is prepared.  A matrix the probe finds
+    numerically singular goes to the iteration (which warns and returns its best iterate),
+    never to ``eigh`` (which raises).  On the torch device path (CUDA) ``auto`` always
+    iterates: a GPU ``eigh`` is far slower than the CPU cost model assumes.
 
 Stopping (``tol``, or the default :func:`default_tol` when neither ``n_iter`` nor ``tol``
 is given): a matrix stops at the first iterate with ``||D_k D_k A - I||_F <= tol`` (the
 float64 Fig. 7 residual), or when the residual stagnates at its rounding floor (about
-``cond(A) eps``).  Cheaply: the test runs on the free by-product ``||Z_k Y_k - I||_F``
-(equal to it in exact arithmetic; ``Z_k Y_k`` is the next step's first product) and the
-float64 residual is evaluated only to confirm a stop (2 products).  The residual history
-(``return_info=True``) costs 2 float64 products per step; nothing else does.
+``cond(A) eps``), or diverges — the one policy of :mod:`nsiter._policy`.  Cheaply: the
+test runs on the free by-product ``||Z_k Y_k - I||_F`` (equal to it in exact arithmetic;
+``Z_k Y_k`` is the next step's first product) and the float64 residual is evaluated only
+to confirm a stop (2 products).  The residual history (``return_info=True``) costs 2
+float64 products per step; nothing else does.
 
-CPU kernels (``nsiter/_numba/_newton_schulz.py``): for ``n <= 64`` all steps of one matrix
-are fused in one Numba function (no temporaries, no Python per step), one matrix per
-thread for a batch.  Its products use BLAS (``np.dot`` in Numba) except for ``n <= 6``,
-where hand-written loops win (per-call overhead: 2.4 vs 1.0 GFLOP/s at n = 4, 5.0 vs 5.4
-at n = 8).  Against the same iteration on numpy's batched ``@`` the fused kernel was
-about 2x faster for float32 at n = 27-64 and on par for float64 (single thread; e.g.
-2.9 vs 6.1 ms for 5 steps on 64 x 27 x 27 float32), and it parallelises over the batch.
-For ``n > 64`` the same per-matrix logic runs on numpy ``@`` (a line-by-line twin): with
-two threads the Numba kernel there was 2-5x slower, because numpy's OpenBLAS (probe)
-and SciPy's OpenBLAS (BLAS inside Numba) keep two thread pools that compete.  The
-implementation depends on ``n`` only, so a matrix gives the same bits alone or in a
-batch.  ``analysis/bench_newton_schulz.py`` re-measures all of this (rows
-``coupled[numpy @]``).
+The coupled step exists twice, pinned together by tests that compare decisions and
+results: as array code here (:func:`_run_fixed`, :func:`_run_coupled`; numpy ``@`` or
+torch, autograd flowing) and as the fused Numba kernel ``_coupled_ns_one`` that the numpy
+backend runs for small ``n`` (all steps of one matrix in one function, one matrix per
+thread).  Which runs where is the backend's choice (``coupled_kernel(n)``).
 """
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import functools
-import glob
 import math
-import os
-import warnings
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
-from ._dispatch import is_tensor, torch_backend
-from ._numba._newton_schulz import (
-    _coupled_ns_parallel,
-    _coupled_ns_serial,
-    _eigh_power_serial,
-    _prepare,
-    _prepare_serial,
-    _psd_probe,
-    _psd_probe_serial,
-    _spectrum_estimates_serial,
-)
-from ._numba._newton_schulz import _eigh_power as _eigh_power_kernel
+from . import _tuning
+from ._backend import backend
+from ._policy import BLOWUP_GROWTH, BLOWUP_SQRT_N, MAX_ITER, STAGNATION_BELOW, STAGNATION_RATIO
 from ._validation import (
     as_float_array,
     check_finite,
@@ -109,16 +87,31 @@ from ._validation import (
     check_square,
     check_symmetric,
 )
-from ._warnings import IllConditionedWarning, NewtonSchulzDivergenceWarning, NsiterWarning
+from ._warnings import IllConditionedWarning, NewtonSchulzDivergenceWarning, NsiterWarning, warn
 
 __all__ = ["inv_sqrtm", "sqrtm_psd", "NewtonSchulzInfo", "METHODS", "SCALINGS", "MAX_ITER", "default_tol"]
 
+
+class _Method(NamedTuple):
+    """A method of :func:`inv_sqrtm`: which runner, whether it designs a schedule, and
+    whether it weighs ``eigh`` against the iteration per matrix."""
+
+    runner: str  # "coupled", "uncoupled" or "eigh"
+    scheduled: bool = False
+    auto: bool = False
+
+
+_METHODS = {
+    "coupled": _Method("coupled"),
+    "uncoupled": _Method("uncoupled"),
+    "accelerated": _Method("coupled", scheduled=True),
+    "eigh": _Method("eigh"),
+    "auto": _Method("coupled", scheduled=True, auto=True),
+}
 #: Methods accepted by :func:`inv_sqrtm` and :func:`sqrtm_psd`.
-METHODS = ("coupled", "uncoupled", "accelerated", "eigh", "auto")
+METHODS = tuple(_METHODS)
 #: Scalings ``c`` of ``Y_0 = A / c``: Frobenius norm, trace, spectral-norm estimate.
 SCALINGS = ("fro", "trace", "spectral")
-#: Iteration cap when the count is driven by a tolerance.
-MAX_ITER = 100
 
 # inverse-iteration steps of the spectrum probe: enough to flag a singular matrix, more
 # where the estimate of lambda_min designs the accelerated schedule; power-iteration
@@ -126,29 +119,11 @@ MAX_ITER = 100
 _PROBE_INVERSE_STEPS = 3
 _PROBE_INVERSE_STEPS_SCHEDULE = 4
 _PROBE_POWER_STEPS = 8
-# the fused kernel runs one matrix per thread up to this size; above it the batch is
-# processed in order and the BLAS library's own threads share each product
-_PARALLEL_MAX_N = 64
-# method="eigh" runs LAPACK inside a Numba kernel (one matrix per thread) up to this size;
-# above it numpy's batched eigh: concurrent calls into a threaded OpenBLAS from several
-# threads serialise (measured: 2 threads at n = 64 slower than one)
-_EIGH_KERNEL_MAX_N = 32
-# ... and up to this size when SciPy's OpenBLAS (the LAPACK that Numba calls) can be held
-# to one thread for the call (:func:`_single_thread_blas`): then the per-thread eigh has
-# no pool to compete for (measured, 2 threads: 32 x 64 x 64 in 8.5 ms vs 13-18 ms for
-# numpy's batched eigh; 8 x 128 x 128 in 11.6 vs 14-17 ms)
-_EIGH_KERNEL_MAX_N_SINGLE_BLAS = 128
-# the spectrum probe factorises with Numba up to this size (measured, two threads: 1.2-1.9 ms
-# for 16 x 96^2 ... 2 x 256^2 against 2.6-3.0 ms for numpy's LAPACK, whose spinning threads
-# also slow the kernel that follows), with LAPACK above
-_PROBE_NUMBA_MAX_N = 256
-# the fused Numba kernel up to this size; above it the same steps on numpy ``@`` (one BLAS
-# library for probe and iteration: measured 2-5x faster at n = 128-512 with two threads,
-# where numpy's and SciPy's OpenBLAS thread pools otherwise compete)
-_NUMBA_MAX_N = 64
 # the inverse-iteration estimate of lambda_min is an upper bound; the accelerated
 # schedule is designed for lambda_min / _LMIN_SAFETY
 _LMIN_SAFETY = 2.0
+# the classic step T = a I + b M + c M^2 of Eq. (6.35)
+_CLASSIC = (1.5, -0.5, 0.0)
 
 
 def default_tol(dtype, n: int) -> float:
@@ -159,7 +134,15 @@ def default_tol(dtype, n: int) -> float:
     ``A`` the residual floor is about ``cond(A) * eps``; the iteration then stops when
     the residual stops decreasing (see :func:`inv_sqrtm`, Notes).
     """
-    return float(100.0 * math.sqrt(n) * np.finfo(np.dtype(dtype)).eps)
+    return float(100.0 * math.sqrt(n) * np.finfo(_np_dtype(dtype)).eps)
+
+
+def _np_dtype(dtype) -> np.dtype:
+    """The numpy dtype of a numpy dtype (or type) or of a torch float32/float64 dtype."""
+    try:
+        return np.dtype(dtype)
+    except TypeError:  # a torch dtype
+        return np.dtype(np.float32) if str(dtype) == "torch.float32" else np.dtype(np.float64)
 
 
 @dataclass(frozen=True)
@@ -174,6 +157,7 @@ class NewtonSchulzInfo:
         ridge ``eps I``.  Non-finite values after a blow-up are kept.  A matrix that
         stopped early (tolerance, stagnation, divergence) repeats its last residual.
         ``method="eigh"``: shape ``batch + (1,)``, the residual of the exact result.
+        Always numpy arrays on the host, whichever backend ran.
     n_iter : int
         Iterations run (the largest over the batch).
     converged : ndarray of bool, batch shape
@@ -181,8 +165,7 @@ class NewtonSchulzInfo:
         (fixed ``n_iter`` or the default tolerance), every finite, non-diverged result
         counts as converged.
     diverged : ndarray of bool, batch shape
-        The residual became non-finite, or grew above ``1000 x`` its best value, or
-        above ``10 sqrt(n)`` (worse than ``D = 0``).
+        The residual became non-finite, or grew too far (:mod:`nsiter._policy`).
     best_iter : ndarray of int, batch shape
         1-based index of the iterate returned.
     scale : ndarray of float64, batch shape
@@ -208,7 +191,7 @@ class NewtonSchulzInfo:
 
 
 def _validate(A, method, n_iter, tol, scaling, eps, return_info, name="A"):
-    """Options and shape checks (:func:`_prepare_input` checks the entries in its one pass)."""
+    """Options and shape checks (the entries are checked by :func:`_check_entries`)."""
     method = check_option(method, "method", METHODS)
     scaling = check_option(scaling, "scaling", SCALINGS)
     if n_iter is not None:
@@ -221,133 +204,37 @@ def _validate(A, method, n_iter, tol, scaling, eps, return_info, name="A"):
     arr = as_float_array(A, name)
     if arr.ndim < 2:
         raise ValueError(
-            f"expected {name} of shape (..., n, n), got ndim {arr.ndim} with shape {arr.shape}; "
+            f"expected {name} of shape (..., n, n), got ndim {arr.ndim} with shape {tuple(arr.shape)}; "
             "pass a square matrix (a scalar a is the 1x1 matrix [[a]])"
         )
     if arr.shape[-1] != arr.shape[-2]:
         check_square(arr, name)  # raises with the house message
     if arr.shape[-1] == 0:
-        raise ValueError(f"expected {name} with n >= 1 (shape (..., n, n)), got shape {arr.shape}")
+        raise ValueError(f"expected {name} with n >= 1 (shape (..., n, n)), got shape {tuple(arr.shape)}")
     return arr, method, n_iter, tol, scaling, eps, bool(return_info)
 
 
-def _prepare_input(arr, eps, name="A"):
-    """``(A64, fro, norm_inf)``: the stack ``(nb, n, n)`` as float64 ``(A + A^T)/2 + eps I``
-    (a new array: the caller's data is never touched) with its Frobenius and infinity norms,
-    in one pass that also checks the entries (finite; symmetric up to 100 ulp of the
-    largest entry, as :func:`~nsiter._validation.check_symmetric`)."""
-    n = arr.shape[-1]
-    src = np.ascontiguousarray(arr.reshape(-1, n, n))
-    nb = src.shape[0]
-    A64 = np.empty((nb, n, n))
-    stats = np.empty((nb, 5))
-    (_prepare if nb > 1 else _prepare_serial)(src, float(eps), A64, stats)
+def _check_entries(be, arr, stats, name="A"):
+    """Raise the house errors for non-finite or asymmetric entries, from the ``stats`` of
+    the backend's ``prepare`` kernel (host array); the error paths re-read ``arr``."""
     if not stats[:, 0].all():
-        check_finite(arr, name)  # raises with the house message
+        check_finite(arr, name)
     scale = np.where(stats[:, 1] > 0, stats[:, 1], 1.0)
-    if np.any(stats[:, 2] > 100 * np.finfo(arr.dtype).eps * scale):
-        check_symmetric(arr, name)  # raises with the house message
-    return A64, stats[:, 3].copy(), stats[:, 4].copy()
+    if np.any(stats[:, 2] > 100 * np.finfo(_np_dtype(arr.dtype)).eps * scale):
+        check_symmetric(be.host(arr), name)
 
 
-def _use_thread_pool(n: int, nb: int) -> bool:
-    """One matrix per Numba thread for small matrices in a batch; otherwise no Numba
-    parallel region at all, so that BLAS/LAPACK threads never compete with a spinning pool."""
-    return n <= _PARALLEL_MAX_N and nb > 1
-
-
-_BLAS_THREADS = []  # [(get, set) ctypes functions of SciPy's OpenBLAS, or None]; filled lazily
-
-
-def _blas_thread_functions():
-    """``(get_num_threads, set_num_threads)`` of the OpenBLAS bundled with SciPy (the
-    BLAS/LAPACK that ``np.dot`` / ``np.linalg.eigh`` call inside Numba), or ``None``."""
-    if not _BLAS_THREADS:
-        fns = None
-        try:
-            import scipy
-
-            root = os.path.dirname(os.path.dirname(scipy.__file__))
-            for path in sorted(glob.glob(os.path.join(root, "scipy.libs", "libscipy_openblas*.so*"))):
-                lib = ctypes.CDLL(path)
-                get = getattr(lib, "scipy_openblas_get_num_threads", None)
-                set_ = getattr(lib, "scipy_openblas_set_num_threads", None)
-                if get is not None and set_ is not None:
-                    get.restype, get.argtypes = ctypes.c_int, []
-                    set_.restype, set_.argtypes = None, [ctypes.c_int]
-                    fns = (get, set_)
-                    break
-        except (ImportError, OSError):
-            fns = None
-        _BLAS_THREADS.append(fns)
-    return _BLAS_THREADS[0]
-
-
-@contextlib.contextmanager
-def _single_thread_blas():
-    """Hold SciPy's OpenBLAS to one thread (restored on exit) while Numba threads each call
-    LAPACK; yields whether the limit is in force (``False`` where the library is not found)."""
-    fns = _blas_thread_functions()
-    if fns is None:
-        yield False
-        return
-    get, set_ = fns
-    old = int(get())
-    if old <= 1:
-        yield True
-        return
-    set_(1)
-    try:
-        yield True
-    finally:
-        set_(old)
-
-
-def _eigh_kernel_max_n() -> int:
-    """Largest ``n`` for which ``method="eigh"`` runs the per-matrix Numba LAPACK kernel."""
-    return _EIGH_KERNEL_MAX_N_SINGLE_BLAS if _blas_thread_functions() is not None else _EIGH_KERNEL_MAX_N
-
-
-def _probe(A64: np.ndarray, delta: np.ndarray, n_inverse: int, n_power: int) -> tuple[np.ndarray, np.ndarray]:
-    """PSD check + eigenvalue estimates ``(lmin, lmax)``; raises on indefinite input.
-
-    ``delta = 10 n eps(dtype) ||A||_F`` is the rounding tolerance: the Cholesky
-    factorisation of ``A + delta I`` fails exactly when ``A`` has an eigenvalue below
-    ``-delta`` (up to float64 rounding), i.e. ``A`` is indefinite beyond tolerance.
-    ``n <= _PROBE_NUMBA_MAX_N``: a Numba Cholesky (one matrix per thread for a batch of
-    ``n <= 64``, in order above; no BLAS, so no OpenBLAS thread pool is left spinning
-    against the Numba threads of the eigh or iteration kernels that follow); larger:
-    LAPACK (batched ``numpy.linalg.cholesky``).  The choice depends on ``n`` only, so that a
-    matrix gets the same estimates alone or in a batch.  From the factor, ``n_inverse``
-    steps of inverse iteration over-estimate ``lambda_min``; ``n_power`` steps of power
-    iteration under-estimate ``lambda_max`` (0 when ``n_power == 0``).
-    """
-    nb, n, _ = A64.shape
-    if n <= _PROBE_NUMBA_MAX_N:
-        out = np.empty((nb, 3))
-        (_psd_probe if _use_thread_pool(n, nb) else _psd_probe_serial)(A64, delta, n_inverse, n_power, out)
-        ok, lmin, lmax = out[:, 0] > 0, out[:, 1].copy(), out[:, 2].copy()
-    else:
-        lmin = np.empty(nb)
-        lmax = np.empty(nb)
-        ok = np.ones(nb, dtype=np.bool_)
-        S = A64.copy()
-        S[:, np.arange(n), np.arange(n)] += delta[:, None]
-        try:
-            L = np.linalg.cholesky(S)
-        except np.linalg.LinAlgError:
-            out = np.empty((nb, 3))
-            _psd_probe_serial(A64, delta, n_inverse, n_power, out)
-            ok = out[:, 0] > 0
-        else:
-            _spectrum_estimates_serial(A64, L, delta, n_inverse, n_power, lmin, lmax)
-    _raise_indefinite(ok, delta, nb)
-    return lmin, lmax
+def _raise_zero(fro):
+    if np.any(fro == 0):
+        raise ValueError(
+            "expected a nonzero positive semidefinite matrix, got the zero matrix (all eigenvalues 0) "
+            f"at flat batch index {int(np.flatnonzero(fro == 0)[0])}: its inverse square root does not "
+            "exist; pass a ridge eps > 0 (A + eps I)"
+        )
 
 
 def _raise_indefinite(ok, delta, nb):
-    """The probe's error for matrices (``~ok``) with an eigenvalue below ``-delta``; shared by
-    the numpy and torch backends."""
+    """The probe's error for matrices (``~ok``) with an eigenvalue below ``-delta``."""
     if not ok.all():
         bad = np.flatnonzero(~ok)
         raise ValueError(
@@ -359,61 +246,326 @@ def _raise_indefinite(ok, delta, nb):
         )
 
 
+def _delta(fro, n, dtype):
+    """Rounding tolerance of the PSD test, ``10 n eps(dtype) ||A||_F`` (1 for the zero matrix)."""
+    return np.where(fro > 0, 10.0 * n * np.finfo(_np_dtype(dtype)).eps * fro, 1.0)
+
+
 def _singular_tol(fro, n, dtype):
     """``max(10 eps(dtype), n eps(float64)) ||A||_F``: an eigenvalue at the rounding level of
     the entries (and above the float64 error of the Cholesky-based estimate)."""
-    return max(10.0 * np.finfo(dtype).eps, n * np.finfo(np.float64).eps) * fro
+    return max(10.0 * np.finfo(_np_dtype(dtype)).eps, n * np.finfo(np.float64).eps) * fro
 
 
-def _check_singular(lmin, fro, sing_tol, eps, nb, stacklevel=4):
-    """Warn (naming ``eps``) when ``lambda_min <= sing_tol`` for some matrix.
-
-    ``sing_tol``: :func:`_singular_tol`.
-    """
+def _check_singular(lmin, fro, sing_tol, eps, nb):
+    """Warn (naming ``eps``) when ``lambda_min <= sing_tol`` (:func:`_singular_tol`) for some matrix."""
     sing = lmin <= sing_tol
     if np.any(sing):
         i = int(np.flatnonzero(sing)[0])
-        warnings.warn(
+        warn(
             f"{int(sing.sum())} of {nb} matrices are numerically singular (e.g. flat batch index {i}: "
             f"smallest eigenvalue ~{max(lmin[i], 0.0):.3g} <= {sing_tol[i]:.3g}, the rounding level, "
             f"||A||_F = {fro[i]:.3g}; eps={eps:g}): A^(-1/2) is unbounded and Newton–Schulz iterates grow "
             f"without limit on the null space; pass a ridge eps > 0 (e.g. eps={1e-5 * fro[i]:.1g})",
             IllConditionedWarning,
-            stacklevel=stacklevel,
         )
 
 
-def _scale(A64, scaling, lmax, fro):
-    """``c`` of ``Y_0 = A / c`` (float64, per matrix); ``fro = ||A||_F``."""
+class _SingularError(ValueError):
+    """``eigh`` met a singular matrix (``auto`` then routes it to the iteration instead)."""
+
+
+def _check_spectrum(lo, hi, delta, eps, power):
+    """Reject indefinite matrices (``lo < -delta``) and, for ``power < 0``, singular ones (``lo <= 0``).
+
+    ``lo``/``hi``: the smallest/largest eigenvalues per matrix; ``delta``: :func:`_delta`.
+    """
+    bad = lo < -delta
+    if bad.any():
+        b = int(np.flatnonzero(bad)[0])
+        raise ValueError(
+            f"expected symmetric positive semidefinite matrices, but {int(bad.sum())} of {len(lo)} "
+            f"(first at flat batch index {b}) have eigenvalue {lo[b]:.3g} below -{delta[b]:.3g} "
+            "(= 10 n eps ||A||_F, the rounding tolerance); check how A was formed, or add a ridge "
+            "with eps > 0 large enough to make it positive definite"
+        )
+    if power < 0 and np.any(lo <= 0):
+        b = int(np.flatnonzero(lo <= 0)[0])
+        raise _SingularError(
+            f"expected positive definite matrices for method='eigh', but matrix {b} (flat batch "
+            f"index) is singular: eigenvalue {lo[b]:.3g} <= 0 (largest {hi[b]:.3g}, eps={eps:g}); "
+            "A^(-1/2) does not exist — pass a ridge eps > 0 (A + eps I)"
+        )
+
+
+# --------------------------------------------------------------------------- the iteration, array code
+
+
+def _scale(be, A64, scaling, lmax, fro):
+    """``c`` of ``Y_0 = A / c`` (float64, per matrix, differentiable; zeros -> 1);
+    ``fro = ||A||_F`` and ``lmax`` (power-iteration estimate) as backend arrays."""
+    xp = be.xp
     if scaling == "fro":
-        return fro
-    if scaling == "trace":
-        return np.einsum("bii->b", A64).copy()
-    # spectral: the power-iteration estimate is a lower bound of lambda_max; it is never
-    # allowed below ||A||_F / sqrt(n) (another lower bound) nor above ||A||_F (an upper bound).
-    return np.clip(lmax, fro / math.sqrt(A64.shape[-1]), fro)
+        c = fro
+    elif scaling == "trace":
+        c = xp.sum(xp.linalg.diagonal(A64), axis=-1)
+    else:
+        # the power-iteration estimate is a lower bound of lambda_max; it is never allowed
+        # below ||A||_F / sqrt(n) (another lower bound) nor above ||A||_F (an upper bound)
+        c = xp.minimum(xp.maximum(lmax, fro / math.sqrt(A64.shape[-1])), fro)
+    return xp.where(c > 0, c, xp.ones_like(c))
 
 
-# --------------------------------------------------------------------------- iterations
+def _initial(be, A64, c, dtype):
+    """``(Y_0, Y_0 in float64)``, ``Y_0 = A / c``; the reference code divides in the working dtype."""
+    xp = be.xp
+    Y0_64 = A64 / c[:, None, None]
+    if _np_dtype(dtype) == np.float64:
+        return Y0_64, Y0_64
+    return xp.astype(A64, dtype) / xp.astype(c, dtype)[:, None, None], Y0_64
 
 
-def _residual64(X: np.ndarray, Y0_64: np.ndarray) -> np.ndarray:
-    """``||X X Y_0 - I||_F`` in float64 (``= ||D D A - I||_F`` for ``D = X / sqrt(c)``)."""
-    X64 = X.astype(np.float64, copy=False)
-    R = (X64 @ X64) @ Y0_64
-    idx = np.arange(R.shape[-1])
-    R[:, idx, idx] -= 1.0
-    return np.sqrt(np.einsum("bij,bij->b", R, R))
+def _finish(be, Z, Y, A64, c, want, dtype):
+    """The result in ``dtype``: ``Z / sqrt(c)`` (``A^{-1/2}``) or ``Y sqrt(c)`` (``A^{1/2}``;
+    ``A Z / sqrt(c)`` when the runner has no ``Y``)."""
+    xp = be.xp
+    sc = xp.sqrt(c)[:, None, None]
+    if want == "isqrt":
+        out = xp.astype(Z, xp.float64, copy=False) / sc
+    elif Y is not None:
+        out = xp.astype(Y, xp.float64, copy=False) * sc
+    else:
+        out = (A64 @ xp.astype(Z, xp.float64, copy=False)) / sc
+    return xp.astype(out, dtype, copy=False)
+
+
+def _detached64(be, X):
+    X = X.detach() if be.torch else X
+    return be.xp.astype(X, be.xp.float64, copy=False)
+
+
+def _residual64(be, X, Y0_64):
+    """``||X X Y_0 - I||_F`` in float64, on the host (``= ||D D A - I||_F`` for ``D = X / sqrt(c)``)."""
+    X64 = _detached64(be, X)
+    R = (X64 @ X64) @ _detached64(be, Y0_64) - be.eye(X.shape[-1], X64)
+    return be.host(be.fro(R))
+
+
+def _fro_minus_identity(be, M):
+    """``||M - I||_F`` in float64 on the host: the free by-product residual of a coupled step."""
+    M64 = _detached64(be, M)
+    return be.host(be.fro(M64 - be.eye(M.shape[-1], M64)))
+
+
+def _step_coefs(be, coefs, rows, k, like):
+    """Step-``k`` coefficients ``(a, b, c2, quadratic)`` of matrices ``rows``: ``(m, 1, 1)``
+    arrays in the working dtype (``coefs=None``: the classic step, as scalars)."""
+    if coefs is None:
+        return _CLASSIC + (False,)
+    ck = np.ascontiguousarray(coefs[rows, k])
+    t = be.asarray(ck, like, dtype=like.dtype)
+    return t[:, 0, None, None], t[:, 1, None, None], t[:, 2, None, None], bool((ck[:, 2] != 0).any())
+
+
+def _make_T(M, a, b, c2, quadratic, eye):
+    """``T = a I + b M + c2 M^2`` in the order of the Numba kernel (``c2 (M M) + b M``, then the diagonal)."""
+    T = b * M
+    if quadratic:
+        T = c2 * (M @ M) + T
+    return T + a * eye
+
+
+def _run_fixed(be, Y0, n_iter, coefs, want_y):
+    """Coupled iteration, fixed count, no residuals: the fast path (autograd flows; on the
+    torch device path no host sync, so that it can be captured in a CUDA graph).
+
+    Step 0 uses ``Z_0 = I`` (``M = Y_0``, ``Z_1 = T``: two products saved, bit-identical);
+    the last step skips ``Y T`` unless the square root (``want_y``) is wanted.  ``coefs``:
+    ``(nb, >= n_iter, 3)`` per-matrix ``(a, b, c2)`` (``None``: the classic step).
+    Returns ``(Z, Y)``.
+    """
+    nb, n, _ = Y0.shape
+    eye = be.eye(n, Y0)
+    rows = np.arange(nb)
+    Y, Z = Y0, None
+    for k in range(n_iter):
+        a, b, c2, quad = _step_coefs(be, coefs, rows, k, Y0)
+        T = _make_T(Y if Z is None else Z @ Y, a, b, c2, quad, eye)
+        if want_y or k < n_iter - 1:
+            Y = Y @ T
+        Z = T if Z is None else T @ Z
+    return Z, Y
+
+
+def _diverging(r, best, big):
+    """The blow-up test of :mod:`nsiter._policy` (elementwise on host arrays)."""
+    return ~np.isfinite(r) | (r > BLOWUP_GROWTH * best) | (r > big)
+
+
+def _stagnating(r, prev):
+    """The rounding-floor test of :mod:`nsiter._policy` (elementwise on host arrays)."""
+    return (r < STAGNATION_BELOW) & (r > STAGNATION_RATIO * prev)
+
+
+def _run_coupled(be, Y0, Y0_64, coefs, n_max, *, tol, record, stop_early, k_last=None):
+    """The coupled iteration with the stopping policy, batched: the array-code twin of the
+    fused Numba kernel ``_coupled_ns_one`` (same per-matrix decisions; see its docstring).
+
+    With ``stop_early`` the free by-product ``rho_k = ||Z_k Y_k - I||_F`` gates divergence,
+    tolerance and stagnation until the float64 metric ``r_k = ||Z_k Z_k Y_0 - I||_F``
+    disagrees; ``k_last`` (predicted last iterate) forms ``Z`` first and stops without
+    ``Y`` when ``r_k <= tol``; ``record`` stores every ``r_k`` and keeps the best iterate by
+    ``r_k``.  A divergence seen in the by-product keeps no copy (the caller reruns the
+    matrix with ``record``).  Active matrices are iterated as a sub-batch.  Returns
+    ``(Z, Y, n_done, returned_iter, diverged, returned_r, hist)``.
+    """
+    nb, n, _ = Y0.shape
+    eye = be.eye(n, Y0)
+    tol = float(tol or 0.0)
+    big = BLOWUP_SQRT_N * math.sqrt(n)
+    k_last = np.zeros(nb, dtype=np.int64) if k_last is None else np.asarray(k_last, dtype=np.int64)
+    Y = Y0
+    Z = be.xp.broadcast_to(eye, (nb, n, n))
+    Zb, Yb = Z, Y
+    hist = np.full((nb, n_max if record else 1), np.nan)
+    use_metric = np.zeros(nb, dtype=bool)  # decisions on r_k instead of rho_k
+    best = np.full(nb, np.inf)  # best by-product rho_k
+    best_m = np.full(nb, np.inf)  # best r_k seen (record / metric mode); its iterate in Zb, Yb
+    best_mk = np.zeros(nb, dtype=np.int64)
+    best_r = np.full(nb, np.nan)
+    prev = np.full(nb, np.inf)
+    best_k = np.zeros(nb, dtype=np.int64)
+    diverged = np.zeros(nb, dtype=bool)
+    done = np.zeros(nb, dtype=np.int64)
+    restore = np.zeros(nb, dtype=bool)
+    stopped = np.zeros(nb, dtype=bool)
+    r_last = np.full(nb, np.nan)
+    active = np.ones(nb, dtype=bool)
+
+    def keep_best(sel, Zs, Ys, pos):
+        nonlocal Zb, Yb
+        if sel.size:
+            Zb = be.put(Zb, sel, be.take(Zs, pos))
+            Yb = be.put(Yb, sel, be.take(Ys, pos))
+
+    def subset(keep, *ts):
+        return tuple(be.take(t, keep) for t in ts)
+
+    for k in range(n_max):
+        idx = np.flatnonzero(active)
+        if idx.size == 0:
+            break
+        Ya, Za = (Y, Z) if idx.size == nb else subset(idx, Y, Z)
+        M = Ya if k == 0 else Za @ Ya
+        if stop_early and k >= 1:
+            loc = np.flatnonzero(~use_metric[idx])
+            if loc.size:
+                g = idx[loc]
+                rho = _fro_minus_identity(be, be.take(M, loc))
+                div = _diverging(rho, best[g], big)
+                gd = g[div]
+                diverged[gd] = True
+                restore[gd] = bool(record)
+                best_k[gd] = k
+                active[gd] = False
+                ok = ~div
+                imp = ok & (rho < best[g])
+                best[g[imp]] = rho[imp]
+                stag = ok & _stagnating(rho, prev[g])
+                prev[g[ok]] = rho[ok]
+                cand = ok & ((rho <= tol) | stag)
+                if cand.any():
+                    cl, gc = loc[cand], g[cand]
+                    if not record:
+                        r_last[gc] = _residual64(be, be.take(Za, cl), be.take(Y0_64, gc))
+                    r = r_last[gc]
+                    fin = (r <= tol) | stag[cand]
+                    best_r[gc[fin]] = r[fin]
+                    best_k[gc[fin]] = k
+                    stopped[gc[fin]] = True
+                    active[gc[fin]] = False
+                    sw, rs = gc[~fin], r[~fin]
+                    use_metric[sw] = True
+                    prev[sw] = best_m[sw] = rs
+                    best_mk[sw] = k
+                    keep_best(sw, Za, Ya, cl[~fin])
+                keep = np.flatnonzero(active[idx])
+                if keep.size < idx.size:  # matrices that stopped before this step
+                    if keep.size == 0:
+                        continue
+                    idx = idx[keep]
+                    Ya, Za, M = subset(keep, Ya, Za, M)
+        a, b, c2, quad = _step_coefs(be, coefs, idx, k, Y0)
+        T = _make_T(M, a, b, c2, quad, eye)
+        Za = T if k == 0 else T @ Za
+        done[idx] = k + 1
+        need = record | use_metric[idx] | (stop_early & (k_last[idx] == k + 1))
+        if need.any():
+            loc = np.flatnonzero(need)
+            g = idx[loc]
+            r_last[g] = _residual64(be, be.take(Za, loc), be.take(Y0_64, g))
+            if record:
+                hist[g, k] = r_last[g]
+            if stop_early:
+                acc = (k_last[g] == k + 1) & ~use_metric[g] & (r_last[g] <= tol)
+                if acc.any():  # accepted at the predicted step: Z is stored, Y is not formed
+                    ga = g[acc]
+                    best_r[ga] = r_last[ga]
+                    best_k[ga] = k + 1
+                    stopped[ga] = True
+                    active[ga] = False
+                    Z = be.put(Z, idx, Za)
+                    keep = np.flatnonzero(~np.isin(idx, ga))
+                    if keep.size == 0:
+                        continue
+                    idx = idx[keep]
+                    Ya, Za, T = subset(keep, Ya, Za, T)
+        Ya = Ya @ T
+        Y, Z = be.put(Y, idx, Ya), be.put(Z, idx, Za)
+        dec = record | use_metric[idx]
+        if dec.any():
+            loc = np.flatnonzero(dec)
+            g = idx[loc]
+            r = r_last[g]
+            finite = np.isfinite(r)
+            imp = finite & (r < best_m[g])
+            best_m[g[imp]] = r[imp]
+            best_mk[g[imp]] = k + 1
+            keep_best(g[imp], Za, Ya, loc[imp])
+            um = use_metric[g]
+            check = um | (not stop_early)
+            diverged[g[check & _diverging(r, best_m[g], big)]] = True
+            stop = um & (diverged[g] | (r <= tol) | _stagnating(r, prev[g]))
+            gs = g[stop]
+            conv = r[stop] <= tol
+            restore[gs[~conv]] = True
+            best_k[gs[conv]] = k + 1
+            best_r[gs[conv]] = r[stop][conv]
+            stopped[gs] = True
+            active[gs] = False
+            prev[g[um & ~stop]] = r[um & ~stop]
+    use_best = restore | (diverged & bool(record) & (not stop_early))
+    Z_out = be.where_rows(use_best, Zb, Z)
+    Y_out = be.where_rows(use_best, Yb, Y)
+    best_k[use_best] = best_mk[use_best]
+    best_r[use_best] = best_m[use_best]
+    last = ~use_best & ~stopped & ~diverged
+    if last.any():
+        best_k[last] = done[last]
+        if record:
+            best_r[last] = r_last[last]
+        elif stop_early:
+            lt = np.flatnonzero(last)
+            best_r[last] = _residual64(be, be.take(Z, lt), be.take(Y0_64, lt))
+        else:
+            best_r[last] = np.nan
+    return Z_out, Y_out, done, best_k, diverged, best_r, hist
 
 
 class _Tracker:
-    """Per-matrix stopping logic shared by the iterations (float64 residuals ``r_k``).
-
-    A matrix stops when ``r_k <= tol`` (converged), when the residual stagnates at the
-    rounding floor (``r_k < 0.5`` and ``r_k > 0.75 r_{k-1}``: in exact arithmetic the
-    quadratic phase more than halves it), or when it diverges.  Stopping is only active
-    in tolerance mode; with a fixed ``n_iter`` every matrix runs every step.
-    """
+    """Per-matrix stopping bookkeeping of the uncoupled iteration (float64 residuals ``r_k``,
+    the policy of :mod:`nsiter._policy`).  Stopping is only active in tolerance mode; with a
+    fixed ``n_iter`` every matrix runs every step."""
 
     def __init__(self, nb, n, n_max, tol, stop_early):
         self.hist = np.full((nb, n_max), np.nan)
@@ -425,92 +577,66 @@ class _Tracker:
         self.stop_iter = np.full(nb, n_max, dtype=np.int64)
         self.tol = tol
         self.stop_early = stop_early
-        self.big = 10.0 * math.sqrt(n)
+        self.big = BLOWUP_SQRT_N * math.sqrt(n)
 
     def update(self, k, idx, r):
-        """Record ``r`` (residuals of iterate ``k``, 1-based) for matrices ``idx``.
-
-        Returns a mask over ``idx`` of matrices whose iterate improved on their best.
-        """
+        """Record ``r`` (residuals of iterate ``k``, 1-based) for matrices ``idx``; returns a
+        mask over ``idx`` of matrices whose iterate improved on their best."""
         self.hist[idx, k - 1] = r
-        finite = np.isfinite(r)
-        improved = finite & (r < self.best[idx])
+        improved = np.isfinite(r) & (r < self.best[idx])
         self.best[idx[improved]] = r[improved]
         self.best_iter[idx[improved]] = k
-        div = ~finite | (r > 1e3 * self.best[idx]) | (r > self.big)
+        div = _diverging(r, self.best[idx], self.big)
         self.diverged[idx[div]] = True
         if self.stop_early:
-            stag = (r < 0.5) & (r > 0.75 * self.prev[idx])
-            done = div | stag | (r <= self.tol)
+            done = div | _stagnating(r, self.prev[idx]) | (r <= self.tol)
             self.active[idx[done]] = False
             self.stop_iter[idx[done]] = k
         self.prev[idx] = r
         return improved
 
-    def finish(self, n_run):
-        hist = self.hist[:, :n_run]
-        # frozen matrices repeat their last residual
-        for b in np.flatnonzero(self.stop_iter < n_run):
-            k = self.stop_iter[b]
-            hist[b, k:] = hist[b, k - 1]
-        return hist
 
+def _run_uncoupled(be, Y0, Y0_64, n_max, *, tol, stop_early):
+    """Uncoupled iteration (7.12) ``X <- (3X - X((X X) Y_0))/2``, residuals always tracked.
 
-def _run_uncoupled(Y0, Y0_64, n_max, *, tol, stop_early):
-    """Uncoupled iteration (7.12): ``X <- (3X - X((X X) Y_0))/2`` on numpy ``@``.
-
-    The float64 residual is always tracked (the iteration is unstable by design, so the
-    best iterate must be known).  Returns ``(X, tracker, n_run, returned_iter, returned_r)``.
+    Returns ``(X, n_done, n_run, returned_iter, diverged, returned_r, hist)``: the best
+    iterate after a blow-up, else the one each matrix stopped at.
     """
     nb, n, _ = Y0.shape
-    dt = Y0.dtype
-    X = np.broadcast_to(np.eye(n, dtype=dt), Y0.shape).copy()
-    Xb = X.copy()
+    X = be.xp.broadcast_to(be.eye(n, Y0), (nb, n, n))
+    Xb = X
     tracker = _Tracker(nb, n, n_max, tol, stop_early)
     n_run = 0
-    half = dt.type(0.5)
-    three = dt.type(3.0)
-    for k in range(n_max):
-        idx = np.flatnonzero(tracker.active)
-        if idx.size == 0:
-            break
-        Xa = X if idx.size == nb else X[idx]
-        Y0a = Y0 if idx.size == nb else Y0[idx]
-        with np.errstate(all="ignore"):
-            Q = (Xa @ Xa) @ Y0a
-            Xa = (three * Xa - Xa @ Q) * half
-            X[idx] = Xa
-            r = _residual64(Xa, Y0_64[idx])
-        imp = tracker.update(k + 1, idx, r)
-        Xb[idx[imp]] = Xa[imp]
-        n_run = k + 1
-    # the iterate returned: the best one after a blow-up, else the one the matrix stopped at
+    with np.errstate(all="ignore"):
+        for k in range(n_max):
+            idx = np.flatnonzero(tracker.active)
+            if idx.size == 0:
+                break
+            Xa, Y0a = (X, Y0) if idx.size == nb else (be.take(X, idx), be.take(Y0, idx))
+            Xa = (3.0 * Xa - Xa @ ((Xa @ Xa) @ Y0a)) * 0.5
+            X = be.put(X, idx, Xa)
+            imp = tracker.update(k + 1, idx, _residual64(be, Xa, be.take(Y0_64, idx)))
+            if imp.any():
+                Xb = be.put(Xb, idx[imp], be.take(Xa, np.flatnonzero(imp)))
+            n_run = k + 1
     div = tracker.diverged
     last = np.minimum(tracker.stop_iter, n_run)
-    X_out = np.where(div[:, None, None], Xb, X)
     ret_iter = np.where(div, tracker.best_iter, last)
     ret_r = np.where(div, tracker.best, tracker.hist[np.arange(nb), np.maximum(last, 1) - 1])
-    return X_out, tracker, n_run, ret_iter, ret_r
+    return be.where_rows(div, Xb, X), last, n_run, ret_iter, div, ret_r, tracker.hist[:, :n_run]
 
 
-def _run_coupled_numpy(Y0, n_iter, coefs):
-    """Reference backend on numpy ``@`` (batched BLAS): fixed count, no residuals.
+def _freeze_history(hist, n_done, n_run):
+    """History up to ``n_run``; a matrix that stopped early repeats its last residual."""
+    hist = hist[:, :n_run].copy()
+    for b in np.flatnonzero(n_done < n_run):
+        k = n_done[b]
+        if k > 0:
+            hist[b, k:] = hist[b, k - 1]
+    return hist
 
-    Same step as the Numba kernel (``Z_0 = I`` shortcut included); kept to measure the
-    kernels against and as a cross-check in the tests.
-    """
-    nb, n, _ = Y0.shape
-    diag = np.arange(n)
-    Y = Y0.copy()
-    Z = None
-    for k in range(n_iter):
-        a, b, c2 = coefs[k]
-        M = Y.copy() if Z is None else Z @ Y
-        T = (c2 * M) @ M + b * M if c2 != 0 else b * M
-        T[:, diag, diag] += a
-        Y = Y @ T
-        Z = T if Z is None else T @ Z
-    return Z, Y
+
+# --------------------------------------------------------------------------- schedules
 
 
 def _deg3_minimax(lo, hi):
@@ -630,232 +756,25 @@ def _accelerated_schedule(p_lo, tol: float, n: int, n_max: int):
     return tables[inv], K
 
 
-def _coupled_ns_one_numpy(Y0, Y0_64, coefs, n_max, k_last, record, stop_early, tol,
-                          Z_out, Y_out, hist, info_i, info_f):
-    """numpy twin of the Numba ``_coupled_ns_one`` for large ``n`` (same decisions, line
-    by line), with products on numpy ``@``: one BLAS library (and thread pool) throughout,
-    instead of numpy's for the probe and SciPy's inside Numba for the iteration."""
-    n = Y0.shape[0]
-    eye = np.eye(n)
-    Y = Y0.copy()
-    Z = np.eye(n, dtype=Y0.dtype)
-    T = np.empty_like(Y0)
-    Zb, Yb = Z.copy(), Y.copy()
-    big = 10.0 * math.sqrt(n)
-
-    def metric(X):
-        X64 = X.astype(np.float64, copy=False)
-        return float(np.linalg.norm((X64 @ X64) @ Y0_64 - eye))
-
-    use_metric = False
-    best = best_m = prev = math.inf
-    best_mk = best_k = done = 0
-    best_r = r = math.nan
-    diverged = restore = stopped = False
-    diag = np.arange(n)
-    for k in range(n_max):
-        M = Y.copy() if k == 0 else Z @ Y
-        if stop_early and k >= 1 and not use_metric:
-            rho = float(np.linalg.norm(M - eye))
-            if not math.isfinite(rho) or rho > 1e3 * best or rho > big:
-                diverged, restore, best_k = True, record, k
-                break
-            best = min(best, rho)
-            stag = rho < 0.5 and rho > 0.75 * prev
-            prev = rho
-            if rho <= tol or stag:
-                if not record:
-                    r = metric(Z)
-                if r <= tol or stag:
-                    best_r, best_k, stopped = r, k, True
-                    break
-                use_metric, prev, best_m, best_mk = True, r, r, k
-                Zb[...] = Z
-                Yb[...] = Y
-        a, b, c = coefs[k]
-        if c != 0.0:
-            np.matmul(M, M, out=T)
-            T *= c
-            T += b * M
-        else:
-            np.multiply(M, b, out=T)
-        T[diag, diag] += a
-        Z = T.copy() if k == 0 else T @ Z
-        done = k + 1
-        if record or use_metric or (stop_early and done == k_last):
-            r = metric(Z)
-            if record:
-                hist[k] = r
-            if stop_early and done == k_last and not use_metric and r <= tol:
-                best_r, best_k, stopped = r, done, True
-                break
-        Y = Y @ T
-        if record or use_metric:
-            finite = math.isfinite(r)
-            if finite and r < best_m:
-                best_m, best_mk = r, done
-                Zb[...] = Z
-                Yb[...] = Y
-            if (use_metric or not stop_early) and (not finite or r > 1e3 * best_m or r > big):
-                diverged = True
-            if use_metric:
-                if diverged or r <= tol or (r < 0.5 and r > 0.75 * prev):
-                    restore = not (r <= tol)
-                    if not restore:
-                        best_k, best_r = done, r
-                    stopped = True
-                    break
-                prev = r
-    if restore or (diverged and record and not stop_early):
-        Z_out[...], Y_out[...] = Zb, Yb
-        best_k, best_r = best_mk, best_m
-    else:
-        Z_out[...], Y_out[...] = Z, Y
-        if not stopped and not diverged:
-            best_k = done
-            best_r = r if record else (metric(Z) if stop_early else math.nan)
-    info_i[0], info_i[1], info_i[2] = done, best_k, 1 if diverged else 0
-    info_f[0] = best_r
 
 
-def _run_coupled(Y0, Y0_64, coefs, n_max, *, tol, record, stop_early, k_last=None):
-    """Run the fused Numba kernel; returns ``(Z, Y, n_done, best_iter, diverged, best_r, hist)``."""
-    nb, n, _ = Y0.shape
-    Z = np.empty_like(Y0)
-    Y = np.empty_like(Y0)
-    hist = np.full((nb, n_max if record else 1), np.nan)
-    info_i = np.zeros((nb, 3), dtype=np.int64)
-    info_f = np.zeros((nb, 1))
-    coefs = np.ascontiguousarray(coefs[:, :n_max], dtype=Y0.dtype)
-    k_last = np.zeros(nb, dtype=np.int64) if k_last is None else np.ascontiguousarray(k_last, dtype=np.int64)
-    tol = float(tol or 0.0)
-    if n > _NUMBA_MAX_N:
-        for b in range(nb):
-            _coupled_ns_one_numpy(Y0[b], Y0_64[b], coefs[b], n_max, int(k_last[b]), record, stop_early, tol,
-                                  Z[b], Y[b], hist[b], info_i[b], info_f[b])
-    else:
-        kernel = _coupled_ns_parallel if _use_thread_pool(n, nb) else _coupled_ns_serial
-        kernel(Y0, Y0_64, coefs, n_max, k_last, record, stop_early, tol, Z, Y, hist, info_i, info_f)
-    return Z, Y, info_i[:, 0], info_i[:, 1], info_i[:, 2].astype(bool), info_f[:, 0], hist
-
-
-def _freeze_history(hist, n_done, n_run):
-    """History up to ``n_run``; a matrix that stopped early repeats its last residual."""
-    hist = hist[:, :n_run].copy()
-    for b in np.flatnonzero(n_done < n_run):
-        k = n_done[b]
-        if k > 0:
-            hist[b, k:] = hist[b, k - 1]
-    return hist
-
-
-class _SingularError(ValueError):
-    """``eigh`` met a singular matrix (``auto`` then routes it to the iteration instead)."""
-
-
-def _check_spectrum(lo, hi, delta, eps, power):
-    """Reject indefinite matrices (``lo < -delta``) and, for ``power < 0``, singular ones (``lo <= 0``).
-
-    ``lo``/``hi`` are the smallest/largest eigenvalues per matrix (float64 arrays), ``delta``
-    the rounding tolerance ``10 n eps ||A||_F``.  Shared by the numpy and torch backends.
-    """
-    bad = lo < -delta
-    if bad.any():
-        b = int(np.flatnonzero(bad)[0])
-        raise ValueError(
-            f"expected symmetric positive semidefinite matrices, but {int(bad.sum())} of {len(lo)} "
-            f"(first at flat batch index {b}) have eigenvalue {lo[b]:.3g} below -{delta[b]:.3g} "
-            "(= 10 n eps ||A||_F, the rounding tolerance); check how A was formed, or add a ridge "
-            "with eps > 0 large enough to make it positive definite"
-        )
-    if power < 0 and np.any(lo <= 0):
-        b = int(np.flatnonzero(lo <= 0)[0])
-        raise _SingularError(
-            f"expected positive definite matrices for method='eigh', but matrix {b} (flat batch "
-            f"index) is singular: eigenvalue {lo[b]:.3g} <= 0 (largest {hi[b]:.3g}, eps={eps:g}); "
-            "A^(-1/2) does not exist — pass a ridge eps > 0 (A + eps I)"
-        )
-
-
-def _eigh_power(A64, dtype, delta, eps, power=-0.5):
-    """``V diag(lambda^power) V^T`` from a float64 ``eigh``, cast to ``dtype``.
-
-    Eigenvalues below ``-delta`` mean an indefinite matrix (``ValueError``); for
-    ``power < 0`` eigenvalues ``<= 0`` are a singular matrix (``ValueError`` naming
-    ``eps``) and ``0 < lambda_min <= delta`` warns.  For ``power > 0`` eigenvalues in
-    ``[-delta, 0]`` are rounding noise and are clipped to 0.
-    """
-    nb, n, _ = A64.shape
-    if n <= _eigh_kernel_max_n():
-        D = np.empty_like(A64)
-        lam = np.empty((nb, n))
-        with _single_thread_blas():
-            (_eigh_power_kernel if nb > 1 else _eigh_power_serial)(
-                A64, float(power), D, lam)
-    else:
-        lam, V = np.linalg.eigh(A64)
-        D = None
-    lo = lam[:, 0]
-    _check_spectrum(lo, lam[:, -1], delta, eps, power)
-    if power < 0:
-        fro = np.sqrt(np.einsum("bij,bij->b", A64, A64))
-        _check_singular(lo, fro, _singular_tol(fro, n, dtype), eps, nb, stacklevel=5)
-    if D is None:
-        lam_p = np.where(lam > 0, np.maximum(lam, np.finfo(float).tiny) ** power, 0.0)
-        D = (V * lam_p[:, None, :]) @ np.swapaxes(V, -1, -2)
-    return D.astype(dtype, copy=False), lam
-
-
-def _warn_diverged(diverged, best_r, best_iter, method, nb):
-    if diverged.any():
-        i = int(np.flatnonzero(diverged)[0])
-        warnings.warn(
-            f"the {method} Newton–Schulz iteration diverged for {int(diverged.sum())} of {nb} matrices "
-            f"(e.g. flat batch index {i}: best residual {best_r[i]:.3g} at iteration "
-            f"{best_iter[i]}); the best iterate is returned — use method='coupled' "
-            "(stable) or fewer iterations",
-            NewtonSchulzDivergenceWarning,
-            stacklevel=4,
-        )
-
-
-# Costs behind method="auto", per matrix, in steps of the iteration (one step: three n x n
-# products in the working dtype and the by-product residual): ``fixed``, the fixed cost of
-# an iteration run (set-up, float64 confirmation of the last step, output); ``eigh``,
-# method="eigh" (float64 LAPACK eigh + reconstruction, :func:`_eigh_power`); ``probe``, the
-# spectrum probe (:func:`_probe`).  Measured with the kernels of each size and two threads
-# by ``analysis/calibrate_auto.py`` (``analysis/results/auto_cost.md``); interpolated in
-# log n, constant outside.  Up to n = 64 the iteration and eigh both run one matrix per
-# thread, so there the ratios do not depend on the thread count.
-_AUTO_COST_N = (8, 16, 27, 48, 64, 96, 128, 192, 256, 512)
-_AUTO_COST = {
-    "float64": {
-        "fixed": (1.7, 1.6, 1.8, 2.1, 1.7, 1.4, 1.7, 1.2, 1.1, 0.9),
-        "eigh": (6.4, 10.6, 9.4, 10.0, 8.4, 5.2, 5.6, 5.0, 4.0, 3.2),
-        "probe": (1.0, 1.2, 0.8, 0.9, 0.6, 0.8, 0.7, 0.6, 0.5, 0.6),
-    },
-    "float32": {
-        "fixed": (0.7, 1.2, 2.6, 2.9, 2.2, 2.3, 3.1, 2.7, 2.6, 2.6),
-        "eigh": (2.9, 6.6, 12.0, 14.9, 17.2, 6.5, 8.6, 9.7, 9.0, 6.8),
-        "probe": (0.4, 0.7, 1.0, 1.1, 1.1, 0.8, 1.0, 1.1, 1.3, 1.4),
-    },
-}
+# --------------------------------------------------------------------------- auto: eigh or iterate
 
 
 def _cost(kind: str, n: int, dtype) -> float:
-    """``_AUTO_COST[dtype][kind]`` at size ``n``, in steps of the iteration."""
-    return _cost_at(kind, int(n), "float32" if np.dtype(dtype) == np.float32 else "float64")
+    """``_tuning.AUTO_COST[dtype][kind]`` at size ``n``, in steps of the iteration."""
+    return _cost_at(kind, int(n), "float32" if _np_dtype(dtype) == np.float32 else "float64")
 
 
 @functools.lru_cache(maxsize=1024)
 def _cost_at(kind: str, n: int, dtype_name: str) -> float:
-    return float(np.interp(math.log(n), np.log(_AUTO_COST_N), _AUTO_COST[dtype_name][kind]))
+    return float(np.interp(math.log(n), np.log(_tuning.AUTO_COST_N), _tuning.AUTO_COST[dtype_name][kind]))
 
 
 def _auto_plan(K, n, dtype):
     """Per matrix: True where ``eigh`` is cheaper than a run of ``K`` accelerated steps
-    (``K + fixed`` steps against ``eigh``, :data:`_AUTO_COST`).  The choice depends on
-    ``n``, ``K`` and the dtype only, so a matrix gets the same method alone or in a batch."""
+    (``K + fixed`` steps against ``eigh``).  The choice depends on ``n``, ``K`` and the
+    dtype only, so a matrix gets the same method alone or in a batch."""
     return np.asarray(K) + _cost("fixed", n, dtype) > _cost("eigh", n, dtype)
 
 
@@ -872,57 +791,184 @@ def _eigh_without_probe(tol: float, n: int, n_max: int, dtype) -> bool:
     return (K + _cost("fixed", n, dtype) + _cost("probe", n, dtype)) * _PROBE_MARGIN > _cost("eigh", n, dtype)
 
 
-def _empty_info(batch, method, scaling, tol):
-    z = np.zeros(batch, dtype=bool)
+# --------------------------------------------------------------------------- eigh
+
+
+def _eigh_subset(be, A64, dtype, delta, fro, eps, want, with_residual):
+    """``method="eigh"`` on a stack: ``(result in dtype, float64 residual of A^{-1/2} or nan)``.
+
+    Eigenvalues below ``-delta`` mean an indefinite matrix (``ValueError``); for the inverse
+    root, eigenvalues ``<= 0`` a singular one (``_SingularError``, naming ``eps``), and
+    ``lambda_min`` at the rounding level warns.
+    """
+    power = -0.5 if want == "isqrt" else 0.5
+    D, lam = be.linalg.eigh_power(A64, power)
+    ends = be.host(lam[:, [0, -1]])
+    lo, hi = ends[:, 0], ends[:, -1]
+    _check_spectrum(lo, hi, delta, eps, power)
+    if power < 0:
+        _check_singular(lo, fro, _singular_tol(fro, A64.shape[-1], dtype), eps, len(lo))
+    out = be.xp.astype(D, dtype, copy=False)
+    if not with_residual:
+        return out, np.full(A64.shape[0], np.nan)
+    Dinv = out if power < 0 else be.xp.astype(be.linalg.eigh_power(A64, -0.5)[0], dtype, copy=False)
+    return out, _residual64(be, Dinv, A64)
+
+
+# --------------------------------------------------------------------------- the record
+
+
+def _warn_diverged(diverged, best_r, best_iter, label, nb):
+    if diverged.any():
+        i = int(np.flatnonzero(diverged)[0])
+        warn(
+            f"the {label} Newton–Schulz iteration diverged for {int(diverged.sum())} of {nb} matrices "
+            f"(e.g. flat batch index {i}: best residual {best_r[i]:.3g} at iteration "
+            f"{best_iter[i]}); the best iterate is returned — use method='coupled' "
+            "(stable) or fewer iterations",
+            NewtonSchulzDivergenceWarning,
+        )
+
+
+def _warn_tol_missed(tol, diverged, best_r, use_eigh, n_done, dtype):
+    """Warn when an explicit ``tol`` was not reached by some non-diverged iterated matrix."""
+    if tol is None:
+        return
+    missed = ~diverged & ~(best_r <= tol) & ~use_eigh
+    if missed.any():
+        i = int(np.flatnonzero(missed)[0])
+        warn(
+            f"tol={tol:g} was not reached for {int(missed.sum())} of {len(best_r)} matrices (e.g. flat batch "
+            f"index {i}: residual {best_r[i]:.3g} after {n_done[i]} iterations); the residual floor "
+            f"is about cond(A) * eps({_np_dtype(dtype)}) — raise tol, use float64, add a ridge eps, or raise n_iter",
+            NsiterWarning,
+        )
+
+
+def _make_info(hist, best_r, best_iter, diverged, use_eigh, c, n_iter, batch, label, scaling, tol, tol_used):
+    """The :class:`NewtonSchulzInfo` of a solved batch (flat per-matrix host arrays reshaped to ``batch``)."""
+    finite = np.isfinite(best_r)
+    converged = finite & ~diverged if tol is None else finite & (best_r <= tol)
+    if tol is None:
+        converged |= ~diverged & np.isnan(best_r) & use_eigh
     return NewtonSchulzInfo(
-        residuals=np.empty(batch + (1 if method == "eigh" else 0,)), n_iter=0,
-        converged=z, diverged=z.copy(), best_iter=np.zeros(batch, dtype=np.int64),
-        scale=np.empty(batch), method=method, scaling=scaling, tol=tol,
+        residuals=hist.reshape(batch + (hist.shape[1],)), n_iter=int(n_iter),
+        converged=converged.reshape(batch), diverged=diverged.reshape(batch),
+        best_iter=best_iter.reshape(batch), scale=np.where(use_eigh, 1.0, c).reshape(batch),
+        method=label, scaling=scaling, tol=tol_used,
     )
+
+
+# --------------------------------------------------------------------------- the driver
+
+
+def _device_solve(be, A3, n_iter, scaling, eps, want):
+    """The classic coupled iteration with every check measured on the device: ``(out, flags)``
+    where ``flags (nb, 9)`` = the ``prepare`` stats, then ``[probe ok, lambda_min estimate,
+    delta, output finite]``, so that ONE host transfer raises or warns.  No host sync inside:
+    the torch kernels replay it from a CUDA graph where eligible (``run_device``)."""
+    xp = be.xp
+    n = A3.shape[-1]
+    n_power = _PROBE_POWER_STEPS if scaling == "spectral" else 0
+    rel = 10.0 * n * float(np.finfo(_np_dtype(A3.dtype)).eps)
+
+    def core(A):
+        A64, fro, stats = be.linalg.prepare(A, eps)
+        f = fro.detach()
+        delta = xp.where(f > 0, rel * f, xp.ones_like(f))
+        ok, lmin, lmax = be.linalg.probe(A64, delta, _PROBE_INVERSE_STEPS, n_power)
+        c = _scale(be, A64, scaling, lmax, fro)
+        Y0, _ = _initial(be, A64, c, A.dtype)
+        Z, Y = _run_fixed(be, Y0, n_iter, None, want_y=want == "sqrt")
+        out = _finish(be, Z, Y, A64, c, want, A.dtype)
+        fin = xp.all(xp.isfinite(out.detach()), axis=(-2, -1))
+        extra = xp.stack([xp.astype(ok, xp.float64), lmin, delta, xp.astype(fin, xp.float64)], axis=1)
+        return out, xp.concat([stats, extra], axis=1)
+
+    return be.linalg.run_device(core, A3, (n_iter, scaling, float(eps), want))
 
 
 def _solve(A, method, n_iter, tol, scaling, eps, return_info, *, want):
     """Shared body of :func:`inv_sqrtm` (``want="isqrt"``) and :func:`sqrtm_psd` (``"sqrt"``)."""
-    arr, method, n_iter, tol, scaling, eps, return_info = _validate(
-        A, method, n_iter, tol, scaling, eps, return_info
-    )
+    arr, method, n_iter, tol, scaling, eps, return_info = _validate(A, method, n_iter, tol, scaling, eps, return_info)
+    be = backend(arr)
+    xp = be.xp
+    spec = _METHODS[method]
     dtype = arr.dtype
-    batch, n = arr.shape[:-2], arr.shape[-1]
-    nb = int(np.prod(batch, dtype=np.int64))
-    if method == "auto" or (n_iter is None and tol is None):
+    batch, n = tuple(arr.shape[:-2]), int(arr.shape[-1])
+    nb = math.prod(batch)
+    if spec.auto or (n_iter is None and tol is None):
         tol_used = tol if tol is not None else default_tol(dtype, n)
     else:
         tol_used = tol
     stop_early = tol_used is not None
     n_max = n_iter if n_iter is not None else MAX_ITER
     if nb == 0:
-        out = np.empty(arr.shape, dtype=dtype)
-        return (out, _empty_info(batch, method, scaling, tol_used)) if return_info else out
+        out = xp.empty(arr.shape, dtype=dtype, device=getattr(arr, "device", None))
+        if not return_info:
+            return out
+        e = np.zeros(0)
+        info = _make_info(np.empty((0, 1 if spec.runner == "eigh" else 0)), e, e.astype(np.int64), e.astype(bool),
+                          e.astype(bool), e, 0, batch, method, scaling, tol, tol_used)
+        return out, info
+    A3 = xp.reshape(arr, (nb, n, n))
+    with be.precision(arr):
+        if spec == _METHODS["coupled"] and not (return_info or stop_early) and be.device_path(arr):
+            out, flags = _device_solve(be, A3, n_max, scaling, eps, want)
+            f = be.host(flags)
+            _check_entries(be, arr, f)
+            if want == "isqrt":
+                _raise_zero(f[:, 3])
+            _raise_indefinite(f[:, 5] > 0, f[:, 7], nb)
+            if want == "isqrt":
+                _check_singular(f[:, 6], f[:, 3], _singular_tol(f[:, 3], n, dtype), eps, nb)
+            if f[:, 8].all():
+                return xp.reshape(out, arr.shape)
+            # the fast path blew up: rerun below with residuals to return the best iterate
+        out, info = _solve_tracked(be, arr, A3, spec, method, n_max, tol, tol_used, stop_early, scaling, eps,
+                                   return_info, want)
+    return (out, info) if return_info else out
 
-    A64, fro, norm_inf = _prepare_input(arr, eps)
-    if want == "isqrt" and np.any(fro == 0):
-        raise ValueError(
-            "expected a nonzero positive semidefinite matrix, got the zero matrix (all eigenvalues 0) "
-            f"at flat batch index {int(np.flatnonzero(fro == 0)[0])}: its inverse square root does not "
-            "exist; pass a ridge eps > 0 (A + eps I)"
-        )
-    # rounding tolerance of the PSD test (the zero matrix, allowed by sqrtm_psd, gets 1)
-    delta = np.where(fro > 0, 10.0 * n * np.finfo(dtype).eps * fro, 1.0)
 
-    if method == "eigh":
-        return _eigh_only(A64, arr.shape, dtype, delta, eps, want, return_info, tol, tol_used, scaling, "eigh")
-    if method == "auto" and _eigh_without_probe(float(tol_used), n, n_max, np.dtype(dtype)):
+def _solve_tracked(be, arr, A3, spec, method, n_max, tol, tol_used, stop_early, scaling, eps, return_info, want):
+    """:func:`_solve` after the options: checks from the ``prepare`` kernel, probe, method
+    choice, the iteration with its bookkeeping, warnings; returns ``(out, info or None)``."""
+    xp = be.xp
+    dtype = arr.dtype
+    batch, n = tuple(arr.shape[:-2]), int(arr.shape[-1])
+    nb = A3.shape[0]
+    A64, fro_arr, stats = be.linalg.prepare(A3, eps)
+    stats = be.host(stats)
+    _check_entries(be, arr, stats)
+    fro, norm_inf = stats[:, 3], stats[:, 4]
+    if want == "isqrt":
+        _raise_zero(fro)
+    delta = _delta(fro, n, dtype)
+    ones = np.ones(nb, dtype=bool)
+
+    def eigh_only(label):
+        D, r = _eigh_subset(be, A64, dtype, delta, fro, eps, want, return_info)
+        out = xp.reshape(D, arr.shape)
+        if not return_info:
+            return out, None
+        return out, _make_info(r[:, None], r, np.ones(nb, dtype=np.int64), ~np.isfinite(r), ones, np.ones(nb), 1,
+                               batch, label, scaling, tol, tol_used)
+
+    if spec.runner == "eigh":
+        return eigh_only(method)
+    may_eigh = spec.auto and be.linalg.auto_may_use_eigh(arr)
+    if may_eigh and _eigh_without_probe(float(tol_used), n, n_max, _np_dtype(dtype)):
         # eigh is cheaper than even the best-conditioned accelerated run: no probe; a
         # singular matrix (eigh raises) takes the probe's path to the iteration below
         try:
-            return _eigh_only(A64, arr.shape, dtype, delta, eps, want, return_info, tol, tol_used, scaling,
-                              "auto:eigh")
+            return eigh_only("auto:eigh")
         except _SingularError:
             pass
 
-    scheduled = method in ("accelerated", "auto")
-    lmin, lmax = _probe(A64, delta, _PROBE_INVERSE_STEPS_SCHEDULE if scheduled else _PROBE_INVERSE_STEPS,
-                        _PROBE_POWER_STEPS if scaling == "spectral" else 0)
+    ok, lmin, lmax = be.linalg.probe(A64, delta, _PROBE_INVERSE_STEPS_SCHEDULE if spec.scheduled
+                                     else _PROBE_INVERSE_STEPS, _PROBE_POWER_STEPS if scaling == "spectral" else 0)
+    ok, lmin = be.host(ok), be.host(lmin)
+    _raise_indefinite(ok, delta, nb)
     # auto sends a numerically singular matrix to the iteration (which warns and returns
     # its best iterate) rather than to eigh (which raises)
     singular = np.zeros(nb, dtype=bool)
@@ -930,24 +976,21 @@ def _solve(A, method, n_iter, tol, scaling, eps, return_info, *, want):
         sing_tol = _singular_tol(fro, n, dtype)
         _check_singular(lmin, fro, sing_tol, eps, nb)
         singular = lmin <= sing_tol
-    c = _scale(A64, scaling, lmax, fro)
-    c = np.where(c > 0, c, 1.0)
-    coefs = None
-    k_last = None
+    c = _scale(be, A64, scaling, be.asarray(lmax, A64), fro_arr)
+    c_host = be.host(c)
+    coefs = k_last = None
     use_eigh = np.zeros(nb, dtype=bool)
-    if method in ("accelerated", "auto"):
+    if spec.scheduled:
         # eigenvalues of Y_0 = A/c lie in [p_lo, p_hi]: p_hi from rigorous bounds on
         # lambda_max (||A||_F, ||A||_inf), p_lo from the over-estimate of lambda_min / safety
         bound = np.minimum(fro, norm_inf)
-        p_hi = np.where(bound > 0, bound / c, 1.0)  # (the zero matrix of sqrtm_psd: 1)
-        p_lo = np.maximum(lmin, delta / 10.0) / c / _LMIN_SAFETY / p_hi
+        p_hi = np.where(bound > 0, bound / c_host, 1.0)  # (the zero matrix of sqrtm_psd: 1)
+        p_lo = np.maximum(lmin, delta / 10.0) / c_host / _LMIN_SAFETY / p_hi
         tol_s = float(tol_used if tol_used else default_tol(dtype, n))
-        if method == "auto":
-            use_eigh = _grid_plan(tol_s, n, n_max, np.dtype(dtype))[_grid_index(p_lo)] & ~singular
-            if use_eigh.all():
-                # (the probe has checked the spectrum; eigh checks it again, exactly)
-                return _eigh_only(A64, arr.shape, dtype, delta, eps, want, return_info, tol, tol_used,
-                                  scaling, "auto:eigh")
+        if may_eigh:
+            use_eigh = _grid_plan(tol_s, n, n_max, _np_dtype(dtype))[_grid_index(p_lo)] & ~singular
+            if use_eigh.all():  # (the probe has checked the spectrum; eigh checks it again, exactly)
+                return eigh_only("auto:eigh")
         coefs, K = _accelerated_schedule(p_lo, tol_s, n, n_max)
         # the schedule is designed for s / h, h = sqrt(p_hi): q(s) = q'(s / h)
         h = np.sqrt(p_hi)
@@ -956,139 +999,100 @@ def _solve(A, method, n_iter, tol, scaling, eps, return_info, *, want):
         if want == "isqrt" and stop_early:
             k_last = K
     label = method
-    if method == "auto":
+    if spec.auto:
         label = "auto:" + "+".join(m for m, on in (("accelerated", not use_eigh.all()), ("eigh", use_eigh.any()))
                                    if on)
 
-    Y0_64 = A64 / c[:, None, None]
-    # the reference code divides A in the working precision by the norm
-    Y0 = Y0_64 if dtype == np.float64 else A64.astype(dtype) / c.astype(dtype)[:, None, None]
-
-    out = np.empty((nb, n, n), dtype=dtype)
-    ns_idx = np.flatnonzero(~use_eigh)
-    eig_idx = np.flatnonzero(use_eigh)
+    Y0, Y0_64 = _initial(be, A64, c, dtype)
+    ns_idx, eig_idx = np.flatnonzero(~use_eigh), np.flatnonzero(use_eigh)
     n_done = np.ones(nb, dtype=np.int64)
     best_iter = np.ones(nb, dtype=np.int64)
     diverged = np.zeros(nb, dtype=bool)
     best_r = np.full(nb, np.nan)
     hist = None
     n_run = 1
-    if eig_idx.size:
-        # exact to rounding: the residual is evaluated for the history only
-        out[eig_idx], best_r[eig_idx] = _eigh_subset(A64[eig_idx], dtype, delta[eig_idx], eps, want,
-                                                     return_info)
+    parts = []
+    if eig_idx.size:  # exact to rounding: the residual is evaluated for the history only
+        D, best_r[eig_idx] = _eigh_subset(be, be.take(A64, eig_idx), dtype, delta[eig_idx], fro[eig_idx], eps, want,
+                                          return_info)
+        parts.append((eig_idx, D))
     if ns_idx.size:
-        sub = slice(None) if ns_idx.size == nb else ns_idx
-        Y0s, Y0s_64 = Y0[sub], Y0_64[sub]
-        if method == "uncoupled":
-            X, tracker, n_run, b_it, b_r = _run_uncoupled(Y0s, Y0s_64, n_max, tol=tol_used, stop_early=stop_early)
-            Z, Y = X, None
-            h_ns = tracker.finish(n_run) if return_info else None
-            n_d, div = np.minimum(tracker.stop_iter, n_run), tracker.diverged
+        Y0s, Y0s_64 = be.take(Y0, ns_idx), be.take(Y0_64, ns_idx)
+        if spec.runner == "uncoupled":
+            Z, n_d, n_run, b_it, div, b_r, h_ns = _run_uncoupled(be, Y0s, Y0s_64, n_max, tol=tol_used,
+                                                                 stop_early=stop_early)
+            Y = None
         else:
-            if coefs is None:
-                cf = np.empty((ns_idx.size, n_max, 3))
-                cf[:] = (1.5, -0.5, 0.0)
-            else:
-                cf = coefs[sub]
-            Z, Y, n_d, b_it, div, b_r, h_ns = _run_coupled(
-                Y0s, Y0s_64, cf, n_max, tol=tol_used, record=return_info, stop_early=stop_early,
-                k_last=None if k_last is None else k_last[sub])
-            if not return_info:
-                # the cheap paths keep no copies: rerun a blown-up matrix with residuals, over
-                # the iterations it ran, to return its best iterate
-                redo = div | ~np.isfinite(Z).all(axis=(-2, -1))
-                if redo.any():
-                    j = np.flatnonzero(redo)
-                    Zr, Yr, n_r, it_r, div_r, r_r, _ = _run_coupled(
-                        Y0s[j], Y0s_64[j], cf[j], max(int(n_d[j].max()), 1), tol=None, record=True,
-                        stop_early=False)
-                    Z[j], Y[j], b_it[j], b_r[j] = Zr, Yr, it_r, r_r
-                    div[j] = True
+            Z, Y, n_d, b_it, div, b_r, h_ns = _iterate_coupled(be, Y0s, Y0s_64, None if coefs is None else
+                                                               coefs[ns_idx], n_max, tol_used, return_info,
+                                                               stop_early, None if k_last is None else k_last[ns_idx],
+                                                               want)
             n_run = int(n_d.max())
-            if return_info:
-                h_ns = _freeze_history(h_ns, n_d, n_run)
-        sc = np.sqrt(c[sub])[:, None, None]
-        if want == "isqrt":
-            out[sub] = Z / sc
-        elif Y is not None:
-            out[sub] = Y * sc
-        else:
-            out[sub] = (A64[sub] @ Z.astype(np.float64)) / sc
-        n_done[sub], best_iter[sub], diverged[sub], best_r[sub] = n_d, b_it, div, b_r
+        parts.append((ns_idx, _finish(be, Z, Y, be.take(A64, ns_idx), be.take(c, ns_idx), want, dtype)))
+        n_done[ns_idx], best_iter[ns_idx], diverged[ns_idx], best_r[ns_idx] = n_d, b_it, div, b_r
         if return_info:
             hist = np.empty((nb, n_run))
-            hist[sub] = h_ns
+            hist[ns_idx] = _freeze_history(h_ns, n_d, n_run)
     if return_info and eig_idx.size:
         if hist is None:
             hist = np.empty((nb, 1))
         hist[eig_idx] = best_r[eig_idx][:, None]
-
+    out = parts[0][1]
+    if len(parts) == 2:
+        out = xp.empty((nb, n, n), dtype=dtype, device=getattr(arr, "device", None))
+        for idx, part in parts:
+            out = be.put(out, idx, part)
     _warn_diverged(diverged, best_r, best_iter, label, nb)
-    _warn_tol_missed(tol, diverged, best_r, use_eigh, n_done, dtype, stacklevel=4)
-    out = out.reshape(arr.shape)
+    _warn_tol_missed(tol, diverged, best_r, use_eigh, n_done, dtype)
+    out = xp.reshape(out, arr.shape)
     if not return_info:
-        return out
-    return out, _make_info(hist, best_r, best_iter, diverged, use_eigh, c, eig_idx.size, batch, label,
-                           scaling, tol, tol_used)
+        return out, None
+    n_it = hist.shape[1] if eig_idx.size < nb else 1
+    return out, _make_info(hist, best_r, best_iter, diverged, use_eigh, c_host, n_it, batch, label, scaling, tol,
+                           tol_used)
 
 
-def _warn_tol_missed(tol, diverged, best_r, use_eigh, n_done, dtype, stacklevel):
-    """Warn when an explicit ``tol`` was not reached by some non-diverged iterated matrix
-    (shared by the numpy and torch backends)."""
-    if tol is None:
-        return
-    missed = ~diverged & ~(best_r <= tol) & ~use_eigh
-    if missed.any():
-        i = int(np.flatnonzero(missed)[0])
-        warnings.warn(
-            f"tol={tol:g} was not reached for {int(missed.sum())} of {len(best_r)} matrices (e.g. flat batch "
-            f"index {i}: residual {best_r[i]:.3g} after {n_done[i]} iterations); the residual floor "
-            f"is about cond(A) * eps({dtype}) — raise tol, use float64, add a ridge eps, or raise n_iter",
-            NsiterWarning,
-            stacklevel=stacklevel,
-        )
+def _iterate_coupled(be, Y0, Y0_64, coefs, n_max, tol, record, stop_early, k_last, want):
+    """The coupled iteration of a (sub-)batch on the backend's runner: the fused kernel where
+    the backend has one for this ``n``, else the array code (:func:`_run_fixed` when nothing
+    is tracked).  A blown-up matrix of a run that kept no copies is rerun with residuals,
+    over the iterations it ran, to return its best iterate.  Returns the runner contract
+    ``(Z, Y, n_done, best_iter, diverged, best_r, hist)``."""
+    nb = Y0.shape[0]
+    fused = be.linalg.coupled_kernel(Y0.shape[-1])
+    if fused is None:
+        if not (record or stop_early):
+            Z, Y = _run_fixed(be, Y0, n_max, coefs, want_y=want == "sqrt")
+            n_d = np.full(nb, n_max, dtype=np.int64)
+            res = (Z, Y, n_d, n_d.copy(), np.zeros(nb, dtype=bool), np.full(nb, np.nan), None)
+        else:
+            res = _run_coupled(be, Y0, Y0_64, coefs, n_max, tol=tol, record=record, stop_early=stop_early,
+                               k_last=k_last)
 
+        def run(*a, **kw):
+            return _run_coupled(be, *a, **kw)
+    else:
+        if coefs is None:
+            coefs = np.empty((nb, n_max, 3))
+            coefs[:] = _CLASSIC
 
-def _make_info(hist, best_r, best_iter, diverged, use_eigh, c, n_eigh, batch, label, scaling, tol, tol_used):
-    """The :class:`NewtonSchulzInfo` of a solved batch (flat per-matrix arrays reshaped to ``batch``);
-    shared by the numpy and torch backends."""
-    nb = len(best_r)
-    finite = np.isfinite(best_r)
-    converged = finite & ~diverged if tol is None else finite & (best_r <= tol)
-    if tol is None:
-        converged |= ~diverged & np.isnan(best_r) & use_eigh
-    return NewtonSchulzInfo(
-        residuals=hist.reshape(batch + (hist.shape[1],)), n_iter=int(hist.shape[1]) if n_eigh < nb else 1,
-        converged=converged.reshape(batch), diverged=diverged.reshape(batch),
-        best_iter=best_iter.reshape(batch), scale=np.where(use_eigh, 1.0, c).reshape(batch),
-        method=label, scaling=scaling, tol=tol_used,
-    )
+        def run(Y0, Y0_64, coefs, n_max, *, tol, record, stop_early, k_last=None):
+            return fused(Y0, Y0_64, coefs, n_max, k_last, record, stop_early, tol)
 
-
-def _eigh_only(A64, shape, dtype, delta, eps, want, return_info, tol, tol_used, scaling, label):
-    """Every matrix by ``eigh``: the result (``shape``) and, with ``return_info``, its info."""
-    batch = shape[:-2]
-    out, r = _eigh_subset(A64, dtype, delta, eps, want, return_info)
-    if not return_info:
-        return out.reshape(shape)
-    finite = np.isfinite(r)
-    info = NewtonSchulzInfo(
-        residuals=r.reshape(batch + (1,)), n_iter=1,
-        converged=(finite if tol is None else finite & (r <= tol)).reshape(batch),
-        diverged=(~finite).reshape(batch), best_iter=np.ones(batch, dtype=np.int64),
-        scale=np.ones(batch), method=label, scaling=scaling, tol=tol_used,
-    )
-    return out.reshape(shape), info
-
-
-def _eigh_subset(A64, dtype, delta, eps, want, with_residual):
-    """``method="eigh"`` on a stack: ``(result, float64 residual of A^{-1/2} or nan)``."""
-    out, _ = _eigh_power(A64, dtype, delta, eps, power=-0.5 if want == "isqrt" else 0.5)
-    if not with_residual:
-        return out, np.full(A64.shape[0], np.nan)
-    Dinv = out if want == "isqrt" else _eigh_power(A64, dtype, delta, eps)[0]
-    return out, _residual64(Dinv, A64)
+        res = run(Y0, Y0_64, coefs, n_max, tol=tol, record=record, stop_early=stop_early, k_last=k_last)
+    Z, Y, n_d, b_it, div, b_r, hist = res
+    if record:
+        return res
+    redo = div | ~be.host(be.xp.all(be.xp.isfinite(Z.detach() if be.torch else Z), axis=(-2, -1)))
+    if redo.any():
+        j = np.flatnonzero(redo)
+        Zr, Yr, _, it_r, _, r_r, _ = run(be.take(Y0, j), be.take(Y0_64, j), None if coefs is None else coefs[j],
+                                         max(int(n_d[j].max()), 1), tol=None, record=True, stop_early=False)
+        Z = be.put(Z, j, Zr)
+        Y = be.put(Y, j, Yr) if Y is not None else None
+        b_it, b_r, div = b_it.copy(), b_r.copy(), div.copy()
+        b_it[j], b_r[j], div[j] = it_r, r_r, True
+    return Z, Y, n_d, b_it, div, b_r, hist
 
 
 def inv_sqrtm(A, *, method="coupled", n_iter=None, tol=None, scaling="fro", eps=0.0, return_info=False):
@@ -1101,9 +1105,10 @@ def inv_sqrtm(A, *, method="coupled", n_iter=None, tol=None, scaling="fro", eps=
 
     Parameters
     ----------
-    A : array_like, shape (..., n, n)
+    A : array_like or torch.Tensor, shape (..., n, n)
         Symmetric positive semidefinite matrices (a covariance).  float32/float64 kept,
-        integers promote to float64, float16 to float32.  Never modified.
+        integers promote to float64, float16 to float32.  Never modified.  A tensor gives
+        a tensor on its device, with autograd through the iterations.
     method : {"coupled", "uncoupled", "accelerated", "eigh", "auto"}
         See :data:`METHODS` and the module docstring.
     n_iter : int, optional
@@ -1125,7 +1130,7 @@ def inv_sqrtm(A, *, method="coupled", n_iter=None, tol=None, scaling="fro", eps=
 
     Returns
     -------
-    D : ndarray, shape (..., n, n), dtype of ``A`` (float32 or float64)
+    D : ndarray or tensor, shape (..., n, n), dtype of ``A`` (float32 or float64)
     info : NewtonSchulzInfo
         Only with ``return_info=True``.
 
@@ -1151,14 +1156,14 @@ def inv_sqrtm(A, *, method="coupled", n_iter=None, tol=None, scaling="fro", eps=
 
     Notes
     -----
-    Positive semidefiniteness is checked by a (LAPACK, batched) Cholesky factorisation of
-    ``A + delta I``, ``delta = 10 n eps(dtype) ||A||_F``: it fails exactly when ``A`` has an
-    eigenvalue below ``-delta``.  A few steps of inverse iteration with the factor
-    estimate ``lambda_min`` for the singularity warning (threshold: the rounding level
+    Positive semidefiniteness is checked by a Cholesky factorisation of ``A + delta I``,
+    ``delta = 10 n eps(dtype) ||A||_F``: it fails exactly when ``A`` has an eigenvalue below
+    ``-delta``.  A few steps of inverse iteration with the factor estimate ``lambda_min``
+    for the singularity warning (threshold: the rounding level
     ``max(10 eps(dtype), n eps(float64)) ||A||_F``).  Cost: about one product.
 
-    Divergence (``info.diverged``): the residual became non-finite, grew above 1000x its
-    best value, or above ``10 sqrt(n)``.  Then ``D`` is the best iterate and a
+    Divergence (``info.diverged``): the residual became non-finite or grew too far
+    (:mod:`nsiter._policy`).  Then ``D`` is the best iterate and a
     :class:`~nsiter.NewtonSchulzDivergenceWarning` is emitted.  With a fixed ``n_iter``
     and neither ``tol`` nor ``return_info`` no residual is computed: a non-finite result
     triggers a rerun with residuals, so the warning and the best iterate still come.
@@ -1175,9 +1180,6 @@ def inv_sqrtm(A, *, method="coupled", n_iter=None, tol=None, scaling="fro", eps=
     >>> np.allclose(D @ A @ D, np.eye(2))
     True
     """
-    if is_tensor(A):
-        return torch_backend().inv_sqrtm(A, method=method, n_iter=n_iter, tol=tol, scaling=scaling,
-                                         eps=eps, return_info=return_info)
     return _solve(A, method, n_iter, tol, scaling, eps, return_info, want="isqrt")
 
 
@@ -1197,7 +1199,4 @@ def sqrtm_psd(A, *, method="coupled", n_iter=None, tol=None, scaling="fro", eps=
     >>> np.round(np.diag(S), 6)
     array([2., 3.])
     """
-    if is_tensor(A):
-        return torch_backend().sqrtm_psd(A, method=method, n_iter=n_iter, tol=tol, scaling=scaling,
-                                         eps=eps, return_info=return_info)
     return _solve(A, method, n_iter, tol, scaling, eps, return_info, want="sqrt")

@@ -22,27 +22,22 @@ torch.Size([4, 8, 16, 16])
 """
 from __future__ import annotations
 
-import importlib
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _torch_backend as _tb
+from ._backend import backend
 from ._conventions import geometry
-from ._torch_backend import allow_tf32, set_allow_tf32, set_cuda_graphs
+from ._torch import allow_tf32, matmul_precision, set_allow_tf32, set_cuda_graphs
+from ._torch import patches as _patches
 from ._validation import as_pair, check_nonnegative_float, check_option, check_positive_int
+from .covariance import GROUPINGS
 from .covariance import PatchStatistics as _NumpyPatchStatistics
-
-# the module (the package attribute ``nsiter.covariance`` is the function of that name)
-_cov = importlib.import_module("nsiter.covariance")
+from .newton_schulz import _run_fixed
 
 __all__ = ["Deconv2d", "PatchStatistics", "set_allow_tf32", "allow_tf32", "set_cuda_graphs", "GROUPINGS"]
-
-#: Channel groupings of :class:`Deconv2d` (as in :func:`nsiter.patch_covariance`).
-GROUPINGS = ("reference", "contiguous")
 
 
 def _newton_schulz(cov: torch.Tensor, n_iter: int) -> torch.Tensor:
@@ -52,7 +47,7 @@ def _newton_schulz(cov: torch.Tensor, n_iter: int) -> torch.Tensor:
     (Higham 2008, Eq. 6.35), ``D = Z / sqrt(c)``; differentiable end to end.
     """
     c = torch.linalg.matrix_norm(cov)[:, None, None]
-    Z, _ = _tb._run_coupled_fixed(cov / c, n_iter, want_y=False)
+    Z, _ = _run_fixed(backend(cov), cov / c, n_iter, None, want_y=False)
     return Z / torch.sqrt(c)
 
 
@@ -216,7 +211,7 @@ class Deconv2d(nn.Module):
         s = self.sampling_stride
         g = geometry(tuple(x.shape), self.kernel_size, (self.stride[0] * s, self.stride[1] * s),
                      self.padding, self.dilation)
-        X = _tb._im2col(x, g)  # (R, C kh kw), rows = patches, columns c*kh*kw + i*kw + j
+        X = _patches.im2col(x, g)  # (R, C kh kw), rows = patches, columns c*kh*kw + i*kw + j
         R = X.shape[0]
         G, nb, fb = self.groups, self._blocks, self._fb
         Xg = X.reshape(R, G, nb * fb)  # convolution groups hold contiguous channels
@@ -233,9 +228,9 @@ class Deconv2d(nn.Module):
         if x.shape[1] != self.in_channels:
             raise ValueError(f"expected {self.in_channels} input channels, got input of shape {tuple(x.shape)}")
         work = torch.promote_types(x.dtype, torch.float32)
-        with torch.autocast(device_type=x.device.type, enabled=False), _tb._matmul_precision(x.device):
+        with torch.autocast(device_type=x.device.type, enabled=False), matmul_precision(x.device):
             rows = self._rows(x.to(work))
-            n, mean, M2 = _tb._centred_stats(rows)
+            n, mean, M2 = _patches.centred_stats(rows)
             eye = torch.eye(self._fb, dtype=work, device=x.device)
             cov = M2 / n + self.eps * eye
             D = _newton_schulz(cov, self.n_iter)
@@ -280,11 +275,13 @@ class PatchStatistics(_NumpyPatchStatistics):
     """:class:`nsiter.PatchStatistics` with the moments computed by torch on the tensor's device.
 
     ``update(x)`` forms the (chunked) im2col rows and their centred moments on ``x.device``
-    in ``x``'s dtype; only the ``G (Fb^2 + Fb)`` float64 moments travel to the host, where
-    batches and shards merge exactly (Chan et al.) — also with numpy accumulators of the
-    same settings.  ``covariance(eps)`` returns tensors on the device of the last update
-    (float32 while every update was float32 or lower, else float64).
+    in ``x``'s dtype (:mod:`nsiter._torch.patches`); only the ``G (Fb^2 + Fb)`` float64
+    moments travel to the host, where batches and shards merge exactly (Chan et al.) — also
+    with numpy accumulators of the same settings.  ``covariance(eps)`` returns tensors on the
+    device of the last update (float32 while every update was float32 or lower, else float64).
     """
+
+    _device_moments = True
 
     def __init__(self, kernel_size, *, stride=1, padding=0, dilation=1, sampling_stride=1,
                  block_size=None, grouping="contiguous"):
@@ -297,31 +294,13 @@ class PatchStatistics(_NumpyPatchStatistics):
 
         Validation as in :func:`nsiter.patch_covariance`; a failed update leaves ``self`` unchanged.
         """
-        t = _tb._as_float(torch.as_tensor(x), "x")
-        imgs = _tb._as_images(t, "x")
-        _tb._check_nonempty(imgs, "x")
-        g = _cov._sampled_geometry(tuple(imgs.shape), self.kernel_size, self.stride, self.padding,
-                                   self.dilation, self.sampling_stride)
-        if self.channels is not None and g.c != self.channels:
-            raise ValueError(
-                f"expected images with {self.channels} channels (fixed by the first update), got {g.c}; "
-                "use one PatchStatistics per channel count"
-            )
-        block = _cov._check_block(self.block_size, g.c)
-        _tb._check_finite(imgs, "x")
-        plan = self._plan if self._plan is not None else _cov._plan(g.c, g.kh * g.kw, block, self.grouping)
-        n, mean, M2 = _tb._patch_stats(imgs, g, block, self.grouping)
-        stats = (n, mean.detach().double().cpu().numpy(), M2.detach().double().cpu().numpy())
-        self._stats = stats if self._stats is None else _cov._merge_moments(self._stats, stats)
-        self.channels, self._plan = g.c, plan
-        dtype = np.dtype(np.float32) if t.dtype == torch.float32 else np.dtype(np.float64)
-        self.dtype = dtype if self.dtype is None else np.promote_types(self.dtype, dtype)
+        t = torch.as_tensor(x)
+        super().update(t)
         self.device = t.device
         return self
 
     def covariance(self, eps=0.0):
         """``(cov, mean)`` tensors shaped as :func:`nsiter.patch_covariance` returns them."""
         cov, mean = super().covariance(eps)
-        dtype = torch.float32 if cov.dtype == np.float32 else torch.float64
         dev = self.device if self.device is not None else torch.device("cpu")
-        return torch.as_tensor(cov, dtype=dtype, device=dev), torch.as_tensor(mean, dtype=dtype, device=dev)
+        return torch.as_tensor(cov, device=dev), torch.as_tensor(mean, device=dev)

@@ -43,6 +43,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from ._validation import (
+    is_tensor,
     as_float_array,
     check_finite,
     check_nonnegative_float,
@@ -53,6 +54,7 @@ from ._validation import (
     check_symmetric,
     result_float_dtype,
 )
+from ._policy import BLOWUP_GROWTH, BLOWUP_SQRT_N
 from ._warnings import IllConditionedWarning, NewtonSchulzDivergenceWarning
 
 __all__ = [
@@ -73,11 +75,10 @@ DEFAULT_METHODS = ("coupled", "uncoupled", "eigh")
 DEFAULT_N_ITER = 50
 #: Residual levels whose first-reaching iteration the report lists.
 DEFAULT_THRESHOLDS = (1e-2, 1e-4, 1e-6, 1e-8, 1e-10, 1e-12)
-#: The blow-up test (that of :func:`nsiter.inv_sqrtm`): iteration ``k`` has blown up when
-#: ``r_k`` is not finite, exceeds ``BLOWUP_GROWTH`` times the best residual so far, or
-#: exceeds ``BLOWUP_SQRT_N * sqrt(n)`` (ten times ``||0 * C - I||_F``: worse than ``D = 0``).
-BLOWUP_GROWTH = 1e3
-BLOWUP_SQRT_N = 10.0
+# The blow-up test is that of :func:`nsiter.inv_sqrtm`, read from the one policy in
+# :mod:`nsiter._policy` (re-exported here): iteration ``k`` has blown up when ``r_k`` is not
+# finite, exceeds ``BLOWUP_GROWTH`` times the best residual so far, or exceeds
+# ``BLOWUP_SQRT_N * sqrt(n)`` (``BLOWUP_SQRT_N`` times ``||0 * C - I||_F``: worse than ``D = 0``).
 
 
 # --------------------------------------------------------------------------- results
@@ -141,9 +142,10 @@ class MethodResult:
     diverged : bool
         ``info.diverged`` of :func:`nsiter.inv_sqrtm`: the iteration blew up.
     blowup_iter : int or None
-        First iteration ``k`` whose residual is not finite, above ``1000 x`` the best residual
-        of iterations ``1..k``, or above ``10 sqrt(n)`` (the divergence test of
-        :func:`nsiter.inv_sqrtm`); ``None`` when it never happens.
+        First iteration ``k`` whose residual is not finite, above :data:`BLOWUP_GROWTH` times
+        the best residual of iterations ``1..k``, or above :data:`BLOWUP_SQRT_N` ``* sqrt(n)``
+        (the divergence test of :func:`nsiter.inv_sqrtm`, :mod:`nsiter._policy`); ``None``
+        when it never happens.
     iterations_to_reach : dict float -> int or None
         For each threshold ``t``, the first iteration ``k`` with ``r_k <= t``; ``None`` for
         never.
@@ -600,8 +602,6 @@ def verify_whitening(C, *, methods: Sequence[str] = DEFAULT_METHODS, n_iter: int
     >>> report.passed(), report["coupled"].iterations_to_reach[1e-8] is not None
     (True, True)
     """
-    from ._dispatch import is_tensor
-
     t_start = time.perf_counter()
     tensor = is_tensor(C)
     C_in = _to_numpy(C) if tensor else C

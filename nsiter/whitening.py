@@ -24,12 +24,20 @@ and :func:`nsiter.inv_sqrtm`:
 These are exactly the shapes :func:`nsiter.patch_covariance` returns for
 ``block_size=None``, ``"contiguous"`` and ``"reference"``.  The optional ``block_size``
 (channels per block) is only checked against ``D`` (``Fb`` must be a multiple of it).
+
+Every helper is written once for numpy arrays and torch tensors (array-API code on
+``backend(...).xp``): tensors stay on their device and gradients flow through ``X``,
+``mean``, ``D``, ``weight`` and ``bias``.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
-from ._dispatch import is_tensor, torch_backend
+from ._backend import backend
+from ._conventions import as_images
+from ._moments import channel_means
 from ._validation import (
     as_float_array,
     as_pair,
@@ -37,59 +45,53 @@ from ._validation import (
     check_nonempty,
     check_option,
     check_positive_int,
+    is_tensor,
 )
 from .covariance import GROUPINGS, _check_finite_fast
 
 __all__ = ["whiten", "deconvolution_kernel", "deconvolve_image", "fold_deconvolution"]
 
-_CHUNK_BYTES = 16 * 2**20  # rows of X whitened at a time
-
-
-def _torch_twin(name: str):
-    """The torch backend's function ``name``, or a TypeError saying it is not there yet."""
-    fn = getattr(torch_backend(), name, None)
-    if fn is None:
-        raise TypeError(
-            f"nsiter.{name} has no torch implementation in this version; pass numpy arrays "
-            "(t.detach().cpu().numpy()) and convert the result back with torch.from_numpy"
-        )
-    return fn
+_CHUNK_BYTES = 16 * 2**20  # rows of a numpy X whitened at a time (tensors: one product)
 
 
 class _Layout:
-    """Block structure of ``D`` for data matrices of ``F`` columns (see the module docstring)."""
+    """Block structure of ``D`` for data matrices of ``F`` columns (see the module docstring).
 
-    def __init__(self, D: np.ndarray, F: int, block_size, grouping: str, what: str = "X"):
+    Reads only shapes (arrays and tensors alike); the block arithmetic is :meth:`apply`.
+    """
+
+    def __init__(self, D, F: int, block_size, grouping: str, what: str = "X"):
         check_option(grouping, "grouping", GROUPINGS)
         check_ndim(D, "D", (2, 3), "(F, F), (G, Fb, Fb) or a shared (Fb, Fb)")
-        if D.shape[-1] != D.shape[-2]:
-            raise ValueError(f"expected square matrices in D, got shape {D.shape}")
+        shape = tuple(D.shape)
+        if shape[-1] != shape[-2]:
+            raise ValueError(f"expected square matrices in D, got shape {shape}")
         check_nonempty(D, "D")
-        fb = D.shape[-1]
+        fb = shape[-1]
         if D.ndim == 3:
             if grouping == "reference":
                 raise ValueError(
-                    f"grouping='reference' shares one (Fb, Fb) matrix, got a stack D of shape {D.shape}; "
+                    f"grouping='reference' shares one (Fb, Fb) matrix, got a stack D of shape {shape}; "
                     "use grouping='contiguous' for per-block matrices"
                 )
-            if D.shape[0] * fb != F:
+            if shape[0] * fb != F:
                 raise ValueError(
-                    f"D of shape {D.shape} covers {D.shape[0] * fb} columns, but {what} has {F}; "
+                    f"D of shape {shape} covers {shape[0] * fb} columns, but {what} has {F}; "
                     "D must come from the same kernel size and channel count"
                 )
-            self.mode, self.groups = "contiguous", D.shape[0]
+            self.mode, self.groups = "contiguous", shape[0]
         elif fb == F:
             self.mode, self.groups = "full", 1
         elif grouping == "reference" and fb < F and F % fb == 0:
             self.mode, self.groups = "reference", F // fb
         elif grouping == "reference":
             raise ValueError(
-                f"a shared D of shape {D.shape} needs a multiple of {fb} columns, but {what} has {F}; "
+                f"a shared D of shape {shape} needs a multiple of {fb} columns, but {what} has {F}; "
                 "D must come from the same kernel size and channel count"
             )
         else:
             raise ValueError(
-                f"D of shape {D.shape} does not match the {F} columns of {what}: pass the (G, Fb, Fb) stack "
+                f"D of shape {shape} does not match the {F} columns of {what}: pass the (G, Fb, Fb) stack "
                 "for contiguous blocks, grouping='reference' for one shared matrix, or an (F, F) matrix"
             )
         if block_size is not None:
@@ -101,40 +103,69 @@ class _Layout:
                 )
         self.fb, self.F = fb, F
 
-    def mean(self, mean: np.ndarray) -> np.ndarray:
-        """``mean`` as ``(G, Fb)`` (contiguous), ``(F,)`` (full) or ``(Fb,)`` (reference)."""
+    def mean(self, mean):
+        """``mean`` checked: ``(G, Fb)`` or ``(F,)`` (contiguous), ``(F,)`` (full), ``(Fb,)`` (reference)."""
         want = {"full": [(self.F,)], "contiguous": [(self.groups, self.fb), (self.F,)],
                 "reference": [(self.fb,)]}[self.mode]
-        if mean.shape not in want:
+        if tuple(mean.shape) not in want:
             shapes = " or ".join(str(s) for s in want)
-            raise ValueError(f"expected mean of shape {shapes} for D of this layout, got {mean.shape}")
-        return mean.reshape(self.groups, self.fb) if self.mode == "contiguous" else mean
+            raise ValueError(f"expected mean of shape {shapes} for D of this layout, got {tuple(mean.shape)}")
+        return mean
 
-    def full_mean(self, mean: np.ndarray) -> np.ndarray:
-        """The mean of every column of ``X`` (length ``F``)."""
+    def full_mean(self, xp, mean):
+        """The mean of every column of ``X`` (length ``F``) from a checked :meth:`mean`."""
         if self.mode == "reference":
-            return np.repeat(mean, self.groups)
-        return mean.reshape(self.F)
+            return xp.repeat(mean, self.groups)
+        return xp.reshape(mean, (self.F,))
 
-    def column(self, D: np.ndarray, j: int) -> np.ndarray:
-        """Column ``j`` of the equivalent ``F x F`` (block-diagonal / interleaved) matrix."""
-        out = np.zeros(self.F, dtype=D.dtype)
+    def apply(self, xp, X, D):
+        """``X @ M`` for ``X (n, F)`` and ``M`` the equivalent ``F x F`` matrix of ``D``
+        (block diagonal for a stack, interleaved for a shared reference matrix)."""
+        n, G, fb = X.shape[0], self.groups, self.fb
         if self.mode == "full":
-            out[:] = D[:, j]
-        elif self.mode == "contiguous":
-            g, loc = divmod(j, self.fb)
-            out[g * self.fb:(g + 1) * self.fb] = D[g][:, loc]
-        else:
-            f2, g = divmod(j, self.groups)
-            out[np.arange(self.fb) * self.groups + g] = D[:, f2]
-        return out
+            return xp.matmul(X, D)
+        if self.mode == "contiguous":  # (n, G, Fb) -> (G, n, Fb): one product per block
+            part = xp.permute_dims(xp.reshape(X, (n, G, fb)), (1, 0, 2))
+            return xp.reshape(xp.permute_dims(xp.matmul(part, D), (1, 0, 2)), (n, self.F))
+        part = xp.permute_dims(xp.reshape(X, (n, fb, G)), (0, 2, 1))  # column f*G + g -> [g, f]
+        return xp.reshape(xp.permute_dims(xp.matmul(part, D), (0, 2, 1)), (n, self.F))
+
+    def columns(self, be, D, idx: np.ndarray):
+        """Columns ``idx`` (host ints) of the equivalent ``F x F`` matrix, as ``(F, len(idx))``."""
+        xp = be.xp
+        if self.mode == "full":
+            return xp.take(D, be.asarray(idx, D), axis=1)
+        G, fb = self.groups, self.fb
+        if self.mode == "contiguous":  # column j = g*Fb + loc: D[g][:, loc] in block g
+            g, loc = np.divmod(idx, fb)
+            sel = xp.take(xp.reshape(xp.permute_dims(D, (0, 2, 1)), (self.F, fb)), be.asarray(idx, D), axis=0)
+            mask = be.asarray(np.arange(G)[:, None] == g[None, :], D, D.dtype)  # (G, k)
+            return xp.reshape(xp.permute_dims(sel, (1, 0))[None] * mask[:, None, :], (self.F, len(idx)))
+        f2, g = np.divmod(idx, G)  # column j = f2*G + g: D[:, f2] on the rows f*G + g
+        sel = xp.take(D, be.asarray(f2, D), axis=1)  # (Fb, k)
+        mask = be.asarray(np.arange(G)[:, None] == g[None, :], D, D.dtype)
+        return xp.reshape(sel[:, None, :] * mask[None, :, :], (self.F, len(idx)))
 
 
-def _prep(a, name: str, dtype=None) -> np.ndarray:
-    arr = as_float_array(a, name, dtype=dtype)
-    if arr.size:
-        _check_finite_fast(arr, name)
-    return arr
+def _prep(*named):
+    """``(backend, arrays)``: each input as a float array of the common backend, finite.
+
+    Arrays next to a tensor become tensors on its device; tensors on another device are an
+    error.
+    """
+    be = backend(*(v for _, v in named))
+    ref = next((v for _, v in named if is_tensor(v)), None)
+    out = []
+    for name, v in named:
+        a = as_float_array(v, name)
+        if ref is not None and not is_tensor(a):
+            a = be.asarray(a, ref)
+        elif ref is not None and a.device != ref.device:
+            raise ValueError(f"expected {name} on {ref.device} like the other tensors, got {a.device}; "
+                             "move it with .to(device)")
+        _check_finite_fast(a, name)
+        out.append(a)
+    return be, out
 
 
 def whiten(X, mean, D, *, block_size=None, grouping="contiguous"):
@@ -161,8 +192,9 @@ def whiten(X, mean, D, *, block_size=None, grouping="contiguous"):
 
     Returns
     -------
-    Xw : ndarray, shape (N, F)
-        In the common float dtype of the inputs (float32 if all are float32).
+    Xw : ndarray or Tensor, shape (N, F)
+        In the common float dtype of the inputs (float32 if all are float32); a tensor if
+        any input is one (differentiable).  numpy computes ``16 MB`` of rows at a time.
 
     Raises
     ------
@@ -180,34 +212,23 @@ def whiten(X, mean, D, *, block_size=None, grouping="contiguous"):
     >>> bool(np.allclose(nsiter.covariance(Xw[:, :9])[0], np.eye(9)))
     True
     """
-    if is_tensor(X, mean, D):
-        return _torch_twin("whiten")(X, mean, D, block_size=block_size, grouping=grouping)
-    Xa = _prep(X, "X")
+    be, (Xa, ma, Da) = _prep(("X", X), ("mean", mean), ("D", D))
     check_ndim(Xa, "X", (2,), "(n_samples, n_features), e.g. an im2col matrix")
     check_nonempty(Xa, "X")
-    Da = _prep(D, "D")
-    ma = _prep(mean, "mean")
     layout = _Layout(Da, Xa.shape[1], block_size, grouping)
-    ma = layout.mean(ma)
-    dtype = np.result_type(Xa.dtype, Da.dtype, ma.dtype)
+    xp = be.xp
+    dtype = xp.result_type(Xa, ma, Da)
+    mu = xp.astype(layout.full_mean(xp, layout.mean(ma)), dtype, copy=False)
+    Dc = xp.astype(Da, dtype, copy=False)
     n, F = Xa.shape
-    out = np.empty((n, F), dtype=dtype)
-    Dc, mc = Da.astype(dtype, copy=False), ma.astype(dtype, copy=False)
-    rows = max(1, _CHUNK_BYTES // (F * dtype.itemsize))
-    for r0 in range(0, n, rows):
-        r1 = min(n, r0 + rows)
-        if layout.mode == "full":
-            np.matmul(Xa[r0:r1] - mc, Dc, out=out[r0:r1])
-        elif layout.mode == "contiguous":
-            fb = layout.fb
-            for g in range(layout.groups):
-                cols = slice(g * fb, (g + 1) * fb)
-                np.matmul(Xa[r0:r1, cols] - mc[g], Dc[g], out=out[r0:r1, cols])
-        else:
-            G = layout.groups
-            part = Xa[r0:r1].reshape(r1 - r0, layout.fb, G).transpose(0, 2, 1) - mc  # (r, G, Fb)
-            out[r0:r1] = np.matmul(part, Dc).transpose(0, 2, 1).reshape(r1 - r0, F)
-    return out
+    rows = n if be.torch else max(1, _CHUNK_BYTES // (F * np.dtype(dtype).itemsize))
+    with be.precision(Xa):
+        if rows >= n:
+            return layout.apply(xp, Xa - mu, Dc)
+        out = np.empty((n, F), dtype=dtype)
+        for r0 in range(0, n, rows):
+            out[r0:r0 + rows] = layout.apply(xp, Xa[r0:r0 + rows] - mu, Dc)
+        return out
 
 
 def _centre_columns(kernel_size, channels: int):
@@ -242,8 +263,8 @@ def deconvolution_kernel(D, kernel_size, channels, *, grouping="contiguous"):
 
     Returns
     -------
-    K : ndarray, shape (C, C, kh, kw)
-        ``K[c_out, c_in]``; dtype of ``D``.
+    K : ndarray or Tensor, shape (C, C, kh, kw)
+        ``K[c_out, c_in]``; dtype (and device) of ``D``.
 
     Examples
     --------
@@ -256,15 +277,13 @@ def deconvolution_kernel(D, kernel_size, channels, *, grouping="contiguous"):
     >>> bool(K[0, 0, 2, 2] > 0 > K[0, 0, 2, 1])  # centre-surround
     True
     """
-    if is_tensor(D):
-        return _torch_twin("deconvolution_kernel")(D, kernel_size, channels, grouping=grouping)
-    Da = _prep(D, "D")
+    be, (Da,) = _prep(("D", D))
     channels = check_positive_int(channels, "channels")
     kh, kw, centres = _centre_columns(kernel_size, channels)
     layout = _Layout(Da, channels * kh * kw, None, grouping, what=f"im2col of {channels} channels with a "
                                                                f"{kh}x{kw} kernel")
-    K = np.stack([layout.column(Da, int(j)) for j in centres])
-    return K.reshape(channels, channels, kh, kw)
+    cols = layout.columns(be, Da, centres)  # (F, C)
+    return be.xp.reshape(be.xp.permute_dims(cols, (1, 0)), (channels, channels, kh, kw))
 
 
 def deconvolve_image(x, kernel_size, *, eps=1e-5, method="coupled", n_iter=None, sampling_stride=1,
@@ -294,8 +313,10 @@ def deconvolve_image(x, kernel_size, *, eps=1e-5, method="coupled", n_iter=None,
 
     Returns
     -------
-    y : ndarray
-        Same shape as ``x``; float32 for float32 input, else float64.
+    y : ndarray or Tensor
+        Same shape as ``x``; float32 for float32 input, else float64.  Computed in float64
+        (numpy: SciPy's correlation per channel pair; torch: one ``F.conv2d`` on the tensor's
+        device, differentiable).
 
     Raises
     ------
@@ -310,13 +331,7 @@ def deconvolve_image(x, kernel_size, *, eps=1e-5, method="coupled", n_iter=None,
     >>> y.shape == x.shape
     True
     """
-    if is_tensor(x):
-        return _torch_twin("deconvolve_image")(x, kernel_size, eps=eps, method=method, n_iter=n_iter,
-                                               sampling_stride=sampling_stride, block_size=block_size,
-                                               grouping=grouping)
-    from scipy.signal import correlate
-
-    from .covariance import _channel_means, patch_covariance
+    from .covariance import patch_covariance
     from .newton_schulz import inv_sqrtm
 
     arr = as_float_array(x, "x")
@@ -326,30 +341,24 @@ def deconvolve_image(x, kernel_size, *, eps=1e-5, method="coupled", n_iter=None,
             f"expected an odd kernel_size for deconvolve_image (its centre tap defines the output pixel), "
             f"got {(kh, kw)}; use {(kh | 1, kw | 1)}"
         )
-    imgs = arr.reshape((1,) * (4 - arr.ndim) + arr.shape) if arr.ndim in (2, 3) else arr
+    imgs = as_images(arr, "x")
     cov, mean = patch_covariance(imgs, (kh, kw), padding=(kh // 2, kw // 2), sampling_stride=sampling_stride,
                                  block_size=block_size, grouping=grouping)
-    D = np.asarray(inv_sqrtm(cov.astype(np.float64), method=method, n_iter=n_iter, eps=eps))
-    n, c, h, w = imgs.shape
+    be = backend(imgs)
+    xp = be.xp
+    D = inv_sqrtm(xp.astype(cov, xp.float64), method=method, n_iter=n_iter, eps=eps)
+    c = imgs.shape[1]
     layout = _Layout(D, c * kh * kw, None, grouping)
     _, _, centres = _centre_columns((kh, kw), c)
-    cols = np.stack([layout.column(D, int(j)) for j in centres], axis=1)  # (F, C)
-    m_c = _channel_means(imgs)
-    shift = np.repeat(m_c, kh * kw)
-    bias = -(layout.full_mean(mean.astype(np.float64)) - shift) @ cols  # (C,)
-    K = cols.T.reshape(c, c, kh, kw)
-    ph, pw = kh // 2, kw // 2
-    y = np.empty((n, c, h, w))
-    for i in range(n):
-        xs = np.empty((c, h + 2 * ph, w + 2 * pw))
-        xs[...] = -m_c[:, None, None]
-        xs[:, ph:ph + h, pw:pw + w] = imgs[i] - m_c[:, None, None]
-        for co in range(c):
-            acc = np.full((h, w), bias[co])
-            for ci in range(c):
-                acc += correlate(xs[ci], K[co, ci], mode="valid")
-            y[i, co] = acc
-    return y.astype(arr.dtype, copy=False).reshape(arr.shape)
+    cols = layout.columns(be, D, centres)  # (F, C)
+    # a shift near the channel means (detached, host-computed): it cancels between the data
+    # and the bias, and only keeps the float64 correlation free of cancellation
+    m_c = be.asarray(channel_means(imgs), imgs)
+    bias = -xp.matmul(layout.full_mean(xp, xp.astype(mean, xp.float64)) - xp.repeat(m_c, kh * kw), cols)
+    K = xp.reshape(xp.permute_dims(cols, (1, 0)), (c, c, kh, kw))
+    with be.precision(imgs):
+        y = be.patches.correlate_centred(xp.astype(imgs, xp.float64), m_c, K, bias, (kh // 2, kw // 2))
+    return xp.reshape(xp.astype(y, arr.dtype, copy=False), tuple(arr.shape))
 
 
 def fold_deconvolution(weight, bias, D, mean, *, block_size=None, grouping="contiguous"):
@@ -379,9 +388,9 @@ def fold_deconvolution(weight, bias, D, mean, *, block_size=None, grouping="cont
 
     Returns
     -------
-    weight_folded : ndarray, shape of ``weight``
-    bias_folded : ndarray, shape (C_out,)
-        In the common float dtype of the inputs.
+    weight_folded : ndarray or Tensor, shape of ``weight``
+    bias_folded : ndarray or Tensor, shape (C_out,)
+        In the common float dtype of the inputs (tensors if any input is one, differentiable).
 
     Examples
     --------
@@ -396,47 +405,38 @@ def fold_deconvolution(weight, bias, D, mean, *, block_size=None, grouping="cont
     >>> bool(np.allclose(X @ w2.reshape(3, -1).T + b2, explicit))
     True
     """
-    if is_tensor(weight, bias, D, mean):
-        return _torch_twin("fold_deconvolution")(weight, bias, D, mean, block_size=block_size, grouping=grouping)
-    Wa = _prep(weight, "weight")
+    named = [("weight", weight), ("D", D), ("mean", mean)] + ([] if bias is None else [("bias", bias)])
+    be, (Wa, Da, ma, *rest) = _prep(*named)
     check_ndim(Wa, "weight", (4,), "(C_out, C_in, kh, kw)")
     check_nonempty(Wa, "weight")
-    Da = _prep(D, "D")
-    ma = _prep(mean, "mean")
+    xp = be.xp
     c_out = Wa.shape[0]
-    ba = np.zeros(c_out, dtype=Wa.dtype) if bias is None else _prep(bias, "bias")
-    if ba.shape != (c_out,):
-        raise ValueError(f"expected bias of shape ({c_out},) for weight of shape {Wa.shape}, got {ba.shape}")
-    dtype = np.result_type(Wa.dtype, Da.dtype, ma.dtype, ba.dtype)
-    f_w = int(np.prod(Wa.shape[1:]))
-    Wm = Wa.reshape(c_out, f_w).astype(dtype, copy=False)
-    Dc = Da.astype(dtype, copy=False)
-    grouped = Da.ndim == 3 and Da.shape[0] > 1 and Da.shape[-1] == f_w and grouping == "contiguous"
-    if grouped:
-        G = Da.shape[0]
-        if c_out % G:
-            raise ValueError(
-                f"a grouped convolution with {G} groups (weight {Wa.shape} against D {Da.shape}) needs C_out "
-                f"divisible by {G}, got {c_out}"
-            )
-        _Layout(Da, G * f_w, block_size, grouping, what="the layer input")
-        if ma.shape not in ((G, f_w), (G * f_w,)):
-            raise ValueError(f"expected mean of shape ({G}, {f_w}) or ({G * f_w},), got {ma.shape}")
-        mg = ma.reshape(G, f_w).astype(dtype, copy=False)
-        Wg = Wm.reshape(G, c_out // G, f_w)
-        W2 = np.matmul(Wg, np.swapaxes(Dc, -1, -2))  # w'_o = D_g w_o
-        b2 = ba.astype(dtype) - np.einsum("gof,gf->go", W2, mg).reshape(c_out)
-        return W2.reshape(Wa.shape), b2
-    layout = _Layout(Da, f_w, block_size, grouping, what=f"weight {Wa.shape}")
-    mu = layout.full_mean(layout.mean(ma)).astype(dtype, copy=False)
-    if layout.mode == "full":
-        W2 = Wm @ Dc.T
-    elif layout.mode == "contiguous":
-        fb = layout.fb
-        W2 = np.matmul(Wm.reshape(c_out, layout.groups, fb).transpose(1, 0, 2), np.swapaxes(Dc, -1, -2))
-        W2 = W2.transpose(1, 0, 2).reshape(c_out, f_w)
-    else:
-        Wr = Wm.reshape(c_out, layout.fb, layout.groups)
-        W2 = np.einsum("ef,ofg->oeg", Dc, Wr).reshape(c_out, f_w)
-    b2 = ba.astype(dtype) - W2 @ mu
-    return W2.reshape(Wa.shape), b2
+    ba = rest[0] if rest else xp.zeros_like(Wa[:, 0, 0, 0])
+    if tuple(ba.shape) != (c_out,):
+        raise ValueError(f"expected bias of shape ({c_out},) for weight of shape {tuple(Wa.shape)}, "
+                         f"got {tuple(ba.shape)}")
+    dtype = xp.result_type(Wa, Da, ma, ba)
+    f_w = math.prod(Wa.shape[1:])
+    Wm = xp.astype(xp.reshape(Wa, (c_out, f_w)), dtype, copy=False)
+    Dt = xp.matrix_transpose(xp.astype(Da, dtype, copy=False))  # rows w_o^T D^T = (D w_o)^T
+    ba = xp.astype(ba, dtype, copy=False)
+    with be.precision(Wa):
+        if Da.ndim == 3 and Da.shape[0] > 1 and Da.shape[-1] == f_w and grouping == "contiguous":
+            G = Da.shape[0]  # a grouped convolution: output channel o belongs to block o // (C_out / G)
+            if c_out % G:
+                raise ValueError(
+                    f"a grouped convolution with {G} groups (weight {tuple(Wa.shape)} against D "
+                    f"{tuple(Da.shape)}) needs C_out divisible by {G}, got {c_out}"
+                )
+            _Layout(Da, G * f_w, block_size, grouping, what="the layer input")
+            if tuple(ma.shape) not in ((G, f_w), (G * f_w,)):
+                raise ValueError(f"expected mean of shape ({G}, {f_w}) or ({G * f_w},), got {tuple(ma.shape)}")
+            W2 = xp.matmul(xp.reshape(Wm, (G, c_out // G, f_w)), Dt)  # w'_o = D_g w_o
+            mg = xp.astype(xp.reshape(ma, (G, f_w, 1)), dtype, copy=False)
+            b2 = ba - xp.reshape(xp.matmul(W2, mg), (c_out,))
+        else:
+            layout = _Layout(Da, f_w, block_size, grouping, what=f"weight {tuple(Wa.shape)}")
+            mu = xp.astype(layout.full_mean(xp, layout.mean(ma)), dtype, copy=False)
+            W2 = layout.apply(xp, Wm, Dt)
+            b2 = ba - xp.matmul(W2, mu)
+    return xp.reshape(W2, tuple(Wa.shape)), b2

@@ -1,8 +1,6 @@
 """covariance / patch_covariance / PatchStatistics against the loop references of Algorithm 1."""
 from __future__ import annotations
 
-import importlib
-
 import numpy as np
 import pytest
 from hypothesis import given
@@ -11,8 +9,11 @@ from hypothesis import strategies as st
 import nsiter
 import reference
 from helpers import assert_close, random_images
-cov_module = importlib.import_module("nsiter.covariance")
-from nsiter.covariance import GROUPINGS, KERNELS, _choose_kernel, _finish, _patch_moments, _plan, _sampled_geometry
+from nsiter import _backend
+from nsiter._moments import plan as _plan
+from nsiter._numba import patches as np_patches
+from nsiter._numba.patches import KERNELS
+from nsiter.covariance import GROUPINGS, _finish, _sampled_geometry
 
 
 def _kernels_for(g):
@@ -32,7 +33,7 @@ def _forced(x, kernel_size, kernel, *, stride=1, padding=0, dilation=1, sampling
     imgs = x.reshape((1,) * (4 - x.ndim) + x.shape)
     g = _sampled_geometry(imgs.shape, kernel_size, stride, padding, dilation, sampling_stride)
     plan = _plan(g.c, g.kh * g.kw, block_size, grouping)
-    return _finish(_patch_moments(imgs, g, plan, kernel), plan, 0.0, x.dtype)
+    return _finish(_backend.backend(), np_patches.patch_moments(imgs, g, plan, kernel), plan, 0.0, x.dtype)
 
 
 def _rel(a, b):
@@ -93,7 +94,7 @@ def test_covariance_does_not_modify_its_input():
 def test_covariance_chunks_agree_with_one_shot(monkeypatch):
     rng = np.random.default_rng(13)
     X = rng.standard_normal((1001, 6)) + 3
-    monkeypatch.setattr(cov_module, "_BUFFER_BYTES", 7 * 8 * 17)  # 17 rows per chunk
+    monkeypatch.setattr(np_patches, "_BUFFER_BYTES", 7 * 8 * 17)  # 17 rows per chunk
     cov, mean = nsiter.covariance(X)
     assert_close(cov, reference.covariance(X)[0], n=1001)
     assert_close(mean, X.mean(0))
@@ -264,7 +265,7 @@ def test_small_buffers_split_chunks_and_bands_without_changing_the_result(kernel
     x = random_images((3, 2, 15, 13), rng) + 2
     want = reference.patch_covariance(x, 3, 1, 1, 1, 1, 1, "reference")
     for name in ("_BUFFER_BYTES", "_ROWS_BYTES", "_DENSE_BYTES"):
-        monkeypatch.setattr(cov_module, name, 3000)  # a few rows per chunk, bands of one image
+        monkeypatch.setattr(np_patches, name, 3000)  # a few rows per chunk, bands of one image
     cov, mean = _forced(x, 3, kernel, padding=1, block_size=1, grouping="reference")
     assert_close(cov, want[0], n=1000)
     assert_close(mean, want[1], n=1000)
@@ -283,7 +284,7 @@ def test_patch_covariance_accepts_views_and_does_not_modify_input():
 def test_cost_model_picks_the_im2col_free_kernel_for_large_dense_kernels():
     def pick(shape, k, S=1, B=None, grouping="contiguous"):
         g = _sampled_geometry(shape, k, 1, k // 2, 1, S)
-        return _choose_kernel(g, _plan(g.c, g.kh * g.kw, B, grouping), np.float32)
+        return np_patches.choose_kernel(g, _plan(g.c, g.kh * g.kw, B, grouping), np.float32)
 
     assert pick((1, 1, 512, 512), 15) == "shifted"
     assert pick((8, 64, 32, 32), 3, S=3) == "gemm"  # strided grid: only BLAS on patch rows applies

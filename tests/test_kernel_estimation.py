@@ -1,8 +1,6 @@
 """estimate_kernel: recovery, Proposition 1, the A.8 equivalence, CG, monotone GD, bad input."""
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import pytest
 from hypothesis import given, settings

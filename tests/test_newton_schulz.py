@@ -13,6 +13,8 @@ import nsiter
 import reference
 from helpers import assert_close, spd_with_condition, tol
 from nsiter import newton_schulz as ns
+from nsiter._backend import backend
+from nsiter._numba import linalg as numba_linalg
 
 ITERATIVE = ("coupled", "uncoupled", "accelerated")
 
@@ -314,23 +316,25 @@ def test_scale_invariance(log_s, seed):
                  factor=10, n=6)
 
 
-def test_parallel_and_serial_kernels_agree_with_the_numpy_backend():
+def test_fused_kernel_parallel_serial_and_array_code_agree(monkeypatch):
+    """The coupled step's two implementations (fused Numba kernel, array code) agree, and
+    the kernel gives the same bits one matrix per thread or in batch order."""
     rng = np.random.default_rng(16)
     A = spd_with_condition(20, 1e4, rng, batch=(6,))
     c = np.linalg.norm(A, axis=(-2, -1))
     Y0 = A / c[:, None, None]
-    coefs = np.tile([1.5, -0.5, 0.0], (9, 1))
-    coefs3 = np.tile(coefs, (6, 1, 1))
-    Zp, Yp, *_ = ns._run_coupled(Y0, Y0, coefs3, 9, tol=None, record=False, stop_early=False)
-    Zn, Yn = ns._run_coupled_numpy(Y0, 9, coefs)
+    coefs3 = np.tile([1.5, -0.5, 0.0], (6, 9, 1))
+    be = backend(Y0)
+    fused = numba_linalg.coupled_kernel(20)
+    Zp, Yp, *_ = fused(Y0, Y0, coefs3, 9, None, False, False, 0.0)
+    Zn, Yn = ns._run_fixed(be, Y0, 9, coefs3, want_y=True)
     assert_close(Zp, Zn, n=20)
     assert_close(Yp, Yn, n=20)
-    old = ns._PARALLEL_MAX_N
-    try:
-        ns._PARALLEL_MAX_N = 0
-        Zs, *_ = ns._run_coupled(Y0, Y0, coefs3, 9, tol=None, record=False, stop_early=False)
-    finally:
-        ns._PARALLEL_MAX_N = old
+    Za, Ya, *_ = ns._run_coupled(be, Y0, Y0, None, 9, tol=None, record=False, stop_early=False)
+    np.testing.assert_array_equal(Za, Zn)
+    np.testing.assert_array_equal(Ya, Yn)
+    monkeypatch.setattr(numba_linalg, "PARALLEL_MAX_N", 0)
+    Zs, *_ = fused(Y0, Y0, coefs3, 9, None, False, False, 0.0)
     np.testing.assert_array_equal(Zs, Zp)
 
 
@@ -549,11 +553,11 @@ def test_sqrtm_psd_of_the_zero_matrix_is_zero():
 @pytest.mark.parametrize("kw", [dict(n_iter=7), dict(tol=1e-9), dict(tol=1e-9, return_info=True), {},
                                 dict(n_iter=20, return_info=True)])
 def test_numpy_twin_of_the_kernel_makes_the_same_decisions(method, kw, monkeypatch):
-    # large n runs the same per-matrix logic on numpy @; force it at a small size
+    # large n runs the array-code twin of the fused kernel on numpy @; force it at a small size
     rng = np.random.default_rng(22)
     A = spd_with_condition(12, 1e6, rng, batch=(3,))
     ref = nsiter.inv_sqrtm(A, method=method, **kw)
-    monkeypatch.setattr(ns, "_NUMBA_MAX_N", 0)
+    monkeypatch.setattr(numba_linalg, "NUMBA_MAX_N", 0)
     got = nsiter.inv_sqrtm(A, method=method, **kw)
     if kw.get("return_info"):
         (ref, ri), (got, gi) = ref, got
@@ -565,7 +569,7 @@ def test_numpy_twin_of_the_kernel_makes_the_same_decisions(method, kw, monkeypat
 
 
 def test_numpy_twin_returns_the_best_iterate_after_a_blow_up(monkeypatch):
-    monkeypatch.setattr(ns, "_NUMBA_MAX_N", 0)
+    monkeypatch.setattr(numba_linalg, "NUMBA_MAX_N", 0)
     v = np.arange(1.0, 7.0)[None, :]
     A = (v.T @ v + np.diag([1.0, 1, 1, 1, 1, 0])).astype(np.float32)
     A[-1, :] = A[:, -1] = 0.0

@@ -18,7 +18,11 @@ import nsiter  # noqa: E402
 import nsiter.torch as nt  # noqa: E402
 import reference  # noqa: E402
 from helpers import random_images, spd_with_condition, tol  # noqa: E402
-from nsiter import _torch_backend as tb  # noqa: E402
+from nsiter import _torch as tb  # noqa: E402
+from nsiter import newton_schulz as ns  # noqa: E402
+from nsiter._torch import linalg as tlinalg  # noqa: E402
+from nsiter._torch import patches as tpatches  # noqa: E402
+from nsiter.covariance import _sampled_geometry  # noqa: E402
 
 F = torch.nn.functional
 CUDA = torch.device("cuda") if torch.cuda.is_available() else None
@@ -57,7 +61,7 @@ def _run(code: str) -> subprocess.CompletedProcess:
 
 def test_import_nsiter_does_not_import_torch_or_the_backend():
     r = _run("import sys, nsiter; nsiter.inv_sqrtm([[2.0]], n_iter=3); nsiter.covariance([[1.0], [2.0]]); "
-             "print('torch' in sys.modules, 'nsiter._torch_backend' in sys.modules, 'nsiter.torch' in sys.modules)")
+             "print('torch' in sys.modules, 'nsiter._torch' in sys.modules, 'nsiter.torch' in sys.modules)")
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["False", "False", "False"]
 
@@ -105,6 +109,23 @@ def test_col2im_is_fold_of_the_transposed_layout():
     got = nsiter.col2im(X, x.shape, 3, padding=1)
     want = F.fold(X.reshape(2, 63, 27).transpose(1, 2), (7, 9), 3, padding=1)
     torch.testing.assert_close(got, want, rtol=1e-15, atol=1e-14)
+
+
+def test_col2im_device_path_runs_on_cpu_when_forced_and_agrees(monkeypatch):
+    """The CUDA branch of col2im (F.fold) on CPU tensors, under the private switch."""
+    rng = np.random.default_rng(2)
+    for shape, k, kw in [((2, 3, 7, 9), 3, dict(padding=1)), ((1, 2, 8, 7), (2, 3), dict(stride=(2, 1),
+                                                                                        dilation=(1, 2)))]:
+        oh, ow = nsiter.output_shape(shape, k, **kw)
+        kh, kw_ = (k, k) if isinstance(k, int) else k
+        X = _t(rng.standard_normal((shape[0] * oh * ow, shape[1] * kh * kw_)))
+        normal = nsiter.col2im(X, shape, k, **kw)
+        monkeypatch.setitem(tb._SETTINGS, "force_device_path", True)
+        forced = nsiter.col2im(X, shape, k, **kw)
+        monkeypatch.undo()
+        assert forced.shape == normal.shape and forced.dtype == normal.dtype
+        torch.testing.assert_close(forced, normal, rtol=1e-15, atol=1e-14)
+        np.testing.assert_array_equal(normal.numpy(), nsiter.col2im(X.numpy(), shape, k, **kw))
 
 
 def test_im2col_never_aliases_its_input():
@@ -203,12 +224,12 @@ def test_patch_covariance_in_chunks_equals_one_shot(monkeypatch):
         one = nsiter.patch_covariance(x, 3, padding=1, block_size=2, grouping=grouping)
         # budgets forcing image chunks, then row bands inside one image
         for budget in (36 * 150, 36 * 7):
-            monkeypatch.setattr(tb, "_CHUNK_ELEMENTS", budget)
+            monkeypatch.setattr(tpatches, "_CHUNK_ELEMENTS", budget)
             got = nsiter.patch_covariance(x, 3, padding=1, block_size=2, grouping=grouping)
             monkeypatch.undo()
             for a, b in zip(got, one):
                 np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=0, atol=1e-13)
-    assert len(tb._chunks(tb._sampled_geometry((3, 4, 12, 10), 3, 1, 1, 1, 1), 36, 36 * 7)) > 3
+    assert len(tpatches._chunks(_sampled_geometry((3, 4, 12, 10), 3, 1, 1, 1, 1), 36, 36 * 7)) > 3
 
 
 def test_patch_covariance_errors():
@@ -389,16 +410,75 @@ def test_inv_sqrtm_empty_batch_and_shapes():
 def test_fast_path_blow_up_falls_back_to_the_best_tracked_iterate(monkeypatch):
     rng = np.random.default_rng(15)
     A = _t(spd_with_condition(5, 10.0, rng))
+    real = ns._device_solve
 
-    def blown(A3, n_iter, scaling, eps, want):
-        out, flags = tb._fixed_core(A3, n_iter, scaling, eps, want)
+    def blown(be, A3, n_iter, scaling, eps, want):
+        out, flags = real(be, A3, n_iter, scaling, eps, want)
         flags = flags.clone()
-        flags[:, 7] = 0.0  # pretend the output was not finite
+        flags[:, 8] = 0.0  # pretend the output was not finite
         return out * float("nan"), flags
 
-    monkeypatch.setattr(tb, "_fixed_solve", blown)
+    monkeypatch.setitem(tb._SETTINGS, "force_device_path", True)
+    monkeypatch.setattr(ns, "_device_solve", blown)
     D = nsiter.inv_sqrtm(A, n_iter=10)
     np.testing.assert_allclose(D.numpy(), reference.inv_sqrtm(A.numpy()), rtol=0, atol=1e-10)
+
+
+_DEVICE_CASES = [dict(n_iter=7), dict(n_iter=7, scaling="spectral"), dict(n_iter=7, scaling="trace"), dict(),
+                 dict(tol=1e-9), dict(n_iter=20, return_info=True), dict(method="accelerated"),
+                 dict(method="auto"), dict(method="auto", return_info=True), dict(method="eigh"),
+                 dict(method="uncoupled", n_iter=6, return_info=True)]
+
+
+@pytest.mark.parametrize("want", ["isqrt", "sqrt"])
+@pytest.mark.parametrize("kw", _DEVICE_CASES)
+def test_device_path_on_cpu_tensors_equals_the_host_path(kw, want, monkeypatch):
+    """The branches that run on CUDA (device-side checks and probe, no host sync, auto
+    without eigh) run here on CPU tensors: same results as the host path, same info."""
+    rng = np.random.default_rng(21)
+    A = _t(spd_with_condition(9, 1e3, rng, batch=(3,)))
+    fn = nsiter.inv_sqrtm if want == "isqrt" else nsiter.sqrtm_psd
+    ref = fn(A, **kw)
+    monkeypatch.setitem(tb._SETTINGS, "force_device_path", True)
+    got = fn(A, **kw)
+    if kw.get("return_info"):
+        (ref, ri), (got, gi) = ref, got
+        assert gi.converged.all() and not gi.diverged.any()
+        if kw.get("method") != "auto":  # (device auto never picks eigh)
+            np.testing.assert_array_equal(gi.best_iter, ri.best_iter)
+    tol = 1e-9 if kw.get("method") in ("auto", "accelerated") or kw == {} else 1e-12
+    np.testing.assert_allclose(got.numpy(), ref.numpy(), rtol=0, atol=tol * float(ref.abs().max()))
+
+
+def test_device_path_on_cpu_tensors_raises_and_warns_like_the_host_path(monkeypatch):
+    monkeypatch.setitem(tb._SETTINGS, "force_device_path", True)
+    A = _t(spd_with_condition(4, 10.0, np.random.default_rng(22)))
+    for bad, match in ((A * float("nan"), "finite"), (A + torch.triu(torch.ones(4, 4), 1), "symmetric"),
+                       (-A, "positive semidefinite"), (0 * A, "zero matrix")):
+        with pytest.raises(ValueError, match=match):
+            nsiter.inv_sqrtm(bad, n_iter=5)
+    v = torch.arange(1.0, 5.0, dtype=torch.float64)[:, None]
+    with pytest.warns(nsiter.IllConditionedWarning, match="eps"):
+        nsiter.inv_sqrtm(v @ v.T, n_iter=5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        nsiter.inv_sqrtm(v @ v.T, tol=1e-8)  # (the singular matrix also diverges)
+    assert nsiter.IllConditionedWarning in {w.category for w in caught}
+
+
+def test_settings_setters_return_the_old_value_and_the_context_restores_it():
+    assert tb.set_cuda_graphs(False) is True and tb.set_cuda_graphs(True) is False
+    assert tb.set_allow_tf32(False) is False
+    with tb.allow_tf32(True):
+        assert tb._SETTINGS["allow_tf32"] is True
+    assert tb._SETTINGS["allow_tf32"] is False
+
+
+def test_cuda_graph_runner_runs_eagerly_off_cuda():
+    A = _t(spd_with_condition(4, 10.0, np.random.default_rng(23)))[None]
+    calls = []
+    out = tlinalg.run_device(lambda X: (calls.append(1), X * 2.0)[1:], A, ("key",))
+    assert calls and torch.equal(out[0], A * 2.0) and not tlinalg._GRAPHS
 
 
 # ------------------------------------------------------------------------------ autograd
@@ -450,7 +530,7 @@ def test_gradcheck_whitening_of_a_data_matrix():
 _FLAG_SCRIPT = r"""
 import sys, torch, warnings
 warnings.simplefilter("ignore")
-from nsiter import _torch_backend as tb
+from nsiter import _torch as tb
 m = torch.backends.cuda.matmul
 def state():
     out = []
@@ -466,9 +546,9 @@ setups = ["pass", "m.allow_tf32 = True", "torch.set_float32_matmul_precision('me
 for setup in setups:  # each leaves the flags in a new (possibly mixed-API) state
     exec(setup)
     before = state()
-    with tb._matmul_precision(torch.device("cuda")):
+    with tb.matmul_precision(torch.device("cuda")):
         inside_off = m.allow_tf32
-    with tb.allow_tf32(True), tb._matmul_precision(torch.device("cuda")):
+    with tb.allow_tf32(True), tb.matmul_precision(torch.device("cuda")):
         inside_on = m.allow_tf32
     print(setup.replace(" ", ""), before == state(), inside_off, inside_on)
 import nsiter.torch
@@ -784,10 +864,10 @@ def test_gpu_cuda_graph_path_equals_eager_and_reports_errors():
         eager = nsiter.inv_sqrtm(A, n_iter=15)
     finally:
         tb.set_cuda_graphs(old)
-    tb._GRAPHS.clear()
+    tlinalg._GRAPHS.clear()
     graph1 = nsiter.inv_sqrtm(A, n_iter=15)
     graph2 = nsiter.inv_sqrtm(A * 2.0, n_iter=15)  # replay with new data
-    assert len(tb._GRAPHS) == 1 and next(iter(tb._GRAPHS.values()))
+    assert len(tlinalg._GRAPHS) == 1 and next(iter(tlinalg._GRAPHS.values()))
     torch.testing.assert_close(graph1, eager, rtol=0, atol=1e-6)
     torch.testing.assert_close(graph2, eager / 2 ** 0.5, rtol=1e-5, atol=1e-6)
     bad = A.clone()

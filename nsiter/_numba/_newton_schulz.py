@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._config import jit, prange
+from .._policy import BLOWUP_GROWTH, BLOWUP_SQRT_N, STAGNATION_BELOW, STAGNATION_RATIO
 
 __all__ = [
     "_psd_probe", "_psd_probe_serial", "_spectrum_estimates", "_spectrum_estimates_serial",
@@ -276,10 +277,9 @@ def _coupled_ns_one(Y0, Y0_64, coefs, n_max, k_last, record, stop_early, tol,
     in ``hist[k-1]``.  ``stop_early`` stops the matrix at the first iterate whose free
     by-product ``rho_k = ||Z_k Y_k - I||_F`` (``M`` of the next step, equal to ``r_k`` in
     exact arithmetic) is ``<= tol`` or has stagnated at the rounding floor
-    (``rho_k < 0.5`` and ``rho_k > 0.75 rho_{k-1}``; the quadratic phase more than halves
-    it), provided ``r_k`` confirms it (``r_k <= tol``, or stagnation); when ``r_k``
+    (:mod:`nsiter._policy`), provided ``r_k`` confirms it (``r_k <= tol``, or stagnation); when ``r_k``
     disagrees, the decisions switch to ``r_k`` from then on.  The decisions do not depend
-    on ``record``.  Divergence: non-finite, ``> 1e3 x`` the best value or ``> 10 sqrt(n)``;
+    on ``record``.  Divergence (:mod:`nsiter._policy`): non-finite, too large a growth over the best value;
     the best iterate is then returned (when the divergence shows in the by-product, no
     copy exists: the iteration stops, ``diverged`` is set and the caller reruns the matrix
     with ``record``).  Otherwise the iterate returned is the one the matrix stopped at
@@ -302,7 +302,7 @@ def _coupled_ns_one(Y0, Y0_64, coefs, n_max, k_last, record, stop_early, tol,
     Yb = Y.copy()
     R1 = np.empty((n, n))
     R2 = np.empty((n, n))
-    big = 10.0 * np.sqrt(n)
+    big = BLOWUP_SQRT_N * np.sqrt(n)
     use_metric = False  # stop decisions on r_k instead of rho_k
     best = np.inf  # best by-product rho_k (decisions in by-product mode)
     best_m = np.inf  # best float64 residual r_k seen (record / metric mode); iterate in Zb, Yb
@@ -324,7 +324,7 @@ def _coupled_ns_one(Y0, Y0_64, coefs, n_max, k_last, record, stop_early, tol,
             _mm(Z, Y, M)
         if stop_early and k >= 1 and not use_metric:
             rho = _fro_minus_identity(M)  # residual of iterate k, for free
-            if not np.isfinite(rho) or rho > 1e3 * best or rho > big:
+            if not np.isfinite(rho) or rho > BLOWUP_GROWTH * best or rho > big:
                 # without ``record`` no copies are kept: the caller reruns with ``record``
                 diverged = True
                 restore = record
@@ -332,7 +332,7 @@ def _coupled_ns_one(Y0, Y0_64, coefs, n_max, k_last, record, stop_early, tol,
                 break
             if rho < best:
                 best = rho
-            stag = rho < 0.5 and rho > 0.75 * prev
+            stag = rho < STAGNATION_BELOW and rho > STAGNATION_RATIO * prev
             prev = rho
             if rho <= tol or stag:
                 if not record:
@@ -392,10 +392,10 @@ def _coupled_ns_one(Y0, Y0_64, coefs, n_max, k_last, record, stop_early, tol,
                 Zb[:, :] = Z
                 Yb[:, :] = Y
             if use_metric or not stop_early:
-                if not finite or r > 1e3 * best_m or r > big:
+                if not finite or r > BLOWUP_GROWTH * best_m or r > big:
                     diverged = True
             if use_metric:
-                if diverged or r <= tol or (r < 0.5 and r > 0.75 * prev):
+                if diverged or r <= tol or (r < STAGNATION_BELOW and r > STAGNATION_RATIO * prev):
                     restore = not (r <= tol)
                     if not restore:
                         best_k = done

@@ -1,0 +1,138 @@
+"""The numpy backend's Newton–Schulz kernels: allocation, serial/parallel choice, BLAS threads.
+
+Thin wrappers around the Numba kernels of :mod:`nsiter._numba._newton_schulz`; the
+algorithm that calls them is :mod:`nsiter.newton_schulz` (written once for numpy and
+torch).  Each wrapper's choice depends on ``n`` only, so a matrix gets the same bits
+alone or in a batch.  Why each size limit is where it is: ``analysis/results/newton_schulz.md``
+and ``analysis/results/auto_cost.md`` (``analysis/bench_newton_schulz.py``,
+``analysis/calibrate_auto.py``).
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from ._newton_schulz import (
+    _coupled_ns_parallel,
+    _coupled_ns_serial,
+    _eigh_power,
+    _eigh_power_serial,
+    _prepare,
+    _prepare_serial,
+    _psd_probe,
+    _psd_probe_serial,
+    _spectrum_estimates_serial,
+)
+
+__all__ = ["prepare", "probe", "eigh_power", "coupled_kernel", "auto_may_use_eigh"]
+
+# One matrix per Numba thread for a batch up to this size; above it the batch runs in
+# order and the BLAS library's own threads share each product.
+PARALLEL_MAX_N = 64
+# The fused Numba iteration up to this size; above it the array-code runner of
+# nsiter.newton_schulz on numpy ``@``: one BLAS library (numpy's) for probe and iteration,
+# instead of numpy's and SciPy's OpenBLAS thread pools competing.
+NUMBA_MAX_N = 64
+# The spectrum probe factorises with Numba up to this size (no BLAS, so no OpenBLAS
+# threads left spinning against the Numba kernels that follow), with LAPACK above.
+PROBE_NUMBA_MAX_N = 256
+# method="eigh" calls LAPACK from Numba threads (one matrix each, BLAS held to one thread
+# by threadpoolctl) up to this size; numpy's batched eigh above.
+EIGH_KERNEL_MAX_N = 128
+
+
+def _use_thread_pool(n: int, nb: int) -> bool:
+    """One matrix per Numba thread for small matrices in a batch; otherwise no Numba
+    parallel region at all, so that BLAS/LAPACK threads never compete with a spinning pool."""
+    return n <= PARALLEL_MAX_N and nb > 1
+
+
+def prepare(A3, eps: float):
+    """``(A64, fro, stats)``: ``A64 = (A + A^T)/2 + eps I`` in float64 (a new array) and, in
+    the same pass, ``stats (nb, 5) = [all finite, max|a_ij|, max|a_ij - a_ji|, ||A64||_F,
+    ||A64||_inf]``; ``fro`` is ``stats[:, 3]``."""
+    n = A3.shape[-1]
+    src = np.ascontiguousarray(A3)
+    nb = src.shape[0]
+    A64 = np.empty((nb, n, n))
+    stats = np.empty((nb, 5))
+    (_prepare if nb > 1 else _prepare_serial)(src, float(eps), A64, stats)
+    return A64, stats[:, 3].copy(), stats
+
+
+def probe(A64, delta, n_inverse: int, n_power: int):
+    """``(ok, lmin, lmax)``: Cholesky of ``A + delta I`` succeeded; inverse-iteration estimate
+    (from above) of ``lambda_min``; power-iteration estimate (from below) of ``lambda_max``
+    (0 when ``n_power == 0``).  Numba up to :data:`PROBE_NUMBA_MAX_N`, LAPACK above."""
+    nb, n, _ = A64.shape
+    out = np.empty((nb, 3))
+    if n <= PROBE_NUMBA_MAX_N:
+        (_psd_probe if _use_thread_pool(n, nb) else _psd_probe_serial)(A64, delta, n_inverse, n_power, out)
+        return out[:, 0] > 0, out[:, 1].copy(), out[:, 2].copy()
+    S = A64.copy()
+    S[:, np.arange(n), np.arange(n)] += delta[:, None]
+    try:
+        L = np.linalg.cholesky(S)
+    except np.linalg.LinAlgError:
+        _psd_probe_serial(A64, delta, n_inverse, n_power, out)
+        return out[:, 0] > 0, out[:, 1].copy(), out[:, 2].copy()
+    lmin, lmax = np.empty(nb), np.empty(nb)
+    _spectrum_estimates_serial(A64, L, delta, n_inverse, n_power, lmin, lmax)
+    return np.ones(nb, dtype=bool), lmin, lmax
+
+
+@functools.lru_cache(maxsize=None)
+def _blas_controller():
+    """threadpoolctl's view of the loaded BLAS libraries, including SciPy's OpenBLAS (the
+    LAPACK that ``np.linalg.eigh`` calls inside Numba; imported first so that it is seen)."""
+    import scipy.linalg.cython_lapack  # noqa: F401  (loads SciPy's OpenBLAS)
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
+def eigh_power(A64, power: float):
+    """``(V diag(lambda^power) V^T, lambda)`` from a float64 ``eigh`` (ascending ``lambda``).
+
+    For ``power > 0`` eigenvalues ``<= 0`` map to 0.  Up to :data:`EIGH_KERNEL_MAX_N` one
+    matrix per Numba thread with BLAS held to one thread, formed as ``W W^T`` (symmetric to
+    the last bit); above, numpy's batched ``eigh``.
+    """
+    nb, n, _ = A64.shape
+    if n <= EIGH_KERNEL_MAX_N:
+        D = np.empty_like(A64)
+        lam = np.empty((nb, n))
+        with _blas_controller().limit(limits=1, user_api="blas"):
+            (_eigh_power if nb > 1 else _eigh_power_serial)(A64, float(power), D, lam)
+        return D, lam
+    lam, V = np.linalg.eigh(A64)
+    lam_p = np.where(lam > 0, np.maximum(lam, np.finfo(float).tiny) ** power, 0.0)
+    return (V * lam_p[:, None, :]) @ np.swapaxes(V, -1, -2), lam
+
+
+def _coupled_fused(Y0, Y0_64, coefs, n_max, k_last, record, stop_early, tol):
+    """The fused coupled iteration (``_coupled_ns_one``) over the batch: ``(Z, Y, n_done,
+    best_iter, diverged, best_r, hist)``, the contract of ``newton_schulz._run_coupled``."""
+    nb, n, _ = Y0.shape
+    Z = np.empty_like(Y0)
+    Y = np.empty_like(Y0)
+    hist = np.full((nb, n_max if record else 1), np.nan)
+    info_i = np.zeros((nb, 3), dtype=np.int64)
+    info_f = np.zeros((nb, 1))
+    coefs = np.ascontiguousarray(coefs[:, :n_max], dtype=Y0.dtype)
+    k_last = np.zeros(nb, dtype=np.int64) if k_last is None else np.ascontiguousarray(k_last, dtype=np.int64)
+    kernel = _coupled_ns_parallel if _use_thread_pool(n, nb) else _coupled_ns_serial
+    kernel(np.ascontiguousarray(Y0), np.ascontiguousarray(Y0_64), coefs, n_max, k_last, record, stop_early,
+           float(tol or 0.0), Z, Y, hist, info_i, info_f)
+    return Z, Y, info_i[:, 0], info_i[:, 1], info_i[:, 2].astype(bool), info_f[:, 0], hist
+
+
+def coupled_kernel(n: int):
+    """The fused Numba iteration for size ``n``, or ``None`` (use the array-code runner)."""
+    return _coupled_fused if n <= NUMBA_MAX_N else None
+
+
+def auto_may_use_eigh(like) -> bool:
+    """``method="auto"`` weighs LAPACK ``eigh`` against the iteration on the CPU."""
+    return True

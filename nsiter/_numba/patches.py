@@ -1,0 +1,489 @@
+r"""The numpy backend's patch kernels: im2col, col2im and the moments of patch rows.
+
+Wrappers that allocate outputs and call the Numba kernels of :mod:`nsiter._numba._im2col`
+and :mod:`nsiter._numba._covariance`; the algorithms that call them (validation, groupings,
+the exact merge, the final scaling) are :mod:`nsiter.im2col` and :mod:`nsiter.covariance`,
+written once for numpy and torch.  Inputs are validated ``(N, C, H, W)`` float arrays and a
+:class:`nsiter._conventions.Geometry`; moments come back as float64
+``(count, mean (G, fb), M2 (G, fb, fb))`` (:mod:`nsiter._moments`), ``M2`` possibly a reused
+work buffer (callers copy or reduce it).
+
+Numerics (every moment kernel): second moments are accumulated in float64 about a *shift*
+close to the feature means (the channel mean times the fraction of the grid where a tap sees
+the image, so padding is accounted for) and corrected exactly at the end,
+``M2 = S_2 - s s^T / N`` with ``s`` the shifted column sums.  Data with a large mean
+therefore does not cancel the way the reference code's ``E[x x^T] - mu mu^T`` in float32
+does.  Three kernels compute the moments (:data:`KERNELS`):
+
+* ``"gemm"`` (any geometry): chunks of shifted patch rows (at most 8 MB), each augmented by a
+  column of ones, and one BLAS product ``B^T B`` per chunk (moments and column sums at once);
+  chunk results are summed in float64.  For float32 input with blocks of at least 64
+  features one chunk's product (at most 2048 rows) runs in float32 BLAS, otherwise in
+  float64.
+* ``"rowshift"`` (vertical step 1): BLAS products of 1-row patch matrices ``Z_u^T Z_{u+di}``,
+  one per row shift ``di`` and window segment, instead of one per tap-row pair; ``kh`` times
+  less fill and about ``kh/2`` times fewer multiply-adds than ``"gemm"``.
+* ``"shifted"`` (step 1 both ways): the moment of two taps is a window sum of the product of
+  the image with a shifted copy of itself, ``O(C^2 k^2 H W)`` work instead of
+  ``O(C^2 k^4 H W)``, in float64 (:func:`nsiter._numba._covariance._shifted_moments`).
+
+A cost model (:func:`_cost`, rates from :mod:`nsiter._tuning`) picks the cheapest; all three
+agree to rounding (the tests compare each with the loop reference).  Work buffers of at most
+8 MB are kept per thread and reused between calls (:func:`_scratch`).
+"""
+from __future__ import annotations
+
+import math
+import threading
+
+import numba
+import numpy as np
+
+from .. import _tuning
+from .._moments import Plan, channel_means, merge_moments
+from ._covariance import _patch_rows, _row_patches, _scatter_moments, _shifted_moments, _subtract_outer
+from ._im2col import _col2im, _im2col
+
+__all__ = ["KERNELS", "im2col", "col2im", "matrix_moments", "patch_moments", "choose_kernel",
+           "correlate_centred"]
+
+#: Moment kernels of :func:`patch_moments` (chosen by :func:`choose_kernel`; its ``kernel``
+#: argument forces one, for tests and benchmarks).
+KERNELS = ("gemm", "rowshift", "shifted")
+
+_BUFFER_BYTES = 8 * 2**20  # one chunk of shifted patch rows
+_F32_ROWS = 2048  # rows per float32 chunk of patch rows (its rounding grows like sqrt(rows))
+_F32_GEMM_ROWS = 8192  # rows per float32 product of 1-row patch matrices (fewer, larger BLAS calls)
+_F64_ROWS = 65536
+_F32_MIN_FEATURES = 64  # narrower blocks are fill-bound: their products run in float64
+_DENSE_BYTES = 32 * 2**20  # one piece of padded, shifted float64 images ("shifted" kernel)
+_ROWS_BYTES = 32 * 2**20  # one piece of 1-row patch matrices ("rowshift" kernel)
+_SCRATCH_MAX = 8 * 2**20  # work buffers up to this size are kept per thread and reused
+_RATE_MAC = {np.dtype(k): v for k, v in _tuning.COV_RATE_MAC.items()}  # keyed by dtype: a cheap lookup
+
+
+def im2col(imgs: np.ndarray, g) -> np.ndarray:
+    """The ``(N*L, C*kh*kw)`` patch matrix (Numba, parallel over image rows)."""
+    out = np.empty((g.n * g.n_patches, g.n_features), dtype=imgs.dtype)
+    _im2col(np.ascontiguousarray(imgs), g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.oh, g.ow, out)
+    return out
+
+
+def col2im(X: np.ndarray, g) -> np.ndarray:
+    """Patch rows summed back into ``(N, C, H, W)`` images (Numba, parallel over planes)."""
+    out = np.zeros((g.n, g.c, g.h, g.w), dtype=X.dtype)
+    _col2im(np.ascontiguousarray(X), g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.oh, g.ow, out)
+    return out
+
+
+def correlate_centred(x: np.ndarray, shift: np.ndarray, K: np.ndarray, bias: np.ndarray, padding) -> np.ndarray:
+    """``y[n, o] = bias[o] + sum_c (pad(x[n], padding) - shift[c]) * K[o, c]`` (valid correlation).
+
+    ``x`` is zero-padded, then shifted (so the padding holds ``-shift``); float64, one
+    padded image at a time (SciPy's direct/FFT correlation per channel pair).
+    """
+    from scipy.signal import correlate
+
+    n, c, h, w = x.shape
+    ph, pw = padding
+    y = np.empty((n, K.shape[0], h + 2 * ph - K.shape[2] + 1, w + 2 * pw - K.shape[3] + 1))
+    xs = np.empty((c, h + 2 * ph, w + 2 * pw))
+    for i in range(n):
+        xs[...] = -shift[:, None, None]
+        xs[:, ph:ph + h, pw:pw + w] = x[i] - shift[:, None, None]
+        for co in range(K.shape[0]):
+            acc = np.full(y.shape[2:], bias[co])
+            for ci in range(c):
+                acc += correlate(xs[ci], K[co, ci], mode="valid")
+            y[i, co] = acc
+    return y
+
+
+# --------------------------------------------------------------------------------------
+# moments of data matrices and of patch rows: float64 (count, mean, M2)
+# --------------------------------------------------------------------------------------
+
+_LOCAL = threading.local()
+
+
+def _scratch(name: str, shape, dtype, *, zero: bool = False) -> np.ndarray:
+    """A work buffer kept per thread and reused between calls (fresh pages are slow to fault in).
+
+    Buffers above ``_SCRATCH_MAX`` bytes are allocated per call.  Results handed to the
+    caller are never scratch: they are copied or computed into fresh arrays.
+    """
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    if nbytes > _SCRATCH_MAX:
+        return np.zeros(shape, dtype) if zero else np.empty(shape, dtype)
+    store = getattr(_LOCAL, "buffers", None)
+    if store is None:
+        store = _LOCAL.buffers = {}
+    raw = store.get(name)
+    if raw is None or raw.nbytes < nbytes:
+        raw = store[name] = np.empty(max(nbytes, 64), dtype=np.uint8)
+    arr = raw[:nbytes].view(dtype).reshape(shape)
+    if zero:
+        arr.fill(0)
+    return arr
+
+
+def _finish_shifted(count, shift, sums, second):
+    """Centred statistics from moments about ``shift``: ``M2 = S_2 - s s^T / N`` (in place on ``second``).
+
+    ``z = s / sqrt(N)`` makes the correction ``z z^T`` exactly symmetric, so an exactly
+    symmetric ``second`` gives an exactly symmetric ``M2``.
+    """
+    z = sums / math.sqrt(count)
+    _subtract_outer(second.reshape((-1,) + second.shape[-2:]), z.reshape(-1, z.shape[-1]))
+    return count, shift + sums / count, second
+
+
+def _chunk_rows(width: int, dtype: np.dtype) -> int:
+    rows = max(1, _BUFFER_BYTES // (width * dtype.itemsize))
+    return int(min(rows, _F32_ROWS if dtype == np.float32 else _F64_ROWS))
+
+
+def _buffer_dtype(arr_dtype: np.dtype, fb: int) -> np.dtype:
+    if arr_dtype == np.float32 and fb >= _F32_MIN_FEATURES:
+        return np.dtype(np.float32)
+    return np.dtype(np.float64)
+
+
+def matrix_moments(arr: np.ndarray):
+    """Moments of the rows of a samples x features matrix about a sampled shift, in chunks through BLAS."""
+    n, f = arr.shape
+    shift = arr[:: max(1, n // 256)].mean(axis=0, dtype=np.float64)  # a shift near the mean (<= 511 rows)
+    bdt = _buffer_dtype(arr.dtype, f)
+    shift_b = shift.astype(bdt)  # subtract in the buffer's dtype (no mixed-type loop) ...
+    shift = shift_b.astype(np.float64)  # ... and correct for exactly that shift
+    rows = _chunk_rows(f + 1, bdt)
+    flat = _scratch("rows", (min(rows, n) * (f + 1),), bdt)
+    tmp = _scratch("tmp", (f + 1, f + 1), bdt)
+    acc = _scratch("acc", (f + 1, f + 1), np.float64, zero=True)
+    for p0 in range(0, n, rows):
+        r = min(rows, n - p0)
+        buf = flat[: r * (f + 1)].reshape(r, f + 1)
+        np.subtract(arr[p0:p0 + r], shift_b, out=buf[:, :f])
+        buf[:, f] = 1.0
+        np.matmul(buf.T, buf, out=tmp)
+        acc += tmp
+    return _finish_shifted(n, shift, acc[f, :f], acc[:f, :f])
+
+
+def _valid_fraction(out: int, step: int, pad: int, dil: int, k: int, size: int) -> np.ndarray:
+    pos = np.arange(out)[:, None] * step - pad + np.arange(k)[None, :] * dil
+    return ((pos >= 0) & (pos < size)).mean(axis=0)
+
+
+def _patch_shift(imgs: np.ndarray, g, plan: Plan):
+    """Per-column shift ``m_c * (fraction of the grid where tap (i, j) is inside the image)``.
+
+    This is the column mean of a stationary image, padding included.  For the reference
+    grouping the shift is averaged over the stacked groups (one shift per shared feature).
+    Returns ``(shift per im2col column (F,), shift per output feature (G, fb))``.
+    """
+    m_c = channel_means(imgs)
+    fh = _valid_fraction(g.oh, g.sh, g.ph, g.dh, g.kh, g.h)
+    fw = _valid_fraction(g.ow, g.sw, g.pw, g.dw, g.kw, g.w)
+    shift_col = (m_c[:, None, None] * fh[None, :, None] * fw[None, None, :]).reshape(-1)
+    if plan.mode == "reference":
+        shift_out = shift_col.reshape(plan.fb, plan.stack).mean(axis=1)
+        return np.ascontiguousarray(shift_out[plan.feat]), shift_out[None]
+    return shift_col, shift_col.reshape(plan.groups, plan.fb)
+
+
+def _lanes(plan: Plan) -> int:
+    """Group rows per patch row: the stacked groups (reference) or the blocks."""
+    return plan.stack if plan.mode == "reference" else plan.groups
+
+
+def _gemm_moments(imgs: np.ndarray, g, plan: Plan):
+    """Moments of the (grouped, stacked) patch rows, chunk by chunk through BLAS."""
+    shift_col, shift_out = _patch_shift(imgs, g, plan)
+    fb1 = plan.fb + 1
+    stacked = plan.mode == "reference"
+    lanes = _lanes(plan)
+    bdt = _buffer_dtype(imgs.dtype, plan.fb)
+    total = g.n * g.oh * g.ow
+    rows = min(_chunk_rows(lanes * fb1, bdt), total)
+    flat = _scratch("rows", (rows * lanes * fb1,), bdt)
+    tmp = _scratch("tmp", (plan.groups, fb1, fb1), bdt)
+    acc = _scratch("acc", (plan.groups, fb1, fb1), np.float64, zero=True)
+    x = np.ascontiguousarray(imgs)
+    if stacked:  # (R, G, fb1): row stride lanes*fb1
+        base = plan.grp * fb1 + plan.feat
+        ones = np.arange(lanes, dtype=np.int64) * fb1 + plan.fb
+    for p0 in range(0, total, rows):
+        r = min(rows, total - p0)
+        if stacked:
+            _patch_rows(x, shift_col, base, ones, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.oh, g.ow,
+                        p0, r, lanes * fb1, flat)
+            b2 = flat[: r * lanes * fb1].reshape(r * lanes, fb1)
+            np.matmul(b2.T, b2, out=tmp[0])
+        else:  # (G, R, fb1): group stride r*fb1, row stride fb1
+            base = plan.grp * (r * fb1) + plan.feat
+            ones = np.arange(lanes, dtype=np.int64) * (r * fb1) + plan.fb
+            _patch_rows(x, shift_col, base, ones, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.oh, g.ow,
+                        p0, r, fb1, flat)
+            buf = flat[: r * lanes * fb1].reshape(lanes, r, fb1)
+            np.matmul(buf.transpose(0, 2, 1), buf, out=tmp)
+        acc += tmp
+    count = total * plan.stack
+    fb = plan.fb
+    return _finish_shifted(count, shift_out, acc[:, fb, :fb], acc[:, :fb, :fb])
+
+
+def _dense_pairs(plan: Plan) -> tuple[np.ndarray, np.ndarray]:
+    """Channel pairs ``a <= b`` whose moments the plan needs (all, or within contiguous blocks)."""
+    a, b = np.triu_indices(plan.c)
+    if plan.mode == "contiguous":
+        block = plan.c // plan.groups
+        keep = a // block == b // block
+        a, b = a[keep], b[keep]
+    return a, b
+
+
+def _dense_tasks(plan: Plan, kh: int) -> np.ndarray:
+    """Tasks ``(c, c2, di)``: ``di >= 0`` for ``c == c2`` (the rest is the transpose), all ``di`` else."""
+    a, b = _dense_pairs(plan)
+    di = np.arange(-(kh - 1), kh)
+    t = np.stack(np.broadcast_arrays(a[:, None], b[:, None], di[None, :]), axis=-1).reshape(-1, 3)
+    t = t[(t[:, 0] != t[:, 1]) | (t[:, 2] >= 0)]
+    return np.ascontiguousarray(t, dtype=np.int64)
+
+
+def _dense_pieces(g):
+    """``(n0, n1, a0, a1)``: image ranges and output-row bands whose padded rows fit the budget."""
+    wp = 2 * g.ow + 4 * (g.kw - 1) * g.dw  # two copies, one with zero margins
+    hp = g.oh + (g.kh - 1) * g.dh
+    per_image = g.c * hp * wp * 8
+    if per_image <= _DENSE_BYTES:
+        step = max(1, _DENSE_BYTES // per_image)
+        return [(n0, min(g.n, n0 + step), 0, g.oh) for n0 in range(0, g.n, step)]
+    halo = (g.kh - 1) * g.dh
+    band = max(1, _DENSE_BYTES // (g.c * wp * 8) - halo)
+    return [(n, n + 1, a0, min(g.oh, a0 + band)) for n in range(g.n) for a0 in range(0, g.oh, band)]
+
+
+def _shifted_moments_driver(imgs: np.ndarray, g, plan: Plan):
+    """Moments of a dense (effective stride 1) patch grid via shifted inner products."""
+    m_c = channel_means(imgs)
+    kh, kw, dh, dw = g.kh, g.kw, g.dh, g.dw
+    wp = g.ow + (kw - 1) * dw
+    margin = (kw - 1) * dw
+    halo = (kh - 1) * dh
+    tasks = _dense_tasks(plan, kh)
+    acc = np.zeros((len(tasks), kh, 2 * kw - 1, kw))
+    colsum = np.zeros((g.c, kh, kw))
+    ii = np.arange(kh) * dh
+    jj = np.arange(kw) * dw
+    for n0, n1, a0, a1 in _dense_pieces(g):
+        rows = a1 - a0 + halo
+        xs = np.empty((n1 - n0, g.c, rows, wp))
+        xs[...] = -m_c[None, :, None, None]
+        # padded rows [a0, a0 + rows) hold image rows [a0 - ph, ...); columns [pw, pw + w)
+        r0 = max(0, a0 - g.ph)
+        r1 = min(g.h, a0 + rows - g.ph)
+        if r1 > r0:
+            dst = xs[:, :, r0 + g.ph - a0:r1 + g.ph - a0, g.pw:g.pw + g.w]
+            np.subtract(imgs[n0:n1, :, r0:r1], m_c[None, :, None, None], out=dst)
+        xb = np.zeros((n1 - n0, g.c, rows, wp + 2 * margin))
+        xb[..., margin:margin + wp] = xs
+        _shifted_moments(xs, xb, tasks, kh, kw, dh, dw, a1 - a0, g.ow, acc)
+        sat = np.zeros((g.c, rows + 1, wp + 1))
+        np.cumsum(np.cumsum(xs.sum(axis=0), axis=1), axis=2, out=sat[:, 1:, 1:])
+        oh = a1 - a0
+        colsum += (sat[:, ii[:, None] + oh, jj[None, :] + g.ow] - sat[:, ii[:, None], jj[None, :] + g.ow]
+                   - sat[:, ii[:, None] + oh, jj[None, :]] + sat[:, ii[:, None], jj[None, :]])
+    f = plan.n_features
+    second = np.zeros((f, f))
+    _scatter_moments(acc, tasks, kh, kw, second)
+    count = g.n * g.oh * g.ow
+    shift = np.repeat(m_c, kh * kw)
+    n, mean, m2 = _finish_shifted(count, shift, colsum.reshape(-1), second)
+    return _regroup(n, mean, m2, plan)
+
+
+def _row_pieces(g, width: int, itemsize: int):
+    """Like :func:`_dense_pieces` for 1-row patch matrices of ``width`` columns."""
+    halo = (g.kh - 1) * g.dh
+    per_row = g.ow * width * itemsize
+    per_image = (g.oh + halo) * per_row
+    if per_image <= _ROWS_BYTES:
+        step = max(1, _ROWS_BYTES // per_image)
+        return [(n0, min(g.n, n0 + step), 0, g.oh) for n0 in range(0, g.n, step)]
+    band = max(1, _ROWS_BYTES // per_row - halo)
+    return [(n, n + 1, a0, min(g.oh, a0 + band)) for n in range(g.n) for a0 in range(0, g.oh, band)]
+
+
+def _rowshift_moments(imgs: np.ndarray, g, plan: Plan):
+    r"""Moments of a patch grid with vertical step 1 from row-shifted products of 1-row patches.
+
+    With ``Z_u`` the im2col matrix of padded row ``u`` for a ``1 x kw`` kernel (rows over
+    images and horizontal positions, columns ``(c, j)``), the im2col moment of taps
+    ``(c, i, j)`` and ``(c', i + di, j')`` is
+
+    .. math::  \sum_{u = i d_h}^{i d_h + oh - 1} (Z_u^T Z_{u + di\,d_h})_{(c, j), (c', j')},
+
+    i.e. a window of the running sum over ``u`` of one product per row shift ``di``: the
+    rows between consecutive window boundaries are multiplied once (one BLAS product per
+    segment), for ``kh`` shifts instead of ``kh^2`` tap-row pairs, and the im2col fill shrinks
+    by ``kh``.  Contiguous blocks are computed block by block; the reference grouping and
+    ``block_size=None`` from the full matrix.
+    """
+    m_c = channel_means(imgs)
+    kh, kw, dh = g.kh, g.kw, g.dh
+    halo = (kh - 1) * dh
+    cw = g.c * kw
+    blocks = plan.groups if plan.mode == "contiguous" else 1
+    cb = g.c // blocks  # channels per computed block
+    bw = cb * kw
+    zdt = _buffer_dtype(imgs.dtype, cb * g.kh * kw)
+    cap = _F32_GEMM_ROWS if zdt == np.float32 else _F64_ROWS
+    acc = _scratch("acc", (blocks, cb, kh, kw, cb, kh, kw), np.float64, zero=True)
+    colsum = np.zeros((g.c, kh, kw))
+    x = np.ascontiguousarray(imgs)
+    tmp = _scratch("tmp", (bw, bw), zdt)
+    run = _scratch("run", (bw, bw), np.float64)
+    for n0, n1, a0, a1 in _row_pieces(g, cw, zdt.itemsize):
+        oh = a1 - a0
+        rows = oh + halo
+        Z = _scratch("rows", (rows, n1 - n0, g.ow, cw), zdt)
+        rs = _scratch("rowsum", (rows, cw), np.float64)
+        _row_patches(x, m_c, kw, g.sw, g.ph, g.pw, g.dw, g.ow, n0, a0, Z, rs)
+        per_row = (n1 - n0) * g.ow
+        step = max(1, cap // per_row)  # rows of Z per BLAS product (bounded rounding in float32)
+        Zm = Z.reshape(rows * per_row, cw)
+        pre = np.zeros((rows + 1, cw))
+        np.cumsum(rs, axis=0, out=pre[1:])
+        ii = np.arange(kh) * dh
+        colsum += (pre[ii + oh] - pre[ii]).reshape(kh, g.c, kw).transpose(1, 0, 2)
+        for blk in range(blocks):
+            cols = slice(blk * bw, (blk + 1) * bw)
+            for di in range(kh):
+                starts = [i * dh for i in range(kh - di)]
+                bounds = sorted(set(starts) | {u + oh for u in starts})
+                run.fill(0)  # sum of Z_u^T Z_{u + di dh} over rows [bounds[0], u)
+                for u0, u1 in zip(bounds[:-1], bounds[1:]):
+                    for v0 in range(u0, u1, step):
+                        v1 = min(u1, v0 + step)
+                        A = Zm[v0 * per_row:v1 * per_row, cols]
+                        if di == 0:
+                            np.matmul(A.T, A, out=tmp)
+                        else:
+                            B = Zm[(v0 + di * dh) * per_row:(v1 + di * dh) * per_row, cols]
+                            np.matmul(A.T, B, out=tmp)
+                        run += tmp
+                    # window i spans rows [i dh, i dh + oh): add the running sum at its end,
+                    # subtract it at its start (the first start has run == 0)
+                    for i, u in enumerate(starts):
+                        sign = (u + oh == u1) - (u == u1)
+                        if sign:
+                            win = run.reshape(cb, kw, cb, kw)
+                            acc[blk, :, i, :, :, i + di, :] += sign * win
+                            if di:
+                                acc[blk, :, i + di, :, :, i, :] += sign * win.transpose(2, 3, 0, 1)
+    count = g.n * g.oh * g.ow
+    fb = cb * kh * kw
+    second = acc.reshape(blocks, fb, fb)
+    shift = np.repeat(m_c, kh * kw).reshape(blocks, fb)
+    n, mean, m2 = _finish_shifted(count, shift, colsum.reshape(blocks, fb), second)
+    if plan.mode == "contiguous":
+        return n, mean, m2
+    return _regroup(n, mean[0], m2[0], plan)
+
+
+def _regroup(n, mean, m2, plan: Plan):
+    """Full-matrix statistics ``(F,), (F, F)`` arranged as the plan's blocks."""
+    if plan.mode == "full":
+        return n, mean[None], m2[None]
+    if plan.mode == "contiguous":
+        fb = plan.fb
+        idx = np.arange(plan.groups)[:, None] * fb + np.arange(fb)[None, :]
+        return n, mean[idx], m2[idx[:, :, None], idx[:, None, :]]
+    stats = None
+    for grp in range(plan.stack):
+        idx = np.arange(plan.fb) * plan.stack + grp
+        s = (n, mean[idx], m2[np.ix_(idx, idx)])
+        stats = s if stats is None else merge_moments(stats, s)
+    n_all, mu, M = stats
+    return n_all, mu[None], M[None]
+
+
+def _gemm_seconds(macs: float, width: int, dtype) -> float:
+    """BLAS time of ``macs`` multiply-adds producing ``width``-wide outputs (narrow ones are memory-bound)."""
+    eff = min(1.0, (width / 64.0) ** 0.5)
+    return macs / (_RATE_MAC[np.dtype(dtype)] * eff * numba.get_num_threads())
+
+
+def _cost(g, plan: Plan, dtype) -> dict:
+    """Estimated seconds of each kernel for this geometry (a coarse model; only the ranking matters).
+
+    Rates per thread from :mod:`nsiter._tuning`: BLAS multiply-adds (scaled by the thread
+    count and by a width efficiency for narrow outputs), the serial patch fill, and the
+    shifted-product kernel (parallel).
+    """
+    threads = numba.get_num_threads()
+    rows = g.n * g.oh * g.ow
+    fb1 = plan.fb + 1
+    f = plan.n_features
+    lanes = _lanes(plan)
+    bdt = _buffer_dtype(np.dtype(dtype), plan.fb)
+    chunks = -(-rows // _chunk_rows(lanes * fb1, bdt))
+    macs = rows * lanes * fb1 * (fb1 + 1) / 2  # syrk: upper triangles
+    cost = {
+        "gemm": rows * f / _tuning.COV_RATE_FILL + _gemm_seconds(macs, fb1, bdt) + chunks * plan.groups * _tuning.COV_CALL_OVERHEAD,
+        "rowshift": math.inf,
+        "shifted": math.inf,
+    }
+    if g.sh != 1:
+        return cost
+    kh, kw, dh, dw = g.kh, g.kw, g.dh, g.dw
+    hp = g.oh + (kh - 1) * dh
+    blocks = plan.groups if plan.mode == "contiguous" else 1
+    bw = g.c // blocks * kw
+    zdt = _buffer_dtype(np.dtype(dtype), g.c // blocks * kh * kw)
+    per_row = g.n * g.ow
+    macs = 0.0
+    for di in range(kh):
+        macs += ((kh - 1 - di) * dh + g.oh) * per_row * bw * bw * (0.5 if di == 0 else 1.0)
+    calls = blocks * kh * 2 * kh * max(1, -(-hp * per_row // (_F32_GEMM_ROWS if zdt == np.float32 else _F64_ROWS)))
+    cost["rowshift"] = (g.n * hp * g.ow * g.c * kw / _tuning.COV_RATE_FILL + _gemm_seconds(blocks * macs, bw, zdt)
+                        + calls * _tuning.COV_CALL_OVERHEAD)
+    if g.sw != 1:
+        return cost
+    wp = g.ow + (kw - 1) * dw
+    cols = (2 * kw - 1) * wp
+    a, b = _dense_pairs(plan)
+    n_same = int(np.count_nonzero(a == b))
+    n_diff = len(a) - n_same
+    rows_pos = sum(hp - di * dh for di in range(kh))  # di >= 0
+    rows_all = 2 * rows_pos - hp
+    events = 2 * kh * (2 * kw - 1) * wp
+    work = n_same * (rows_pos * cols + kh * events) + n_diff * (rows_all * cols + (2 * kh - 1) * events)
+    cost["shifted"] = (g.n * work / (_tuning.COV_RATE_SHIFTED * threads)
+                       + 3 * g.n * g.c * hp * wp / _tuning.COV_RATE_FILL)
+    return cost
+
+
+def choose_kernel(g, plan: Plan, dtype) -> str:
+    """The kernel of least estimated cost (:func:`_cost`)."""
+    cost = _cost(g, plan, dtype)
+    return min(cost, key=cost.get)
+
+
+def patch_moments(imgs: np.ndarray, g, plan: Plan, kernel: str | None = None):
+    """``(count, mean (G, fb), M2 (G, fb, fb))`` in float64 of the planned patch rows, by one kernel."""
+    kernel = kernel or choose_kernel(g, plan, imgs.dtype)
+    if kernel == "shifted":
+        if g.sh != 1 or g.sw != 1:
+            raise ValueError("the 'shifted' kernel needs an effective stride (stride * sampling_stride) of 1")
+        return _shifted_moments_driver(imgs, g, plan)
+    if kernel == "rowshift":
+        if g.sh != 1:
+            raise ValueError("the 'rowshift' kernel needs a vertical effective stride of 1")
+        return _rowshift_moments(imgs, g, plan)
+    return _gemm_moments(imgs, g, plan)
+
+
