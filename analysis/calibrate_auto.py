@@ -71,7 +71,7 @@ def measure(n, dtype, rounds):
         return lambda: ns._iterate_coupled(be, Y0, Y0_64, coefs, k, tiny, False, True, np.full(nb, k), "isqrt")
 
     t4, t12, t_eigh, t_probe = interleaved(
-        [steps(4), steps(12), lambda: ns._eigh_subset(be, A, dtype, delta, fro, 0.0, "isqrt", False),
+        [steps(4), steps(12), lambda: ns._eigh_subset(be, A, dtype, delta, fro, 0.0, "isqrt", False, np.ones(nb)),
          lambda: be.linalg.probe(A, delta, ns._PROBE_INVERSE_STEPS_SCHEDULE, 0)], rounds)
     for k in (4, 12):  # every matrix ran every step (no early stop, no divergence)
         n_done = steps(k)()[2]

@@ -1,34 +1,18 @@
-"""Pieces shared by the ``nsiter`` command and its sub-command modules.
-
-:mod:`nsiter.cli` and the sub-command modules (:mod:`nsiter._verify_cli`) both import this
-module and it imports neither, so the CLI's imports run one way:
-``cli -> _verify_cli -> _cli_common`` and ``cli -> _cli_common``.
+"""Pieces shared by the ``nsiter`` command and its sub-command modules, which it does not import
+(so the CLI's imports run one way: ``cli -> _verify_cli -> _cli_common`` and ``cli -> _cli_common``).
 """
 from __future__ import annotations
 
 import argparse
 
-__all__ = [
-    "EXIT_OK",
-    "EXIT_FAILED",
-    "EXIT_USAGE",
-    "EXIT_INTERNAL",
-    "EXIT_INTERRUPTED",
-    "_UsageError",
-    "_Parser",
-    "one_line",
-]
+__all__ = ["EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_INTERNAL", "EXIT_INTERRUPTED", "_UsageError", "_Parser",
+           "one_line"]
 
-#: the command ran (and, where a tolerance was given, it was met)
-EXIT_OK = 0
-#: a requested tolerance was missed
-EXIT_FAILED = 1
-#: bad input or usage: one line on stderr, never a traceback
-EXIT_USAGE = 2
-#: an unexpected internal error (one line on stderr; ``NSITER_DEBUG=1`` shows the traceback)
-EXIT_INTERNAL = 3
-#: interrupted by Ctrl-C (128 + SIGINT)
-EXIT_INTERRUPTED = 130
+EXIT_OK = 0  #: the command ran (and, where a tolerance was given, it was met)
+EXIT_FAILED = 1  #: a requested tolerance was missed
+EXIT_USAGE = 2  #: bad input or usage: one line on stderr, never a traceback
+EXIT_INTERNAL = 3  #: an unexpected internal error (one line on stderr; ``NSITER_DEBUG=1`` shows the traceback)
+EXIT_INTERRUPTED = 130  #: interrupted by Ctrl-C (128 + SIGINT)
 
 
 class _UsageError(Exception):

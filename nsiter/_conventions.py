@@ -9,32 +9,20 @@
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections import namedtuple
 
 import numpy as np
 
 from ._validation import as_pair, check_ndim
 
-__all__ = ["Geometry", "as_images", "geometry", "output_size"]
+__all__ = ["Geometry", "as_images", "geometry"]
 
 
-class Geometry(NamedTuple):
-    """Patch geometry of a convolution on an ``(N, C, H, W)`` batch."""
+class Geometry(namedtuple("Geometry", "n c h w kh kw sh sw ph pw dh dw oh ow")):
+    """Patch geometry of a convolution on an ``(N, C, H, W)`` batch: sizes, then kernel, stride,
+    padding and dilation per axis, then the output grid (ints)."""
 
-    n: int
-    c: int
-    h: int
-    w: int
-    kh: int
-    kw: int
-    sh: int
-    sw: int
-    ph: int
-    pw: int
-    dh: int
-    dw: int
-    oh: int
-    ow: int
+    __slots__ = ()
 
     @property
     def n_patches(self) -> int:
@@ -47,23 +35,10 @@ class Geometry(NamedTuple):
         return self.c * self.kh * self.kw
 
 
-def output_size(size: int, k: int, s: int, p: int, d: int) -> int:
-    """Number of patch positions along one axis (0 when the kernel does not fit)."""
-    span = d * (k - 1) + 1
-    padded = size + 2 * p
-    if padded < span:
-        return 0
-    return (padded - span) // s + 1
-
-
 def as_images(x: np.ndarray, name: str = "x") -> np.ndarray:
     """View ``x`` as ``(N, C, H, W)``: ``(H, W)`` -> N = C = 1, ``(C, H, W)`` -> N = 1."""
     check_ndim(x, name, (2, 3, 4), "(H, W), (C, H, W) or (N, C, H, W), channels first")
-    if x.ndim == 2:
-        return x[None, None]
-    if x.ndim == 3:
-        return x[None]
-    return x
+    return x if x.ndim == 4 else x[(None,) * (4 - x.ndim)]
 
 
 def geometry(image_shape, kernel_size, stride=1, padding=0, dilation=1, *, name: str = "x") -> Geometry:
@@ -77,10 +52,9 @@ def geometry(image_shape, kernel_size, stride=1, padding=0, dilation=1, *, name:
         raise ValueError(f"expected a non-empty image batch {name}, got shape {tuple(image_shape)}")
     span_h, span_w = dh * (kh - 1) + 1, dw * (kw - 1) + 1
     if span_h > h + 2 * ph or span_w > w + 2 * pw:
-        raise ValueError(
-            f"kernel_size {(kh, kw)} with dilation {(dh, dw)} spans {(span_h, span_w)} pixels, larger than "
-            f"the padded image {(h + 2 * ph, w + 2 * pw)} of {name}; use a smaller kernel or more padding"
-        )
-    oh = output_size(h, kh, sh, ph, dh)
-    ow = output_size(w, kw, sw, pw, dw)
+        raise ValueError(f"kernel_size {(kh, kw)} with dilation {(dh, dw)} spans {(span_h, span_w)} pixels, "
+                         f"larger than the padded image {(h + 2 * ph, w + 2 * pw)} of {name}; "
+                         "use a smaller kernel or more padding")
+    oh = (h + 2 * ph - span_h) // sh + 1
+    ow = (w + 2 * pw - span_w) // sw + 1
     return Geometry(n, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow)

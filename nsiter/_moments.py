@@ -1,38 +1,29 @@
-r"""Sample moments as every backend keeps them, written once: the block plan and the merge.
+r"""Sample moments as every backend keeps them, written once: block plan, pieces and merge.
 
-Statistics of a set of samples are the triple ``(count, mean (G, Fb), M2 (G, Fb, Fb))`` with
-``M2 = sum_r (x_r - mean)(x_r - mean)^T`` per block ``g`` (unnormalised, centred).  The
-numpy and torch patch kernels produce such triples, :class:`nsiter.PatchStatistics` stores
-them, and :func:`merge_moments` combines two of them exactly; the functions here use only
-arithmetic and indexing that numpy arrays and torch tensors share.
+Statistics are the triple ``(count, mean (G, Fb), M2 (G, Fb, Fb))``, ``M2 = sum_r (x_r -
+mean)(x_r - mean)^T`` per block (unnormalised, centred): the patch kernels of both backends
+produce them, :class:`nsiter.PatchStatistics` stores them, :func:`merge_moments` combines them.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections import namedtuple
 
 import numpy as np
 
 from ._backend import backend
 
-__all__ = ["Plan", "plan", "merge_moments", "channel_means"]
+__all__ = ["Plan", "plan", "pieces", "merge_moments", "channel_means"]
 
 
-class Plan(NamedTuple):
-    """How im2col columns map to covariance blocks.
+class Plan(namedtuple("Plan", "mode c taps groups stack fb grp feat")):
+    """How im2col columns of ``c`` channels of ``taps`` kernel taps map to covariance blocks.
 
     ``mode`` is ``"full"`` (one ``F x F`` matrix), ``"contiguous"`` (``groups`` matrices of
-    ``fb x fb``) or ``"reference"`` (``stack`` column groups stacked as rows, one matrix).
-    Column ``j`` goes to block ``grp[j]`` at feature ``feat[j]`` (host integer arrays).
+    ``fb x fb``) or ``"reference"`` (``stack`` column groups stacked as rows, one matrix; else
+    ``stack = 1``).  Column ``j`` goes to block ``grp[j]`` at feature ``feat[j]`` (host ints).
     """
 
-    mode: str
-    c: int
-    taps: int
-    groups: int  # matrices returned
-    stack: int  # column groups stacked as rows (reference grouping), else 1
-    fb: int
-    grp: np.ndarray
-    feat: np.ndarray
+    __slots__ = ()
 
     @property
     def n_features(self) -> int:
@@ -52,6 +43,17 @@ def plan(c: int, taps: int, block_size, grouping: str) -> Plan:
     return Plan("reference", c, taps, 1, g, fb, j % g, j // g)
 
 
+def pieces(g, per_row: int, halo: int, budget: int) -> list:
+    """``(n0, n1, a0, a1)``: image ranges, or bands of output rows of one image, that fit ``budget``
+    (output rows ``[a0, a1)`` need ``a1 - a0 + halo`` rows of ``per_row`` bytes or elements)."""
+    per_image = (g.oh + halo) * per_row
+    if per_image <= budget:
+        step = max(1, budget // per_image)
+        return [(n0, min(g.n, n0 + step), 0, g.oh) for n0 in range(0, g.n, step)]
+    band = max(1, budget // per_row - halo)
+    return [(n, n + 1, a0, min(g.oh, a0 + band)) for n in range(g.n) for a0 in range(0, g.oh, band)]
+
+
 def merge_moments(a, b):
     r"""Chan–Golub–LeVeque: the statistics of the union of two sample sets.
 
@@ -69,11 +71,10 @@ def merge_moments(a, b):
 
 
 def channel_means(imgs) -> np.ndarray:
-    """Per-channel float64 means (host) of a strided sample of ``(N, C, H, W)`` images.
+    """Per-channel float64 host means of a strided sample of ``(N, C, H, W)`` images.
 
-    At most 64 images x about 16 x 16 pixels: the kernels use the result only as a shift,
-    which keeps float64 moments free of cancellation; any shift gives the same statistics,
-    so a sample keeps its cost negligible.  Tensors: only the sample goes to the host.
+    The kernels use them only as a shift against cancellation, and any shift gives the same
+    statistics: a sample (at most 64 images of about 16 x 16 pixels) keeps the cost negligible.
     """
     n, _, h, w = imgs.shape
     sub = imgs[:: max(1, n // 64), :, :: max(1, h // 16), :: max(1, w // 16)]

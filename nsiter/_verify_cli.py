@@ -1,21 +1,24 @@
 """``nsiter verify FILE``: the command-line face of :func:`nsiter.verify_whitening`.
 
-Reads a covariance (or, with ``--from-data``, a samples x features data matrix) from a
-``.npy``, ``.npz`` or text/CSV file, runs the whitening check and prints the report.
-Exit status: 0 it ran (and, with ``--tol``, every method passed), 1 a method missed
-``--tol``, 2 bad input or usage (one line on stderr, never a traceback), 3 an unexpected
-internal error (one line on stderr; ``NSITER_DEBUG=1`` shows the traceback).
+What it reads, reports and exits with: ``_DESCRIPTION`` and ``_EPILOG`` (its ``--help``).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import math
 import os
 import sys
 import time
 import warnings
 
+import numpy as np
+
 from ._cli_common import EXIT_FAILED, EXIT_INTERNAL, EXIT_OK, _UsageError, one_line as _one_line
+from .covariance import covariance
+from .newton_schulz import METHODS
+from .verification import DEFAULT_METHODS, verify_whitening
 
 __all__ = ["add_verify_parser", "load_matrix", "data_covariance"]
 
@@ -25,6 +28,7 @@ _ZIP_MAGIC = b"PK"  # local file header PK\x03\x04, or PK\x05\x06 for an empty a
 #: Estimated flops above which a terminal gets progress lines; smaller checks end before
 #: progress lines would help (measured times: analysis/results/verify.md).
 _PROGRESS_FLOPS = 2e10
+_RESAVE_TEXT = "save the matrix with numpy.save (.npy) or numpy.savetxt (text/CSV)"
 
 _DESCRIPTION = """\
 Check how accurately each inverse-square-root method whitens a covariance C: for every
@@ -58,46 +62,28 @@ examples:
   nsiter verify patches.csv --from-data --dtype float32 --json"""
 
 
-# --------------------------------------------------------------------------- errors
 def _fail(message: str):
     # the class nsiter.cli.main catches: one line on stderr, exit 2
     raise _UsageError(f"{_PROG}: {message}")
 
 
-# --------------------------------------------------------------------------- argument types
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r} (e.g. --n-iter 50)") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r} (e.g. --n-iter 50)")
-    return v
+def _number(kind, ok, want: str, example: str = ""):
+    """An argparse type: ``kind(text)`` where ``ok`` of it holds, else "expected {want}, got {text!r}{example}"."""
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            v = None
+        if v is None or not ok(v):
+            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}{example}")
+        return v
+
+    return parse
 
 
-def _float(text: str, *, positive: bool) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        v = math.nan
-    if not math.isfinite(v) or v < 0 or (positive and v == 0):
-        want = "a finite number > 0 (e.g. 1e-6)" if positive else "a finite number >= 0 (e.g. 1e-5)"
-        raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}")
-    return v
-
-
-def _positive_float(text: str) -> float:
-    return _float(text, positive=True)
-
-
-def _nonnegative_float(text: str) -> float:
-    return _float(text, positive=False)
-
-
-def _method_names() -> tuple:
-    from .verification import _methods_registry
-
-    return _methods_registry()
+_positive_int = _number(int, lambda v: v >= 1, "a positive integer", " (e.g. --n-iter 50)")
+_positive_float = _number(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0 (e.g. 1e-6)")
+_nonnegative_float = _number(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0 (e.g. 1e-5)")
 
 
 def add_verify_parser(subparsers) -> argparse.ArgumentParser:
@@ -107,13 +93,9 @@ def add_verify_parser(subparsers) -> argparse.ArgumentParser:
         description=_DESCRIPTION, epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("file", metavar="FILE", help="covariance (n x n) or, with --from-data, data (samples x features)")
-    try:
-        choices = ", ".join(_method_names())
-    except ImportError:  # pragma: no cover - the package always ships newton_schulz
-        choices = "see nsiter.newton_schulz.METHODS"
     p.add_argument("--method", "-m", action="append", metavar="M",
                    help="method to run; repeat or comma-separate for several "
-                        f"(default: coupled, uncoupled, eigh; choices: {choices})")
+                        f"(default: coupled, uncoupled, eigh; choices: {', '.join(METHODS)})")
     p.add_argument("--n-iter", type=_positive_int, default=50, metavar="N",
                    help="iterations per iterative method (default 50: long enough to show the uncoupled blow-up)")
     p.add_argument("--eps", type=_nonnegative_float, default=0.0, metavar="E",
@@ -123,22 +105,13 @@ def add_verify_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--tol", type=_positive_float, default=None, metavar="T",
                    help="pass/fail level for ||D_k D_k C - I||_F of each method's last iterate; "
                         "exit 1 if any method misses it")
-    p.add_argument("--plot", metavar="OUT.png", default=None,
-                   help="save the residual-per-iteration plot (png, pdf, svg, ...)")
+    p.add_argument("--plot", metavar="OUT.png", help="save the residual-per-iteration plot (png, pdf, svg, ...)")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout instead of the table")
-    p.add_argument("--key", metavar="NAME", default=None, help="array to use from an .npz holding several")
+    p.add_argument("--key", metavar="NAME", help="array to use from an .npz holding several")
     p.add_argument("--from-data", action="store_true",
                    help="FILE is a samples x features data matrix: check its covariance (X-mu)^T(X-mu)/N")
     p.set_defaults(func=_cmd_verify)
     return p
-
-
-# --------------------------------------------------------------------------- loading
-def _sniff_delimiter(lines: list[str]):
-    for d in (";", "\t", ","):
-        if all(d in ln for ln in lines):
-            return d
-    return None  # runs of whitespace
 
 
 def _is_number(field: str) -> bool:
@@ -150,48 +123,52 @@ def _is_number(field: str) -> bool:
 
 
 def _load_text(path: str):
-    import numpy as np
-
     with open(path, "rb") as f:
-        head = f.read(65536)
-    if b"\x00" in head:
-        _fail(f"cannot read {path!r}: it is a binary file but not .npy/.npz; "
-              "save the matrix with numpy.save (.npy) or numpy.savetxt (text/CSV)")
+        raw = f.read()
+    if b"\x00" in raw[:65536]:
+        _fail(f"cannot read {path!r}: it is a binary file but not .npy/.npz; {_RESAVE_TEXT}")
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        _fail(f"cannot read {path!r}: not UTF-8 text and not .npy/.npz; "
-              "save the matrix with numpy.save (.npy) or numpy.savetxt (text/CSV)")
-    lines = [ln.split("#", 1)[0].strip() for ln in text.splitlines()]
-    data_lines = [(i, ln) for i, ln in enumerate(lines) if ln]
+        _fail(f"cannot read {path!r}: not UTF-8 text and not .npy/.npz; {_RESAVE_TEXT}")
+    data_lines = [(i, ln) for i, ln in enumerate(ln.split("#", 1)[0].strip() for ln in text.splitlines()) if ln]
     if not data_lines:
         _fail(f"{path!r} holds no numbers (empty text file); write the matrix one row per line")
-    delimiter = _sniff_delimiter([ln for _, ln in data_lines[:50]])
-    skip = 0
-    first_fields = data_lines[0][1].split(delimiter)
-    if not any(_is_number(s.strip()) for s in first_fields):
-        skip = data_lines[0][0] + 1  # a header line: skip it (and what precedes it)
+    # the delimiter every one of the first 50 data lines holds; None: runs of whitespace
+    delimiter = next((d for d in (";", "\t", ",") if all(d in ln for _, ln in data_lines[:50])), None)
+    header = not any(_is_number(s) for s in data_lines[0][1].split(delimiter))
+    skip = data_lines[0][0] + 1 if header else 0  # skip a header line (and what precedes it)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "input contained no data" -> checked below
-            arr = np.loadtxt(path, delimiter=delimiter, comments="#", skiprows=skip, ndmin=2, dtype=np.float64,
-                             encoding="utf-8")
+            return np.loadtxt(path, delimiter=delimiter, comments="#", skiprows=skip, ndmin=2, dtype=np.float64,
+                              encoding="utf-8")
     except ValueError as exc:
         what = {None: "whitespace", ",": "comma", ";": "semicolon", "\t": "tab"}[delimiter]
         _fail(f"cannot parse {path!r} as {what}-separated numbers: {_one_line(exc)}; "
               "every row needs the same number of numeric fields")
-    return arr
+
+
+def _read(load, what: str, fix: str, pickled: str | None = None):
+    """``load()``, any error reported as "cannot read {what} (...); {fix}".
+
+    ``pickled``: the message for an object array; with it a ``ValueError`` is reported without its type name.
+    """
+    try:
+        return load()
+    except Exception as exc:  # truncated / corrupt files raise various errors
+        if pickled is not None and isinstance(exc, ValueError):
+            if "pickle" in str(exc):
+                _fail(pickled)
+            _fail(f"cannot read {what} ({_one_line(exc)}); {fix}")
+        _fail(f"cannot read {what} ({type(exc).__name__}: {_one_line(exc)}); {fix}")
 
 
 def load_matrix(path, key: str | None = None):
     """Read the array in ``path`` (``.npy``, ``.npz`` or text/CSV), recognised by content.
 
-    Raises the CLI's usage error (exit 2, one line) for a missing, unreadable or
-    ambiguous file.
+    A missing, unreadable or ambiguous file raises the CLI's usage error (exit 2, one line).
     """
-    import numpy as np
-
     path = os.fspath(path)
     if not os.path.exists(path):
         _fail(f"file {path!r} does not exist; pass the path of a .npy, .npz or text/CSV file")
@@ -206,23 +183,12 @@ def load_matrix(path, key: str | None = None):
     if magic.startswith(_NPY_MAGIC):
         if key is not None:
             _fail(f"--key {key!r} applies to .npz files, but {path!r} is a .npy file holding one array; drop --key")
-        try:
-            return np.load(path, allow_pickle=False)
-        except ValueError as exc:
-            if "pickle" in str(exc):
-                _fail(f"{path!r} holds an object (pickled) array; save a numeric array, "
-                      "e.g. np.save(path, C.astype(float))")
-            _fail(f"cannot read {path!r} as a .npy file ({_one_line(exc)}); re-save it with numpy.save")
-        except Exception as exc:  # truncated / corrupt files raise various errors
-            _fail(f"cannot read {path!r} as a .npy file ({type(exc).__name__}: {_one_line(exc)}); "
-                  "re-save it with numpy.save")
+        return _read(lambda: np.load(path, allow_pickle=False), f"{path!r} as a .npy file",
+                     "re-save it with numpy.save", f"{path!r} holds an object (pickled) array; save a numeric array, "
+                     "e.g. np.save(path, C.astype(float))")
     if magic.startswith(_ZIP_MAGIC):
-        try:
-            npz = np.load(path, allow_pickle=False)
-        except Exception as exc:
-            _fail(f"cannot read {path!r} as an .npz file ({type(exc).__name__}: {_one_line(exc)}); "
-                  "re-save it with numpy.savez")
-        with npz:
+        with _read(lambda: np.load(path, allow_pickle=False), f"{path!r} as an .npz file",
+                   "re-save it with numpy.savez") as npz:
             names = list(npz.files)
             if not names:
                 _fail(f"{path!r} holds no arrays; save the matrix with numpy.savez(path, C=C)")
@@ -232,15 +198,8 @@ def load_matrix(path, key: str | None = None):
                 key = names[0]
             elif key not in names:
                 _fail(f"{path!r} has no array {key!r}; it holds: {', '.join(names)} (pass one of them to --key)")
-            try:
-                return npz[key]
-            except ValueError as exc:
-                if "pickle" in str(exc):
-                    _fail(f"array {key!r} in {path!r} is an object (pickled) array; save a numeric array")
-                _fail(f"cannot read array {key!r} from {path!r} ({_one_line(exc)}); re-save it with numpy.savez")
-            except Exception as exc:
-                _fail(f"cannot read array {key!r} from {path!r} ({type(exc).__name__}: {_one_line(exc)}); "
-                      "re-save it with numpy.savez")
+            return _read(lambda: npz[key], f"array {key!r} from {path!r}", "re-save it with numpy.savez",
+                         f"array {key!r} in {path!r} is an object (pickled) array; save a numeric array")
     if ext in (".npy", ".npz"):
         saver = "save" if ext == ".npy" else "savez"
         _fail(f"{path!r} is not a valid {ext} file (wrong header); re-save it with numpy.{saver}")
@@ -251,8 +210,6 @@ def load_matrix(path, key: str | None = None):
 
 def _check_array(arr, path: str, from_data: bool):
     """Shape / dtype / finiteness checks with CLI-specific fixes; returns a float array."""
-    import numpy as np
-
     if arr.dtype.kind == "c":
         _fail(f"{path!r} holds complex numbers ({arr.dtype}); a covariance is real: pass its real part")
     if arr.dtype.kind not in "biuf":
@@ -284,21 +241,10 @@ def _check_array(arr, path: str, from_data: bool):
 
 
 def data_covariance(X):
-    """``(X - mu)^T (X - mu) / N`` accumulated in float64 (``nsiter.covariance`` when available)."""
-    import numpy as np
-
-    try:
-        from .covariance import covariance
-    except ImportError:
-        X = np.asarray(X, dtype=np.float64)
-        Xc = X - X.mean(axis=0)
-        cov = Xc.T @ Xc / X.shape[0]
-        return (cov + cov.T) / 2
-    cov, _ = covariance(np.asarray(X, dtype=np.float64))
-    return cov
+    """``(X - mu)^T (X - mu) / N`` accumulated in float64 (:func:`nsiter.covariance`)."""
+    return covariance(np.asarray(X, dtype=np.float64))[0]
 
 
-# --------------------------------------------------------------------------- the command
 def _check_plot_path(path: str):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -315,11 +261,9 @@ def _check_plot_path(path: str):
 
 def _progress_printer(n: int, n_iter: int, methods):
     """Progress lines on stderr when it is a terminal and the run is long; else ``None``."""
-    if not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty()):
-        return None
     iterative = sum(1 for m in methods if m != "eigh")
     flops = 10.0 * n ** 3 * (1 + iterative * n_iter) + 10.0 * n ** 3 * len(methods)
-    if flops < _PROGRESS_FLOPS:
+    if not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty()) or flops < _PROGRESS_FLOPS:
         return None
     t0 = time.perf_counter()
 
@@ -330,22 +274,13 @@ def _progress_printer(n: int, n_iter: int, methods):
 
 
 def _parse_methods(values) -> tuple:
-    from .verification import DEFAULT_METHODS
-
     if not values:
         return DEFAULT_METHODS
-    names = []
-    for v in values:
-        names.extend(s.strip() for s in v.split(",") if s.strip())
-    choices = _method_names()
+    names = [s.strip() for v in values for s in v.split(",") if s.strip()]
     for m in names:
-        if m not in choices:
-            _fail(f"unknown method {m!r}; choose from: {', '.join(choices)} (repeat --method or comma-separate)")
+        if m not in METHODS:
+            _fail(f"unknown method {m!r}; choose from: {', '.join(METHODS)} (repeat --method or comma-separate)")
     return tuple(dict.fromkeys(names))  # drop repeats, keep order
-
-
-def _show_warning(message, category, filename, lineno, file=None, line=None):
-    print(f"{_PROG}: warning: {_one_line(message)}", file=sys.stderr)
 
 
 def _cmd_verify(args) -> int:
@@ -364,33 +299,21 @@ def _cmd_verify(args) -> int:
 
 
 def _run_verify(args) -> int:
-    import numpy as np
-
-    from .verification import verify_whitening
-
     methods = _parse_methods(args.method)
     if args.plot is not None:
         _check_plot_path(args.plot)
     arr = _check_array(load_matrix(args.file, args.key), args.file, args.from_data)
-    if args.from_data:
-        C = data_covariance(arr)
-        if args.dtype is None:
-            C = C.astype(arr.dtype if arr.dtype == np.float32 else np.float64)
-    else:
-        C = arr
-    old_show = warnings.showwarning
-    warnings.showwarning = _show_warning
-    try:
+    C = data_covariance(arr) if args.from_data else arr
+    if args.from_data and args.dtype is None:
+        C = C.astype(arr.dtype if arr.dtype == np.float32 else np.float64)
+    with warnings.catch_warnings():  # restores warnings.showwarning on exit
+        warnings.showwarning = lambda message, *_: print(f"{_PROG}: warning: {_one_line(message)}", file=sys.stderr)
         try:
             report = verify_whitening(C, methods=methods, n_iter=args.n_iter, eps=args.eps, dtype=args.dtype,
                                       tol=args.tol, progress=_progress_printer(C.shape[0], args.n_iter, methods))
         except (ValueError, TypeError) as exc:
             src = f"{args.file} (covariance of the data)" if args.from_data else args.file
             _fail(f"{src}: {_one_line(exc)}")
-    finally:
-        warnings.showwarning = old_show
-    import dataclasses
-
     source = os.path.basename(args.file) + (" --from-data" if args.from_data else "")
     report = dataclasses.replace(report, source=source)
     if args.plot is not None:
@@ -398,31 +321,21 @@ def _run_verify(args) -> int:
             report.plot(args.plot)
         except (OSError, ValueError) as exc:
             _fail(f"cannot write the plot to {args.plot!r}: {_one_line(exc)}")
-    passed = None if args.tol is None else report.passed()
     try:
-        _print_report(args, report)
+        if args.json:
+            d = dict(report.to_dict(), file=os.path.abspath(args.file), from_data=bool(args.from_data),
+                     plot=None if args.plot is None else os.path.abspath(args.plot))
+            print(json.dumps(d, indent=2, allow_nan=False))
+        else:
+            print(report)
+            if args.plot is not None:
+                print(f"\n  plot: {args.plot}")
+        sys.stdout.flush()
     except BrokenPipeError:  # e.g. `nsiter verify ... | head`: stop quietly
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    if passed is False:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    if args.tol is not None and not report.passed():
         worst = ", ".join(f"{m} ({report[m].final_residual:.2e})" for m in report.failures())
         print(f"{_PROG}: FAIL: ||D_k D_k C - I||_F of the last iterate above --tol {args.tol:g} for {worst}",
               file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
-
-
-def _print_report(args, report) -> None:
-    if args.json:
-        import json
-
-        d = report.to_dict()
-        d["file"] = os.path.abspath(args.file)
-        d["from_data"] = bool(args.from_data)
-        d["plot"] = None if args.plot is None else os.path.abspath(args.plot)
-        print(json.dumps(d, indent=2, allow_nan=False))
-    else:
-        print(report)
-        if args.plot is not None:
-            print(f"\n  plot: {args.plot}")
-    sys.stdout.flush()

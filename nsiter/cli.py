@@ -1,29 +1,26 @@
-"""Command-line interface: ``nsiter info``, ``nsiter verify`` and ``nsiter --version``.
-
-Exit codes: 0 success, 1 a requested tolerance was missed, 2 bad input or usage
-(one line on stderr, never a traceback).
-"""
+"""Command-line interface: ``nsiter info``, ``nsiter verify`` and ``nsiter --version`` (exit codes: ``_cli_common``)."""
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import sys
 
+import numba
+import numpy
+
+from . import __version__
 from ._cli_common import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, _Parser, _UsageError
 from ._verify_cli import add_verify_parser
 
 __all__ = ["main"]
 
 
-def _info() -> dict:
-    import numba
-    import numpy
-    import scipy
-
-    import nsiter
+def _cmd_info(args) -> int:
+    import scipy  # on first use, as in nsiter.kernel_estimation
 
     info = {
-        "nsiter": nsiter.__version__,
+        "nsiter": __version__,
         "python": platform.python_version(),
         "numpy": numpy.__version__,
         "scipy": scipy.__version__,
@@ -37,30 +34,18 @@ def _info() -> dict:
     except ImportError:
         info["torch"] = "not installed"
     else:
-        info["torch"] = torch.__version__
-        info["torch_threads"] = torch.get_num_threads()
-        info["cuda"] = torch.cuda.is_available()
-        if torch.cuda.is_available():
+        info.update(torch=torch.__version__, torch_threads=torch.get_num_threads(), cuda=torch.cuda.is_available())
+        if info["cuda"]:
             info["cuda_device"] = torch.cuda.get_device_name(0)
-    return info
-
-
-def _cmd_info(args) -> int:
-    import json
-
-    info = _info()
     if args.json:
         print(json.dumps(info, indent=2))
     else:
         width = max(len(k) for k in info)
-        for k, v in info.items():
-            print(f"{k:<{width}}  {v}")
+        print("\n".join(f"{k:<{width}}  {v}" for k, v in info.items()))
     return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from nsiter import __version__
-
     parser = _Parser(prog="nsiter", description="Network-deconvolution numerics: whitening checks and tools.")
     parser.add_argument("--version", action="version", version=f"nsiter {__version__}")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
@@ -88,6 +73,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    # _UsageError lives in nsiter._cli_common, so this __main__ copy of the module catches
-    # the class the sub-commands raise
+    # _UsageError lives in nsiter._cli_common, so this __main__ copy of the module catches the sub-commands' one
     sys.exit(main())

@@ -1,9 +1,8 @@
 """im2col and its adjoint col2im: the patch matrix of a convolution layer (Ye et al. 2020, §4.1).
 
-For an image batch ``x`` of shape ``(N, C, H, W)`` and a ``kh x kw`` kernel,
-``X = im2col(x, k)`` has one row per patch and one column per kernel tap, so that the
-valid cross-correlation of ``x`` with ``w`` of shape ``(C, kh, kw)`` is
-``y = X @ w.ravel()`` (the paper's ``y = X w``, Fig. 3).
+``X = im2col(x, k)`` has one row per patch and one column per kernel tap, so that the valid
+cross-correlation of ``x`` with ``w`` of shape ``(C, kh, kw)`` is ``y = X @ w.ravel()`` (the
+paper's ``y = X w``, Fig. 3); layouts as in :mod:`nsiter._conventions`.
 """
 from __future__ import annotations
 
@@ -15,10 +14,7 @@ __all__ = ["im2col", "col2im", "output_shape"]
 
 
 def output_shape(image_shape, kernel_size, *, stride=1, padding=0, dilation=1) -> tuple[int, int]:
-    """``(H_out, W_out)`` of a convolution: ``(H + 2p - d(k - 1) - 1) // s + 1`` per axis.
-
-    ``image_shape`` is ``(H, W)``, ``(C, H, W)`` or ``(N, C, H, W)``.
-    """
+    """``(H_out, W_out)`` of a convolution on ``image_shape`` (2-, 3- or 4-D): ``(H + 2p - d(k - 1) - 1) // s + 1``."""
     _, g = _shape_geometry(image_shape, kernel_size, stride, padding, dilation)
     return g.oh, g.ow
 
@@ -42,47 +38,33 @@ def im2col(x, kernel_size, *, stride=1, padding=0, dilation=1):
 
         X_{(n, o_h, o_w),\,(c, i, j)} = x_{\mathrm{pad}}[n, c,\; o_h s_h + i d_h,\; o_w s_w + j d_w]
 
-    where ``x_pad`` is ``x`` zero-padded by ``padding`` on each side.  Then
-    ``im2col(x, k) @ w.reshape(-1)`` is the cross-correlation of ``x`` with ``w`` of
-    shape ``(C, kh, kw)``, and ``im2col(x).reshape(N, L, F)`` equals
-    ``torch.nn.functional.unfold(x).transpose(1, 2)``.
+    where ``x_pad`` is ``x`` zero-padded by ``padding`` on each side;
+    ``im2col(x).reshape(N, L, F)`` equals ``torch.nn.functional.unfold(x).transpose(1, 2)``.
 
     Parameters
     ----------
     x : array_like, shape (N, C, H, W), (C, H, W) or (H, W)
         Channels-first images.  Any strides are accepted; ``x`` is never modified.
-    kernel_size, stride, dilation : int or (int, int)
-        Positive kernel size, step between patches, spacing of the kernel taps.
-    padding : int or (int, int)
-        Zero padding added on both sides of each spatial axis (``>= 0``).
+    kernel_size, stride, padding, dilation : int or (int, int)
+        Kernel size, step between patches, zero padding on both sides (``>= 0``), tap spacing.
 
     Returns
     -------
     X : ndarray or Tensor, shape (N * H_out * W_out, C * kh * kw)
-        float32 for float32/float16 input, float64 otherwise (a tensor on the input's
-        device for a tensor).  Non-finite values are copied as they are (this is pure data
-        movement).
+        float32 for float32/float16 input, float64 otherwise; NaN/inf are copied as they are.
+        ``C*kh*kw / (sh*sw)`` times the size of ``x``: :func:`nsiter.patch_covariance` never builds it.
 
     Raises
     ------
     ValueError
-        Wrong ndim, empty input, non-positive kernel/stride/dilation, negative padding,
-        kernel larger than the padded image.
+        Wrong ndim, empty input, bad sizes, kernel larger than the padded image.
     TypeError
         Complex or non-numeric input.
-
-    Notes
-    -----
-    numpy: a Numba kernel, parallel over (image, output row) pairs; torch: one gather of
-    ``Tensor.unfold`` views (differentiable), bit-identical to numpy.  Memory: the result has
-    ``C*kh*kw / (sh*sw)`` times as many elements as ``x``; for covariances of large
-    inputs use :func:`nsiter.patch_covariance`, which never builds ``X`` whole.
 
     Examples
     --------
     >>> import numpy as np, nsiter
-    >>> x = np.arange(16.0).reshape(4, 4)
-    >>> nsiter.im2col(x, 3).shape
+    >>> nsiter.im2col(np.arange(16.0).reshape(4, 4), 3).shape
     (4, 9)
     """
     arr = as_float_array(x, "x")
@@ -100,10 +82,10 @@ def col2im(X, image_shape, kernel_size, *, stride=1, padding=0, dilation=1):
         x[n, c, h, w] = \sum_{(o_h, o_w, i, j):\ o_h s_h + i d_h - p_h = h,\ o_w s_w + j d_w - p_w = w}
                         X_{(n, o_h, o_w),\,(c, i, j)}
 
-    so that ``<im2col(x), X> == <x, col2im(X, x.shape)>`` for all ``x`` and ``X``
-    (entries falling into the zero padding are dropped).  Applied to a transposed
-    convolution's input-times-weight matrix, it is the transposed convolution
-    (the "deconvolution layer" of Shi et al. 2016), not network deconvolution.
+    so that ``<im2col(x), X> == <x, col2im(X, x.shape)>`` (entries in the zero padding are
+    dropped).  Applied to a transposed convolution's input-times-weight matrix, it is the
+    transposed convolution (the "deconvolution layer" of Shi et al. 2016), not network
+    deconvolution.
 
     Parameters
     ----------
@@ -115,9 +97,7 @@ def col2im(X, image_shape, kernel_size, *, stride=1, padding=0, dilation=1):
 
     Returns
     -------
-    x : ndarray or Tensor of shape ``image_shape``, dtype of ``X`` (float32/float64 rules as
-        im2col).  Tensors on the CPU: bit-identical to numpy; on CUDA ``F.fold``, which sums
-        the overlaps in another order (last-bit differences).
+    x : ndarray or Tensor of shape ``image_shape``, dtype of ``X`` (rules as im2col).
 
     Raises
     ------
@@ -129,9 +109,7 @@ def col2im(X, image_shape, kernel_size, *, stride=1, padding=0, dilation=1):
     shape, g = _shape_geometry(image_shape, kernel_size, stride, padding, dilation)
     want = (g.n * g.n_patches, g.n_features)
     if tuple(arr.shape) != want:
-        raise ValueError(
-            f"X of shape {tuple(arr.shape)} does not match image_shape {shape} with kernel {(g.kh, g.kw)}, "
-            f"stride {(g.sh, g.sw)}, padding {(g.ph, g.pw)}, dilation {(g.dh, g.dw)}: expected X of shape "
-            f"{want}; check image_shape and the convolution parameters"
-        )
+        raise ValueError(f"X of shape {tuple(arr.shape)} does not match image_shape {shape} with kernel "
+                         f"{(g.kh, g.kw)}, stride {(g.sh, g.sw)}, padding {(g.ph, g.pw)}, dilation {(g.dh, g.dw)}: "
+                         f"expected X of shape {want}; check image_shape and the convolution parameters")
     return backend(arr).patches.col2im(arr, g).reshape(shape)

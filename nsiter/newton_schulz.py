@@ -161,9 +161,8 @@ class NewtonSchulzInfo:
     n_iter : int
         Iterations run (the largest over the batch).
     converged : ndarray of bool, batch shape
-        The returned iterate's residual is ``<= tol``.  When ``tol`` was not given
-        (fixed ``n_iter`` or the default tolerance), every finite, non-diverged result
-        counts as converged.
+        The returned result's residual is ``<= info.tol`` (never true when the residual
+        was not evaluated).
     diverged : ndarray of bool, batch shape
         The residual became non-finite, or grew too far (:mod:`nsiter._policy`).
     best_iter : ndarray of int, batch shape
@@ -172,8 +171,11 @@ class NewtonSchulzInfo:
         The ``c`` of ``Y_0 = A / c``.
     method, scaling : str
         As run (``"auto"`` reports the method it chose, e.g. ``"auto:accelerated"``).
-    tol : float or None
-        The tolerance used (the default one when neither ``n_iter`` nor ``tol`` was given).
+    tol : float or ndarray of float64 (batch shape)
+        What ``converged`` is judged against: ``tol`` when given; otherwise, per matrix, the
+        default :func:`default_tol` raised to the matrix's rounding floor
+        (``10 kappa sqrt(n) eps``, ``kappa`` from ``eigh`` or the spectrum probe).  The
+        iteration itself stops at ``default_tol`` or at its rounding floor.
     """
 
     residuals: np.ndarray
@@ -325,17 +327,19 @@ def _initial(be, A64, c, dtype):
     return xp.astype(A64, dtype) / xp.astype(c, dtype)[:, None, None], Y0_64
 
 
-def _finish(be, Z, Y, A64, c, want, dtype):
-    """The result in ``dtype``: ``Z / sqrt(c)`` (``A^{-1/2}``) or ``Y sqrt(c)`` (``A^{1/2}``;
-    ``A Z / sqrt(c)`` when the runner has no ``Y``)."""
+def _finish(be, Z, Y, A64, c, s, want, dtype):
+    """The result in ``dtype``: ``Z / sqrt(c s)`` (``A^{-1/2}``) or ``Y sqrt(c s)`` (``A^{1/2}``;
+    ``A Z / sqrt(c)`` when the runner has no ``Y``), for ``A = s A64`` (``s = 4^k``: the
+    factor ``sqrt(s)`` is an exact power of two, applied last)."""
     xp = be.xp
     sc = xp.sqrt(c)[:, None, None]
+    rs = xp.sqrt(s)[:, None, None]
     if want == "isqrt":
-        out = xp.astype(Z, xp.float64, copy=False) / sc
+        out = xp.astype(Z, xp.float64, copy=False) / sc / rs
     elif Y is not None:
-        out = xp.astype(Y, xp.float64, copy=False) * sc
+        out = xp.astype(Y, xp.float64, copy=False) * sc * rs
     else:
-        out = (A64 @ xp.astype(Z, xp.float64, copy=False)) / sc
+        out = (A64 @ xp.astype(Z, xp.float64, copy=False)) / sc * rs
     return xp.astype(out, dtype, copy=False)
 
 
@@ -794,8 +798,9 @@ def _eigh_without_probe(tol: float, n: int, n_max: int, dtype) -> bool:
 # --------------------------------------------------------------------------- eigh
 
 
-def _eigh_subset(be, A64, dtype, delta, fro, eps, want, with_residual):
-    """``method="eigh"`` on a stack: ``(result in dtype, float64 residual of A^{-1/2} or nan)``.
+def _eigh_subset(be, A64, dtype, delta, fro, eps, want, with_residual, s):
+    """``method="eigh"`` on a stack: ``(result in dtype, float64 residual of A^{-1/2} or nan,
+    condition number)``.
 
     Eigenvalues below ``-delta`` mean an indefinite matrix (``ValueError``); for the inverse
     root, eigenvalues ``<= 0`` a singular one (``_SingularError``, naming ``eps``), and
@@ -805,14 +810,18 @@ def _eigh_subset(be, A64, dtype, delta, fro, eps, want, with_residual):
     D, lam = be.linalg.eigh_power(A64, power)
     ends = be.host(lam[:, [0, -1]])
     lo, hi = ends[:, 0], ends[:, -1]
-    _check_spectrum(lo, hi, delta, eps, power)
+    _check_spectrum(lo * s, hi * s, delta * s, eps, power)  # (messages in the units of A)
     if power < 0:
-        _check_singular(lo, fro, _singular_tol(fro, A64.shape[-1], dtype), eps, len(lo))
-    out = be.xp.astype(D, dtype, copy=False)
+        _check_singular(lo * s, fro * s, _singular_tol(fro * s, A64.shape[-1], dtype), eps, len(lo))
+    xp = be.xp
+    # A = s A64: A^power = s^power A64^power, s^power = sqrt(s)^(+-1) an exact power of two
+    out = xp.astype(D * be.asarray(np.sqrt(s) ** (2 * power), D)[:, None, None], dtype, copy=False)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        kappa = np.where(lo > 0, hi / lo, np.inf)
     if not with_residual:
-        return out, np.full(A64.shape[0], np.nan)
-    Dinv = out if power < 0 else be.xp.astype(be.linalg.eigh_power(A64, -0.5)[0], dtype, copy=False)
-    return out, _residual64(be, Dinv, A64)
+        return out, np.full(A64.shape[0], np.nan), kappa
+    Dinv = D if power < 0 else be.linalg.eigh_power(A64, -0.5)[0]
+    return out, _residual64(be, xp.astype(Dinv, dtype, copy=False), A64), kappa
 
 
 # --------------------------------------------------------------------------- the record
@@ -830,42 +839,53 @@ def _warn_diverged(diverged, best_r, best_iter, label, nb):
         )
 
 
-def _warn_tol_missed(tol, diverged, best_r, use_eigh, n_done, dtype):
-    """Warn when an explicit ``tol`` was not reached by some non-diverged iterated matrix."""
-    if tol is None:
-        return
-    missed = ~diverged & ~(best_r <= tol) & ~use_eigh
+def _judged_tol(tol, kappa, dtype, n):
+    """The tolerance each matrix is judged against (``info.converged``, the missed-``tol``
+    warning): ``tol`` when given; otherwise the default, :func:`default_tol` raised to the
+    rounding floor of the matrix, ``default_tol * max(1, kappa / 10)`` (``= 10 kappa sqrt(n)
+    eps``: every method's floor is below ``kappa sqrt(n) eps``), at most ``0.01 sqrt(n)``;
+    ``kappa``: the condition number or its estimate, per matrix."""
+    if tol is not None:
+        return np.full(len(kappa), float(tol))
+    with np.errstate(invalid="ignore"):
+        raised = default_tol(dtype, n) * np.maximum(1.0, np.nan_to_num(kappa, nan=np.inf) / 10.0)
+    return np.minimum(raised, 0.01 * math.sqrt(n))
+
+
+def _warn_tol_missed(tol_j, diverged, best_r, n_done, dtype):
+    """Warn when a matrix that did not diverge ended above its tolerance ``tol_j``."""
+    missed = ~diverged & (best_r > tol_j)
     if missed.any():
         i = int(np.flatnonzero(missed)[0])
         warn(
-            f"tol={tol:g} was not reached for {int(missed.sum())} of {len(best_r)} matrices (e.g. flat batch "
-            f"index {i}: residual {best_r[i]:.3g} after {n_done[i]} iterations); the residual floor "
+            f"tol={tol_j[i]:.3g} was not reached for {int(missed.sum())} of {len(best_r)} matrices (e.g. flat "
+            f"batch index {i}: residual {best_r[i]:.3g} after {n_done[i]} iterations); the residual floor "
             f"is about cond(A) * eps({_np_dtype(dtype)}) — raise tol, use float64, add a ridge eps, or raise n_iter",
             NsiterWarning,
         )
 
 
-def _make_info(hist, best_r, best_iter, diverged, use_eigh, c, n_iter, batch, label, scaling, tol, tol_used):
+def _make_info(hist, best_r, best_iter, diverged, use_eigh, c, n_iter, batch, label, scaling, tol, tol_j):
     """The :class:`NewtonSchulzInfo` of a solved batch (flat per-matrix host arrays reshaped to ``batch``)."""
-    finite = np.isfinite(best_r)
-    converged = finite & ~diverged if tol is None else finite & (best_r <= tol)
-    if tol is None:
-        converged |= ~diverged & np.isnan(best_r) & use_eigh
     return NewtonSchulzInfo(
         residuals=hist.reshape(batch + (hist.shape[1],)), n_iter=int(n_iter),
-        converged=converged.reshape(batch), diverged=diverged.reshape(batch),
+        converged=(np.isfinite(best_r) & (best_r <= tol_j)).reshape(batch), diverged=diverged.reshape(batch),
         best_iter=best_iter.reshape(batch), scale=np.where(use_eigh, 1.0, c).reshape(batch),
-        method=label, scaling=scaling, tol=tol_used,
+        method=label, scaling=scaling, tol=float(tol) if tol is not None else tol_j.reshape(batch),
     )
 
 
 # --------------------------------------------------------------------------- the driver
 
 
+#: columns of the flags of :func:`_device_solve`: the ``prepare`` stats, then the probe's
+_DEVICE_FLAGS = ("finite", "amax", "asym", "fro", "norm_inf", "scale", "ok", "lmin", "delta", "out_finite")
+
+
 def _device_solve(be, A3, n_iter, scaling, eps, want):
     """The classic coupled iteration with every check measured on the device: ``(out, flags)``
-    where ``flags (nb, 9)`` = the ``prepare`` stats, then ``[probe ok, lambda_min estimate,
-    delta, output finite]``, so that ONE host transfer raises or warns.  No host sync inside:
+    with ``flags (nb, 10)`` (columns :data:`_DEVICE_FLAGS`), so that ONE host transfer raises
+    or warns.  No host sync inside:
     the torch kernels replay it from a CUDA graph where eligible (``run_device``)."""
     xp = be.xp
     n = A3.shape[-1]
@@ -880,7 +900,7 @@ def _device_solve(be, A3, n_iter, scaling, eps, want):
         c = _scale(be, A64, scaling, lmax, fro)
         Y0, _ = _initial(be, A64, c, A.dtype)
         Z, Y = _run_fixed(be, Y0, n_iter, None, want_y=want == "sqrt")
-        out = _finish(be, Z, Y, A64, c, want, A.dtype)
+        out = _finish(be, Z, Y, A64, c, stats[:, 5], want, A.dtype)
         fin = xp.all(xp.isfinite(out.detach()), axis=(-2, -1))
         extra = xp.stack([xp.astype(ok, xp.float64), lmin, delta, xp.astype(fin, xp.float64)], axis=1)
         return out, xp.concat([stats, extra], axis=1)
@@ -909,50 +929,61 @@ def _solve(A, method, n_iter, tol, scaling, eps, return_info, *, want):
             return out
         e = np.zeros(0)
         info = _make_info(np.empty((0, 1 if spec.runner == "eigh" else 0)), e, e.astype(np.int64), e.astype(bool),
-                          e.astype(bool), e, 0, batch, method, scaling, tol, tol_used)
+                          e.astype(bool), e, 0, batch, method, scaling, tol, e)
         return out, info
     A3 = xp.reshape(arr, (nb, n, n))
     with be.precision(arr):
         if spec == _METHODS["coupled"] and not (return_info or stop_early) and be.device_path(arr):
             out, flags = _device_solve(be, A3, n_max, scaling, eps, want)
-            f = be.host(flags)
-            _check_entries(be, arr, f)
+            flags = be.host(flags)
+            f = dict(zip(_DEVICE_FLAGS, flags.T))
+            _check_entries(be, arr, flags)
+            fro, s = f["fro"], f["scale"]
             if want == "isqrt":
-                _raise_zero(f[:, 3])
-            _raise_indefinite(f[:, 5] > 0, f[:, 7], nb)
+                _raise_zero(fro)
+            _raise_indefinite(f["ok"] > 0, f["delta"] * s, nb)
             if want == "isqrt":
-                _check_singular(f[:, 6], f[:, 3], _singular_tol(f[:, 3], n, dtype), eps, nb)
-            if f[:, 8].all():
+                _check_singular(f["lmin"] * s, fro * s, _singular_tol(fro * s, n, dtype), eps, nb)
+            if f["out_finite"].all():
                 return xp.reshape(out, arr.shape)
             # the fast path blew up: rerun below with residuals to return the best iterate
         out, info = _solve_tracked(be, arr, A3, spec, method, n_max, tol, tol_used, stop_early, scaling, eps,
-                                   return_info, want)
+                                   return_info, want, asked=tol is not None or n_iter is None)
     return (out, info) if return_info else out
 
 
-def _solve_tracked(be, arr, A3, spec, method, n_max, tol, tol_used, stop_early, scaling, eps, return_info, want):
+def _solve_tracked(be, arr, A3, spec, method, n_max, tol, tol_used, stop_early, scaling, eps, return_info, want,
+                   asked):
     """:func:`_solve` after the options: checks from the ``prepare`` kernel, probe, method
-    choice, the iteration with its bookkeeping, warnings; returns ``(out, info or None)``."""
+    choice, the iteration with its bookkeeping, warnings; returns ``(out, info or None)``.
+    ``asked``: the caller asked for a tolerance (``tol``, or neither ``tol`` nor ``n_iter``),
+    so that missing it warns."""
     xp = be.xp
     dtype = arr.dtype
     batch, n = tuple(arr.shape[:-2]), int(arr.shape[-1])
     nb = A3.shape[0]
-    A64, fro_arr, stats = be.linalg.prepare(A3, eps)
-    stats = be.host(stats)
+    A64, fro_arr, stats_arr = be.linalg.prepare(A3, eps)  # A = s A64, s = 4^k
+    stats = be.host(stats_arr)
     _check_entries(be, arr, stats)
-    fro, norm_inf = stats[:, 3], stats[:, 4]
+    fro, norm_inf, s = stats[:, 3], stats[:, 4], stats[:, 5]
+    s_arr = stats_arr[:, 5]
     if want == "isqrt":
         _raise_zero(fro)
     delta = _delta(fro, n, dtype)
     ones = np.ones(nb, dtype=bool)
+    # the eigh residual is evaluated for the record, or to check a tolerance the caller gave
+    eigh_residual = return_info or tol is not None
 
     def eigh_only(label):
-        D, r = _eigh_subset(be, A64, dtype, delta, fro, eps, want, return_info)
+        D, r, kappa = _eigh_subset(be, A64, dtype, delta, fro, eps, want, eigh_residual, s)
+        tol_j = _judged_tol(tol, kappa, dtype, n)
+        if asked:
+            _warn_tol_missed(tol_j, ~ones, r, ones.astype(np.int64), dtype)
         out = xp.reshape(D, arr.shape)
         if not return_info:
             return out, None
         return out, _make_info(r[:, None], r, np.ones(nb, dtype=np.int64), ~np.isfinite(r), ones, np.ones(nb), 1,
-                               batch, label, scaling, tol, tol_used)
+                               batch, label, scaling, tol, tol_j)
 
     if spec.runner == "eigh":
         return eigh_only(method)
@@ -968,27 +999,35 @@ def _solve_tracked(be, arr, A3, spec, method, n_max, tol, tol_used, stop_early, 
     ok, lmin, lmax = be.linalg.probe(A64, delta, _PROBE_INVERSE_STEPS_SCHEDULE if spec.scheduled
                                      else _PROBE_INVERSE_STEPS, _PROBE_POWER_STEPS if scaling == "spectral" else 0)
     ok, lmin = be.host(ok), be.host(lmin)
-    _raise_indefinite(ok, delta, nb)
+    _raise_indefinite(ok, delta * s, nb)
     # auto sends a numerically singular matrix to the iteration (which warns and returns
     # its best iterate) rather than to eigh (which raises)
     singular = np.zeros(nb, dtype=bool)
     if want == "isqrt":
         sing_tol = _singular_tol(fro, n, dtype)
-        _check_singular(lmin, fro, sing_tol, eps, nb)
+        _check_singular(lmin * s, fro * s, sing_tol * s, eps, nb)
         singular = lmin <= sing_tol
     c = _scale(be, A64, scaling, be.asarray(lmax, A64), fro_arr)
     c_host = be.host(c)
     coefs = k_last = None
     use_eigh = np.zeros(nb, dtype=bool)
+    # condition estimate: a rigorous bound on lambda_max over the probe's lambda_min (from above)
+    bound = np.minimum(fro, norm_inf)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        kappa = np.where(lmin > 0, bound / lmin, np.inf)
     if spec.scheduled:
         # eigenvalues of Y_0 = A/c lie in [p_lo, p_hi]: p_hi from rigorous bounds on
         # lambda_max (||A||_F, ||A||_inf), p_lo from the over-estimate of lambda_min / safety
-        bound = np.minimum(fro, norm_inf)
         p_hi = np.where(bound > 0, bound / c_host, 1.0)  # (the zero matrix of sqrtm_psd: 1)
         p_lo = np.maximum(lmin, delta / 10.0) / c_host / _LMIN_SAFETY / p_hi
         tol_s = float(tol_used if tol_used else default_tol(dtype, n))
         if may_eigh:
-            use_eigh = _grid_plan(tol_s, n, n_max, _np_dtype(dtype))[_grid_index(p_lo)] & ~singular
+            use_eigh = _grid_plan(tol_s, n, n_max, _np_dtype(dtype))[_grid_index(p_lo)]
+            if tol is not None:
+                # a tolerance below the iteration's rounding floor (about 0.1 kappa sqrt(n) eps in
+                # the working dtype) is out of its reach: eigh, computed in float64, gets closer
+                use_eigh |= tol < 0.1 * kappa * math.sqrt(n) * np.finfo(_np_dtype(dtype)).eps
+            use_eigh &= ~singular
             if use_eigh.all():  # (the probe has checked the spectrum; eigh checks it again, exactly)
                 return eigh_only("auto:eigh")
         coefs, K = _accelerated_schedule(p_lo, tol_s, n, n_max)
@@ -1012,9 +1051,9 @@ def _solve_tracked(be, arr, A3, spec, method, n_max, tol, tol_used, stop_early, 
     hist = None
     n_run = 1
     parts = []
-    if eig_idx.size:  # exact to rounding: the residual is evaluated for the history only
-        D, best_r[eig_idx] = _eigh_subset(be, be.take(A64, eig_idx), dtype, delta[eig_idx], fro[eig_idx], eps, want,
-                                          return_info)
+    if eig_idx.size:
+        D, best_r[eig_idx], kappa[eig_idx] = _eigh_subset(be, be.take(A64, eig_idx), dtype, delta[eig_idx],
+                                                          fro[eig_idx], eps, want, eigh_residual, s[eig_idx])
         parts.append((eig_idx, D))
     if ns_idx.size:
         Y0s, Y0s_64 = be.take(Y0, ns_idx), be.take(Y0_64, ns_idx)
@@ -1028,7 +1067,8 @@ def _solve_tracked(be, arr, A3, spec, method, n_max, tol, tol_used, stop_early, 
                                                                stop_early, None if k_last is None else k_last[ns_idx],
                                                                want)
             n_run = int(n_d.max())
-        parts.append((ns_idx, _finish(be, Z, Y, be.take(A64, ns_idx), be.take(c, ns_idx), want, dtype)))
+        parts.append((ns_idx, _finish(be, Z, Y, be.take(A64, ns_idx), be.take(c, ns_idx), be.take(s_arr, ns_idx), want,
+                                      dtype)))
         n_done[ns_idx], best_iter[ns_idx], diverged[ns_idx], best_r[ns_idx] = n_d, b_it, div, b_r
         if return_info:
             hist = np.empty((nb, n_run))
@@ -1043,13 +1083,15 @@ def _solve_tracked(be, arr, A3, spec, method, n_max, tol, tol_used, stop_early, 
         for idx, part in parts:
             out = be.put(out, idx, part)
     _warn_diverged(diverged, best_r, best_iter, label, nb)
-    _warn_tol_missed(tol, diverged, best_r, use_eigh, n_done, dtype)
+    tol_j = _judged_tol(tol, kappa, dtype, n)
+    if asked:
+        _warn_tol_missed(tol_j, diverged, best_r, n_done, dtype)
     out = xp.reshape(out, arr.shape)
     if not return_info:
         return out, None
     n_it = hist.shape[1] if eig_idx.size < nb else 1
-    return out, _make_info(hist, best_r, best_iter, diverged, use_eigh, c_host, n_it, batch, label, scaling, tol,
-                           tol_used)
+    return out, _make_info(hist, best_r, best_iter, diverged, use_eigh, c_host * s, n_it, batch, label, scaling, tol,
+                           tol_j)
 
 
 def _iterate_coupled(be, Y0, Y0_64, coefs, n_max, tol, record, stop_early, k_last, want):

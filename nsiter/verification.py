@@ -1,40 +1,25 @@
 r"""Accuracy certificate for whitening a covariance: :func:`verify_whitening`.
 
-A scientist brings a covariance ``C`` (``n x n``, symmetric positive definite) and asks how
-well each inverse-square-root method whitens it.  For every method ``D ≈ (C + εI)^{-1/2}``
-is computed with :func:`nsiter.inv_sqrtm`, and the report gives
+How well does each inverse-square-root method whiten a covariance ``C``?  For every method
+``D ≈ (C + εI)^{-1/2}`` is computed with :func:`nsiter.inv_sqrtm` and measured in float64.
 
-* the residual history :math:`r_k = \|D_k D_k C_\varepsilon - I\|_F` per iteration — the
-  metric of Ye et al. (2020), Appendix A.3, Fig. 7 — and the iterations needed to bring it
-  below ``1e-2, 1e-4, ...``;
-* for the matrix ``D`` the method returns: :math:`\|D D C_\varepsilon - I\|_F`,
-  :math:`\|D C_\varepsilon D - I\|_F/\sqrt{n}` (the whitened covariance's error, per
-  dimension), and the forward error :math:`\|D - D_\star\|_F / \|D_\star\|_F` against the
-  float64 ``eigh`` reference :math:`D_\star = V \Lambda^{-1/2} V^T` of the *input*
-  :math:`C + \varepsilon I`;
-* divergence: whether the iteration blew up (the uncoupled Newton–Schulz iteration of
-  Higham 2008, Eq. (7.12), does; the coupled one, Eq. (6.35), does not) and from which
-  iteration on;
-* for the matrix: size, eigenvalue range, 2-norm condition number :math:`\kappa`, and the
-  accuracy floor :math:`\kappa u` of the working dtype (``u`` = unit roundoff).
-
-Why :math:`\kappa u` is a floor: ``C`` is only known to the working precision — storing it
-perturbs it by :math:`\Delta C` with :math:`\|\Delta C\|_2 \lesssim u \|C\|_2` — and a
-backward-stable method (``eigh`` is one) returns the exact answer for some such perturbed
-matrix.  The relative condition number of :math:`A \mapsto A^{-1/2}` at a symmetric positive
-definite ``A`` is :math:`\kappa(A)/2` (the Fréchet derivative scales entry ``(i, j)`` of a
-perturbation in the eigenbasis by :math:`-1/(\sqrt{\lambda_i}\sqrt{\lambda_j}
-(\sqrt{\lambda_i}+\sqrt{\lambda_j}))`), so ``D`` moves by up to :math:`\approx \kappa u/2`
-relative, and :math:`D C D - I = -D\,\Delta C\,D` (for ``D`` exact for ``C + ΔC``) has norm up
-to :math:`\|D\|_2^2 \|\Delta C\|_2 = \kappa u`; likewise :math:`DDC - I`.  So :math:`\kappa u`
-is the worst-case level of all three measures that no method can be relied on to beat;
-actual rounding errors usually land somewhat below it (they rarely align with the
-smallest eigenvector).
+Why :math:`\kappa u` is a floor: storing ``C`` in the working precision perturbs it by
+:math:`\Delta C`, :math:`\|\Delta C\|_2 \lesssim u \|C\|_2`, and a backward-stable method
+(``eigh`` is one) returns the exact answer for some such perturbed matrix.  The relative
+condition number of :math:`A \mapsto A^{-1/2}` at a symmetric positive definite ``A`` is
+:math:`\kappa(A)/2` (the Fréchet derivative scales entry ``(i, j)`` of a perturbation in the
+eigenbasis by :math:`-1/(\sqrt{\lambda_i}\sqrt{\lambda_j}(\sqrt{\lambda_i}+\sqrt{\lambda_j}))`),
+so ``D`` moves by up to :math:`\approx \kappa u/2` relative, and :math:`D C D - I = -D\,\Delta C\,D`
+(``D`` exact for ``C + ΔC``) has norm up to :math:`\|D\|_2^2 \|\Delta C\|_2 = \kappa u`; likewise
+:math:`DDC - I`.  So :math:`\kappa u` is the worst-case level of all three measures; actual
+rounding errors usually land somewhat below it (they rarely align with the smallest eigenvector).
 """
 from __future__ import annotations
 
 import json
 import math
+import sys
+import textwrap
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -42,63 +27,32 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from ._validation import (
-    is_tensor,
-    as_float_array,
-    check_finite,
-    check_nonnegative_float,
-    check_option,
-    check_positive_float,
-    check_positive_int,
-    check_square,
-    check_symmetric,
-    result_float_dtype,
-)
 from ._policy import BLOWUP_GROWTH, BLOWUP_SQRT_N
+from ._validation import (as_float_array, check_finite, check_nonnegative_float, check_option, check_positive_float,
+                          check_positive_int, check_square, check_symmetric, is_tensor, result_float_dtype)
 from ._warnings import IllConditionedWarning, NewtonSchulzDivergenceWarning
+from .newton_schulz import METHODS, SCALINGS, inv_sqrtm
 
-__all__ = [
-    "verify_whitening",
-    "WhiteningReport",
-    "MethodResult",
-    "DEFAULT_METHODS",
-    "DEFAULT_N_ITER",
-    "DEFAULT_THRESHOLDS",
-    "BLOWUP_GROWTH",
-    "BLOWUP_SQRT_N",
-]
+__all__ = ["verify_whitening", "WhiteningReport", "MethodResult", "DEFAULT_METHODS", "DEFAULT_N_ITER",
+           "DEFAULT_THRESHOLDS", "BLOWUP_GROWTH", "BLOWUP_SQRT_N"]
 
 #: Methods run when none are named: the paper's two iterations and the exact reference.
 DEFAULT_METHODS = ("coupled", "uncoupled", "eigh")
-#: Iterations per iterative method: enough for the coupled iteration to reach the float64
-#: floor on ill-conditioned covariances and for the uncoupled blow-up to show.
+#: Iterations per iterative method (why 50: ``n_iter`` of :func:`verify_whitening`).
 DEFAULT_N_ITER = 50
 #: Residual levels whose first-reaching iteration the report lists.
 DEFAULT_THRESHOLDS = (1e-2, 1e-4, 1e-6, 1e-8, 1e-10, 1e-12)
-# The blow-up test is that of :func:`nsiter.inv_sqrtm`, read from the one policy in
-# :mod:`nsiter._policy` (re-exported here): iteration ``k`` has blown up when ``r_k`` is not
-# finite, exceeds ``BLOWUP_GROWTH`` times the best residual so far, or exceeds
-# ``BLOWUP_SQRT_N * sqrt(n)`` (``BLOWUP_SQRT_N`` times ``||0 * C - I||_F``: worse than ``D = 0``).
+# BLOWUP_GROWTH, BLOWUP_SQRT_N: the blow-up test of inv_sqrtm, from the one policy in nsiter._policy
 
 
 # --------------------------------------------------------------------------- results
 def _fmt(x, spec: str = ".2e") -> str:
-    if x is None:
-        return "-"
-    x = float(x)
-    if math.isnan(x):
-        return "nan"
-    if math.isinf(x):
-        return "inf" if x > 0 else "-inf"
-    return format(x, spec)
+    return "-" if x is None else format(float(x), spec)  # format() spells nan, inf, -inf
 
 
 def _json_float(x):
     """float for JSON: non-finite values (overflowed residuals) become ``None`` (``null``)."""
-    if x is None:
-        return None
-    x = float(x)
-    return x if math.isfinite(x) else None
+    return None if x is None or not math.isfinite(float(x)) else float(x)
 
 
 def _threshold_key(t: float) -> str:
@@ -113,44 +67,25 @@ class MethodResult:
     ----------
     method : str
         Name in :data:`nsiter.newton_schulz.METHODS`.
-    ran_as : str
-        ``info.method`` of :func:`nsiter.inv_sqrtm`: the method ``"auto"`` chose, else ``method``.
+    ran_as, n_iter, converged, diverged, scale
+        ``method``, ``n_iter``, ... of the :class:`nsiter.NewtonSchulzInfo` of the
+        :func:`nsiter.inv_sqrtm` call, for this one matrix (``ran_as``: what ``"auto"`` chose).
     residuals : ndarray of float64, shape (n_iter,)
-        :math:`r_k = \|D_k D_k C_\varepsilon - I\|_F` after iteration ``k = 1..n_iter``
-        (``info.residuals`` of :func:`nsiter.inv_sqrtm`, evaluated in float64).  Non-finite
-        entries after a blow-up are kept.  ``eigh`` has one entry.
-    n_iter : int
-        Iterations run (``len(residuals)``).
-    D : ndarray, shape (n, n), working dtype
-        The matrix :func:`nsiter.inv_sqrtm` returned: its iterate number ``returned_iter``
-        (the last one, or the best one when the iteration diverged).
-    returned_iter : int
-        1-based iteration of ``D`` (``info.best_iter`` of :func:`nsiter.inv_sqrtm`).
-    residual : float
-        :math:`\|D D C_\varepsilon - I\|_F` of the returned ``D`` (float64 products).
-    symmetric_residual : float
-        :math:`\|D C_\varepsilon D - I\|_F / \sqrt{n}` of the returned ``D``: how far the
-        whitened covariance is from the identity, per dimension.
-    forward_error : float
-        :math:`\|D - D_\star\|_F / \|D_\star\|_F`, :math:`D_\star` the float64 ``eigh``
-        inverse square root of the input :math:`C + \varepsilon I`.
-    best_iter : int
-        1-based iteration with the smallest finite residual (the first one on ties);
-        ``best_residual`` is that residual.
-    converged : bool
-        ``info.converged`` of :func:`nsiter.inv_sqrtm` (only meaningful with its ``tol``).
-    diverged : bool
-        ``info.diverged`` of :func:`nsiter.inv_sqrtm`: the iteration blew up.
+        :math:`r_k = \|D_k D_k C_\varepsilon - I\|_F` after iteration ``k = 1..n_iter``,
+        evaluated in float64; non-finite entries after a blow-up are kept; ``eigh`` has one.
+    D, returned_iter : ndarray (n, n) of the working dtype, int
+        The matrix returned and its 1-based iterate (``info.best_iter``: the last one, or the
+        best one when the iteration diverged).
+    residual, symmetric_residual, forward_error : float
+        :math:`\|D D C_\varepsilon - I\|_F`, :math:`\|D C_\varepsilon D - I\|_F / \sqrt{n}` and
+        :math:`\|D - D_\star\|_F / \|D_\star\|_F` of the returned ``D`` (:func:`verify_whitening`).
+    best_iter, best_residual : int, float
+        1-based iteration with the smallest finite residual (the first one on ties), and that residual.
     blowup_iter : int or None
-        First iteration ``k`` whose residual is not finite, above :data:`BLOWUP_GROWTH` times
-        the best residual of iterations ``1..k``, or above :data:`BLOWUP_SQRT_N` ``* sqrt(n)``
-        (the divergence test of :func:`nsiter.inv_sqrtm`, :mod:`nsiter._policy`); ``None``
-        when it never happens.
+        First iteration ``k`` that fails the divergence test of :func:`nsiter.inv_sqrtm`
+        (:data:`BLOWUP_GROWTH`, :data:`BLOWUP_SQRT_N`); ``None`` when none does.
     iterations_to_reach : dict float -> int or None
-        For each threshold ``t``, the first iteration ``k`` with ``r_k <= t``; ``None`` for
-        never.
-    scale : float
-        The scaling constant ``c`` the iteration used (``info.scale``).
+        For each threshold ``t``, the first iteration ``k`` with ``r_k <= t``; ``None`` for never.
     seconds : float
         Wall time of the :func:`nsiter.inv_sqrtm` call.
     """
@@ -180,39 +115,27 @@ class MethodResult:
 
     def passed(self, tol: float) -> bool:
         """True when the last iterate's ``||D_k D_k C - I||_F <= tol`` (NaN/inf fail)."""
-        tol = check_positive_float(tol, "tol")
         r = self.final_residual
-        return bool(math.isfinite(r) and r <= tol)
+        return bool(math.isfinite(r) and r <= check_positive_float(tol, "tol"))
 
     def status(self) -> str:
         if self.diverged:
-            at = f" (iteration {self.blowup_iter})" if self.blowup_iter is not None else ""
-            return f"diverged{at}"
-        if self.method == "eigh":
-            return "direct"
-        return "stable"
+            return "diverged" + (f" (iteration {self.blowup_iter})" if self.blowup_iter is not None else "")
+        return "direct" if self.method == "eigh" else "stable"
 
     def to_dict(self, *, include_matrix: bool = False) -> dict:
         """JSON-ready dict; non-finite floats become ``None``.  ``D`` only on request."""
-        d = {
-            "method": self.method,
-            "ran_as": self.ran_as,
-            "n_iter": int(self.n_iter),
-            "final_residual": _json_float(self.final_residual),
-            "residual": _json_float(self.residual),
-            "symmetric_residual": _json_float(self.symmetric_residual),
-            "forward_error": _json_float(self.forward_error),
-            "returned_iter": int(self.returned_iter),
-            "best_iter": int(self.best_iter),
-            "best_residual": _json_float(self.best_residual),
-            "converged": bool(self.converged),
-            "diverged": bool(self.diverged),
-            "blowup_iter": None if self.blowup_iter is None else int(self.blowup_iter),
-            "iterations_to_reach": {_threshold_key(t): k for t, k in self.iterations_to_reach.items()},
-            "scale": _json_float(self.scale),
-            "seconds": float(self.seconds),
-            "residuals": [_json_float(r) for r in self.residuals],
-        }
+        d = dict(
+            method=self.method, ran_as=self.ran_as, n_iter=int(self.n_iter),
+            final_residual=_json_float(self.final_residual), residual=_json_float(self.residual),
+            symmetric_residual=_json_float(self.symmetric_residual), forward_error=_json_float(self.forward_error),
+            returned_iter=int(self.returned_iter), best_iter=int(self.best_iter),
+            best_residual=_json_float(self.best_residual), converged=bool(self.converged),
+            diverged=bool(self.diverged), blowup_iter=None if self.blowup_iter is None else int(self.blowup_iter),
+            iterations_to_reach={_threshold_key(t): k for t, k in self.iterations_to_reach.items()},
+            scale=_json_float(self.scale), seconds=float(self.seconds),
+            residuals=[_json_float(r) for r in self.residuals],
+        )
         if include_matrix:
             d["D"] = np.asarray(self.D, dtype=np.float64).tolist()
         return d
@@ -228,32 +151,23 @@ class WhiteningReport:
 
     Attributes
     ----------
-    n : int
-        Matrix size.
-    dtype, input_dtype : str
-        Working dtype of the methods, and the dtype ``C`` arrived in.
-    eps : float
-        Ridge: every quantity refers to :math:`C_\varepsilon = C + \varepsilon I`.
+    n, dtype, input_dtype : int, str, str
+        Matrix size, working dtype of the methods, and the dtype ``C`` arrived in.
+    eps, n_iter, scaling, tol, thresholds
+        The settings of :func:`verify_whitening` (``tol`` may be ``None``).
     eigenvalues : ndarray of float64, shape (n,)
         Ascending eigenvalues of the input :math:`C + \varepsilon I` (float64 ``eigh``).
-    unit_roundoff : float
-        ``u = eps(dtype) / 2`` of the working dtype (``2**-24`` float32, ``2**-53`` float64).
-    floor : float
-        :math:`\kappa u`: the worst-case level of ``||D D C - I||_F``, ``||D C D - I||_F`` and
-        the forward error set by rounding ``C`` to the working dtype; no method can be relied
-        on to go below it (see the module docstring).
+    unit_roundoff, floor : float
+        ``u = eps(dtype) / 2`` of the working dtype (``2**-24`` float32, ``2**-53`` float64),
+        and the accuracy floor :math:`\kappa u` no method can be relied on to beat (see the
+        module docstring).
     D_exact : ndarray of float64
         The ``eigh`` reference :math:`D_\star = (C + \varepsilon I)^{-1/2}`.
     methods : dict str -> MethodResult
         In the order requested.
-    n_iter, scaling, tol, thresholds
-        The settings used (``n_iter`` for the iterative methods; ``tol`` may be ``None``).
-    notes : tuple of str
-        Plain-language remarks (floor too high for the dtype, divergence, ...).
-    source : str or None
-        Where ``C`` came from (set by the CLI to the file name).
-    seconds : float
-        Wall time of the whole check.
+    notes, source, seconds : tuple of str, str or None, float
+        Plain-language remarks (floor too high for the dtype, divergence, ...), where ``C``
+        came from (the CLI sets the file name), wall time of the whole check.
     """
 
     n: int
@@ -273,7 +187,6 @@ class WhiteningReport:
     source: str | None = None
     seconds: float = 0.0
 
-    # ---- matrix diagnostics
     @property
     def eig_min(self) -> float:
         """Smallest eigenvalue of :math:`C + \\varepsilon I`."""
@@ -292,62 +205,37 @@ class WhiteningReport:
     def __getitem__(self, method: str) -> MethodResult:
         return self.methods[method]
 
-    # ---- verdict
-    def _tol(self, tol):
+    def failures(self, tol: float | None = None) -> list[str]:
+        """Methods whose last iterate has ``||D_k D_k C - I||_F > tol`` (or non-finite)."""
         tol = self.tol if tol is None else tol
         if tol is None:
             raise ValueError("no tolerance to check: pass tol=... here or to verify_whitening(..., tol=...)")
-        return check_positive_float(tol, "tol")
-
-    def failures(self, tol: float | None = None) -> list[str]:
-        """Methods whose last iterate has ``||D_k D_k C - I||_F > tol`` (or non-finite)."""
-        tol = self._tol(tol)
+        tol = check_positive_float(tol, "tol")
         return [m for m, r in self.methods.items() if not r.passed(tol)]
 
     def passed(self, tol: float | None = None) -> bool:
         r"""True when every method's last iterate has :math:`\|D_k D_k C_\varepsilon - I\|_F \le` ``tol``.
 
-        ``tol`` defaults to the one given to :func:`verify_whitening`; a ``ValueError`` when
-        neither was given.  This is the residual of the *last* iterate, so a method that
-        diverged fails even if an earlier iterate was good: that iterate count is unusable.
+        ``tol`` defaults to that of :func:`verify_whitening` (``ValueError`` when neither was given).  A method
+        that diverged fails even if an earlier iterate was good: that iterate count is unusable.
         """
         return not self.failures(tol)
 
-    # ---- conversions
     def to_dict(self, *, include_matrices: bool = False) -> dict:
-        """The report as a JSON-ready dict (non-finite floats become ``None``).
-
-        Keys: ``n, dtype, input_dtype, eps, eig_min, eig_max, condition_number,
-        unit_roundoff, floor, floor_applies_to, n_iter, scaling, tol, tol_applies_to,
-        thresholds, passed, notes, source, seconds, methods`` (a dict keyed by method name,
-        see :meth:`MethodResult.to_dict`).  ``include_matrices`` adds ``D`` per method and
-        ``D_exact``.
-        """
-        passed = None if self.tol is None else self.passed()
-        d = {
-            "source": self.source,
-            "n": int(self.n),
-            "dtype": self.dtype,
-            "input_dtype": self.input_dtype,
-            "eps": float(self.eps),
-            "eig_min": float(self.eig_min),
-            "eig_max": float(self.eig_max),
-            "condition_number": _json_float(self.condition_number),
-            "unit_roundoff": float(self.unit_roundoff),
-            "floor": _json_float(self.floor),
-            "floor_applies_to": ("worst-case level of ||D D C - I||_F, ||D C D - I||_F and "
-                                 "||D - D_exact||_F/||D_exact||_F set by rounding C to the working dtype"),
-            "n_iter": int(self.n_iter),
-            "scaling": self.scaling,
-            "tol": None if self.tol is None else float(self.tol),
-            "tol_applies_to": "||D_k D_k C - I||_F of the last iterate of every method",
-            "thresholds": [float(t) for t in self.thresholds],
-            "passed": passed,
-            "failed": [] if self.tol is None else self.failures(),
-            "notes": list(self.notes),
-            "seconds": float(self.seconds),
-            "methods": {m: r.to_dict(include_matrix=include_matrices) for m, r in self.methods.items()},
-        }
+        """JSON-ready dict (non-finite floats become ``None``); ``include_matrices`` adds ``D``, ``D_exact``."""
+        d = dict(
+            source=self.source, n=int(self.n), dtype=self.dtype, input_dtype=self.input_dtype, eps=float(self.eps),
+            eig_min=float(self.eig_min), eig_max=float(self.eig_max),
+            condition_number=_json_float(self.condition_number), unit_roundoff=float(self.unit_roundoff),
+            floor=_json_float(self.floor),
+            floor_applies_to=("worst-case level of ||D D C - I||_F, ||D C D - I||_F and "
+                              "||D - D_exact||_F/||D_exact||_F set by rounding C to the working dtype"),
+            n_iter=int(self.n_iter), scaling=self.scaling, tol=None if self.tol is None else float(self.tol),
+            tol_applies_to="||D_k D_k C - I||_F of the last iterate of every method",
+            thresholds=[float(t) for t in self.thresholds], passed=None if self.tol is None else self.passed(),
+            failed=[] if self.tol is None else self.failures(), notes=list(self.notes), seconds=float(self.seconds),
+            methods={m: r.to_dict(include_matrix=include_matrices) for m, r in self.methods.items()},
+        )
         if include_matrices:
             d["D_exact"] = self.D_exact.tolist()
         return d
@@ -356,14 +244,10 @@ class WhiteningReport:
         """:meth:`to_dict` as strict JSON text (``null`` for non-finite values)."""
         return json.dumps(self.to_dict(include_matrices=include_matrices), indent=indent, allow_nan=False)
 
-    # ---- text
     def __str__(self) -> str:
-        title = f"Whitening check of a {self.n} x {self.n} covariance"
-        if self.source:
-            title += f" ({self.source})"
         dt = self.dtype if self.dtype == self.input_dtype else f"{self.dtype} (input {self.input_dtype})"
         lines = [
-            title,
+            f"Whitening check of a {self.n} x {self.n} covariance" + (f" ({self.source})" if self.source else ""),
             f"  dtype {dt}, eps = {self.eps:g}, n_iter = {self.n_iter}, scaling = {self.scaling!r}; "
             "residuals evaluated in float64",
             f"  eigenvalues of C + eps*I: min {_fmt(self.eig_min, '.3e')}, max {_fmt(self.eig_max, '.3e')}; "
@@ -372,50 +256,37 @@ class WhiteningReport:
             "roundoff): rounding C alone can cause",
             "    errors this large in ||DDC-I||_F and ||D-D*||_F/||D*||_F; no method can be relied on to beat it",
             "",
+            "  residual ||D_k D_k C - I||_F per iteration; columns 1e-xx = first iteration below it",
         ]
-        names = list(self.methods)
-        w = max([6] + [len(m) for m in names])
-        ths = list(self.thresholds)
-        head = f"  {'method':<{w}}  {'iters':>5}  {'final':>9}  {'best (iter)':>15}"
-        head += "".join(f"  {_threshold_key(t):>6}" for t in ths) + "  status"
-        lines.append("  residual ||D_k D_k C - I||_F per iteration; columns 1e-xx = first iteration below it")
-        lines.append(head)
-        for m in names:
-            r = self.methods[m]
+        w = max([6] + [len(m) for m in self.methods])
+        lines.append(f"  {'method':<{w}}  {'iters':>5}  {'final':>9}  {'best (iter)':>15}"
+                     + "".join(f"  {_threshold_key(t):>6}" for t in self.thresholds) + "  status")
+        for m, r in self.methods.items():
             best = f"{_fmt(r.best_residual)} ({r.best_iter})"
-            row = f"  {m:<{w}}  {r.n_iter:>5}  {_fmt(r.final_residual):>9}  {best:>15}"
-            for t in ths:
-                k = r.iterations_to_reach.get(t)
-                row += f"  {('never' if k is None else str(k)):>6}"
-            lines.append(row + "  " + r.status())
-        lines.append("")
-        lines.append("  returned D (the last iterate; the best one if the iteration diverged) against the "
-                     "float64 eigh solution D*")
-        lines.append(f"  {'method':<{w}}  {'iter':>5}  {'||DDC-I||_F':>11}  {'||DCD-I||_F/sqrt(n)':>19}  "
-                     f"{'||D-D*||_F/||D*||_F':>19}  {'time':>9}")
-        for m in names:
-            r = self.methods[m]
+            reach = (r.iterations_to_reach.get(t) for t in self.thresholds)
+            lines.append(f"  {m:<{w}}  {r.n_iter:>5}  {_fmt(r.final_residual):>9}  {best:>15}"
+                         + "".join(f"  {'never' if k is None else k:>6}" for k in reach) + "  " + r.status())
+        lines += ["", "  returned D (the last iterate; the best one if the iteration diverged) against the "
+                      "float64 eigh solution D*",
+                  f"  {'method':<{w}}  {'iter':>5}  {'||DDC-I||_F':>11}  {'||DCD-I||_F/sqrt(n)':>19}  "
+                  f"{'||D-D*||_F/||D*||_F':>19}  {'time':>9}"]
+        for m, r in self.methods.items():
             lines.append(f"  {m:<{w}}  {r.returned_iter:>5}  {_fmt(r.residual):>11}  {_fmt(r.symmetric_residual):>19}  "
                          f"{_fmt(r.forward_error):>19}  {r.seconds * 1e3:>7.2f}ms")
         if self.tol is not None:
             verdicts = ", ".join(f"{m} {'PASS' if r.passed(self.tol) else 'FAIL'}" for m, r in self.methods.items())
-            lines.append("")
-            lines.append(f"  tol {self.tol:g} on the last iterate's ||D_k D_k C - I||_F: {verdicts}")
+            lines += ["", f"  tol {self.tol:g} on the last iterate's ||D_k D_k C - I||_F: {verdicts}"]
         if self.notes:
-            import textwrap
-
             lines.append("")
-            for s in self.notes:
-                lines.extend(textwrap.wrap(s, width=100, initial_indent="  note: ", subsequent_indent="        "))
+        for s in self.notes:
+            lines.extend(textwrap.wrap(s, width=100, initial_indent="  note: ", subsequent_indent="        "))
         return "\n".join(lines)
 
-    # ---- plot
     def plot(self, path=None, ax=None):
         r"""Residual :math:`\|D_k D_k C - I\|_F` against iteration, one line per method.
 
-        Log y axis; the floor :math:`\kappa u` is a dashed horizontal line; a diverged
-        method's blow-up iteration is a dotted vertical line with an ``x`` marker; ``eigh``
-        (one direct step) is a horizontal dotted line.  Non-finite residuals are not drawn.
+        Log y axis; dashed: the floor :math:`\kappa u`; dotted: ``eigh`` (one direct step) and a
+        diverged method's blow-up iteration (marked ``x``).  Non-finite residuals are not drawn.
 
         Parameters
         ----------
@@ -429,20 +300,16 @@ class WhiteningReport:
         matplotlib.figure.Figure
             Built without pyplot, so it works with any backend (and headless, Agg).
         """
+        import matplotlib as mpl
         from matplotlib.figure import Figure
 
-        if ax is None:
-            fig = Figure(figsize=(7.0, 4.5), layout="constrained")
-            ax = fig.add_subplot()
-        else:
-            fig = ax.figure
+        fig = Figure(figsize=(7.0, 4.5), layout="constrained") if ax is None else ax.figure
+        ax = fig.add_subplot() if ax is None else ax
         n_max = max(2, max(r.n_iter for r in self.methods.values()))
         finite_all = [self.floor] + [x for r in self.methods.values()
                                      for x in r.residuals if np.isfinite(x) and x > 0]
         y_lo = max(min(finite_all) / 30.0, 1e-300)
         y_hi = min(max(finite_all) * 5.0, 1e8)
-        import matplotlib as mpl
-
         colors = mpl.rcParams["axes.prop_cycle"].by_key().get("color", ["C0"])
         for i, r in enumerate(self.methods.values()):
             res = np.asarray(r.residuals, dtype=np.float64)
@@ -452,25 +319,19 @@ class WhiteningReport:
                 continue
             k = np.arange(1, res.size + 1)
             ok = np.isfinite(res) & (res > 0)
-            (line,) = ax.plot(k[ok], res[ok], marker=".", ms=3, lw=1.2, color=color, label=r.method)
+            ax.plot(k[ok], res[ok], marker=".", ms=3, lw=1.2, color=color, label=r.method)
             if r.diverged and r.blowup_iter is not None:
                 b = r.blowup_iter
-                ax.axvline(b, color=line.get_color(), ls=":", lw=1)
-                yb = res[b - 1]
-                yb = y_hi if not np.isfinite(yb) or yb > y_hi else yb
-                ax.plot([b], [yb], marker="x", ms=9, mew=2, color=line.get_color(), ls="none",
+                yb = res[b - 1] if np.isfinite(res[b - 1]) and res[b - 1] <= y_hi else y_hi
+                ax.axvline(b, color=color, ls=":", lw=1)
+                ax.plot([b], [yb], marker="x", ms=9, mew=2, color=color, ls="none",
                         label=f"{r.method} blows up (iteration {b})")
         ax.axhline(self.floor, color="k", ls="--", lw=1,
                    label=rf"floor $\kappa u$ = {_fmt(self.floor)} ({self.dtype})")
-        ax.set_yscale("log")
-        ax.set_ylim(y_lo, y_hi)
-        ax.set_xlim(0.5, n_max + 0.5)
-        ax.set_xlabel("iteration k")
-        ax.set_ylabel(r"$\|D_k D_k C - I\|_F$")
+        ax.set(yscale="log", ylim=(y_lo, y_hi), xlim=(0.5, n_max + 0.5), xlabel="iteration k",
+               ylabel=r"$\|D_k D_k C - I\|_F$")
         title = f"{self.n}x{self.n} covariance, kappa = {self.condition_number:.3g}, {self.dtype}"
-        if self.source:
-            title = f"{self.source}: " + title
-        ax.set_title(title, fontsize=10)
+        ax.set_title(f"{self.source}: " + title if self.source else title, fontsize=10)
         ax.grid(True, which="major", alpha=0.3)
         ax.legend(fontsize=8, loc="best")
         if path is not None:
@@ -488,6 +349,11 @@ def _to_numpy(x) -> np.ndarray:
     return np.asarray(x)
 
 
+def _first(x):
+    """First entry of a (batched, maybe torch) ``info`` field."""
+    return _to_numpy(x).reshape(-1)[0]
+
+
 def _blowup_iter(res: np.ndarray, n: int) -> int | None:
     """First 1-based ``k`` at which the residual history ``res`` fails the blow-up test."""
     finite = np.isfinite(res)
@@ -495,28 +361,6 @@ def _blowup_iter(res: np.ndarray, n: int) -> int | None:
     with np.errstate(invalid="ignore"):
         bad = ~finite | (res > BLOWUP_GROWTH * best_so_far) | (res > BLOWUP_SQRT_N * math.sqrt(n))
     return int(np.argmax(bad) + 1) if bad.any() else None
-
-
-def _uncoupled_growth(kappa: float) -> float:
-    r"""Largest error amplification per step of the uncoupled iteration at its fixed point.
-
-    Linearising :math:`X \mapsto (3X - X^3 Y)/2` at :math:`X = Y^{-1/2}` in the eigenbasis of
-    ``Y`` multiplies entry ``(i, j)`` of a perturbation by :math:`(2 - \rho - \rho^2)/2`,
-    :math:`\rho = \sqrt{\lambda_j/\lambda_i}`; the largest magnitude is
-    :math:`(\kappa + \sqrt{\kappa} - 2)/2`, above 1 once :math:`\kappa > 2.44`.
-    """
-    return (kappa + math.sqrt(kappa) - 2.0) / 2.0
-
-
-def _first_below(res: np.ndarray, t: float) -> int | None:
-    hit = np.flatnonzero(np.isfinite(res) & (res <= t))
-    return int(hit[0] + 1) if hit.size else None
-
-
-def _methods_registry() -> tuple:
-    from .newton_schulz import METHODS
-
-    return tuple(METHODS)
 
 
 def verify_whitening(C, *, methods: Sequence[str] = DEFAULT_METHODS, n_iter: int = DEFAULT_N_ITER,
@@ -529,10 +373,12 @@ def verify_whitening(C, *, methods: Sequence[str] = DEFAULT_METHODS, n_iter: int
     :func:`nsiter.inv_sqrtm` and measured in float64: the residual history
     :math:`\|D_k D_k C_\varepsilon - I\|_F` (Ye et al. 2020, Appendix A.3, Fig. 7),
     :math:`\|D D C_\varepsilon - I\|_F`, :math:`\|D C_\varepsilon D - I\|_F / \sqrt{n}`, the
-    forward error against the float64 ``eigh`` solution, the iterations needed to reach each
-    threshold, and divergence (Higham 2008: coupled Eq. (6.35) is stable, the uncoupled
-    Eq. (7.12) is not).  The matrix is described by its eigenvalue range, condition number
-    :math:`\kappa` and the accuracy floor :math:`\kappa u` of the working dtype.
+    forward error :math:`\|D - D_\star\|_F / \|D_\star\|_F` against the float64 ``eigh``
+    solution :math:`D_\star = V \Lambda^{-1/2} V^T` of the *input* :math:`C + \varepsilon I`,
+    the iterations needed to reach each threshold, and divergence (Higham 2008: coupled
+    Eq. (6.35) is stable, the uncoupled Eq. (7.12) is not).  The matrix is described by its
+    eigenvalue range, 2-norm condition number :math:`\kappa` and the accuracy floor
+    :math:`\kappa u` of the working dtype (``u`` = unit roundoff).
 
     Parameters
     ----------
@@ -562,8 +408,7 @@ def verify_whitening(C, *, methods: Sequence[str] = DEFAULT_METHODS, n_iter: int
     thresholds : sequence of float, default (1e-2, 1e-4, ..., 1e-12)
         Levels for ``iterations_to_reach``.
     progress : callable, optional
-        Called as ``progress(step, i, total)`` before each step (the ``eigh`` reference, then
-        each method); the CLI uses it for its terminal progress lines.
+        Called as ``progress(step, i, total)`` before each step: the ``eigh`` reference, then each method.
 
     Returns
     -------
@@ -573,25 +418,20 @@ def verify_whitening(C, *, methods: Sequence[str] = DEFAULT_METHODS, n_iter: int
     Raises
     ------
     ValueError
-        ``C`` not 2-D, not square, empty, non-finite, non-symmetric, or ``C + eps*I`` not
-        positive definite (the message gives a ridge ``eps`` that would make it so); unknown
-        method or scaling; non-positive ``n_iter`` / ``tol``, negative ``eps``.
+        ``C`` not one square, non-empty, finite, symmetric matrix, or ``C + eps*I`` not positive
+        definite (the message gives a ridge ``eps`` that would do); an unknown method or
+        scaling, a non-positive ``n_iter`` / ``tol``, a negative ``eps``.
     TypeError
         Complex or non-numeric ``C``; ``dtype`` other than float32/float64.
 
     Notes
     -----
-    What the floor means: rounding ``C`` to the working dtype alone can change
-    :math:`C^{-1/2}` by about :math:`\kappa u/2` relative (the relative condition number of
-    :math:`A \mapsto A^{-1/2}` is :math:`\kappa/2`) and :math:`\|DCD - I\|_F`,
-    :math:`\|DDC - I\|_F` by about :math:`\kappa u`.  A method near the floor is as
-    accurate as the dtype allows; to do better use float64, or a ridge ``eps`` (which
-    lowers :math:`\kappa`).  For ``method="eigh"`` in float64 the forward error is 0 by
-    construction: it is the reference.
-
-    Residuals refer to the matrix the methods saw (``C`` in the working dtype, plus
-    ``eps*I``); the forward error refers to the input ``C + eps*I`` as given, so for a
-    float64 ``C`` checked in float32 it includes the rounding of ``C``.
+    A method near the floor :math:`\kappa u` (module docstring) is as accurate as the dtype
+    allows; to do better use float64, or a ridge ``eps`` (which lowers :math:`\kappa`).  For
+    ``method="eigh"`` in float64 the forward error is 0 by construction: it is the reference.
+    Residuals refer to the matrix the methods saw (``C`` in the working dtype, plus ``eps*I``);
+    the forward error to the input ``C + eps*I`` as given, so for a float64 ``C`` checked in
+    float32 it includes the rounding of ``C``.
 
     Examples
     --------
@@ -604,138 +444,107 @@ def verify_whitening(C, *, methods: Sequence[str] = DEFAULT_METHODS, n_iter: int
     """
     t_start = time.perf_counter()
     tensor = is_tensor(C)
-    C_in = _to_numpy(C) if tensor else C
-    A = as_float_array(C_in, "C")
+    A = as_float_array(_to_numpy(C) if tensor else C, "C")
+    if A.ndim > 2:
+        raise ValueError(f"expected one covariance matrix C of shape (n, n), got a stack of shape {A.shape}; "
+                         "verify_whitening checks one matrix: call it per matrix, e.g. "
+                         "[verify_whitening(c) for c in C]")
     if A.ndim != 2:
-        if A.ndim > 2:
-            raise ValueError(
-                f"expected one covariance matrix C of shape (n, n), got a stack of shape {A.shape}; "
-                "verify_whitening checks one matrix: call it per matrix, e.g. [verify_whitening(c) for c in C]"
-            )
         raise ValueError(f"expected a covariance matrix C of shape (n, n), got shape {A.shape}")
     check_square(A, "C")
     check_finite(A, "C")
     check_symmetric(A, "C")
-    input_dtype = A.dtype
     if dtype is not None and np.dtype(dtype).kind != "f":
         raise TypeError(f"expected dtype float32 or float64, got {np.dtype(dtype)}; pass dtype='float32' or 'float64'")
-    work = input_dtype if dtype is None else result_float_dtype(dtype)
+    work = A.dtype if dtype is None else result_float_dtype(dtype)
     eps = check_nonnegative_float(eps, "eps")
     n_iter = check_positive_int(n_iter, "n_iter")
-    if tol is not None:
-        tol = check_positive_float(tol, "tol")
-    registry = _methods_registry()
-    from .newton_schulz import SCALINGS
-
+    tol = None if tol is None else check_positive_float(tol, "tol")
     check_option(scaling, "scaling", SCALINGS)
-    if isinstance(methods, str):
-        methods = (methods,)
-    methods = tuple(methods)
+    methods = (methods,) if isinstance(methods, str) else tuple(methods)
     if not methods:
-        raise ValueError(f"expected at least one method, got none; choose from: {', '.join(registry)}")
+        raise ValueError(f"expected at least one method, got none; choose from: {', '.join(METHODS)}")
     for m in methods:
-        check_option(m, "method", registry)
+        check_option(m, "method", METHODS)
     if len(set(methods)) != len(methods):
         raise ValueError(f"expected each method once, got {methods}; drop the repeats")
     thresholds = tuple(sorted((check_positive_float(t, "threshold") for t in thresholds), reverse=True))
 
     n = A.shape[0]
+    eye = np.eye(n)
     total = len(methods) + 1
-    if progress is not None:
-        progress("eigh reference (float64)", 1, total)
-    A64 = A.astype(np.float64)  # the input as given (exact upcast)
-    if eps:
-        A64 = A64 + eps * np.eye(n)
-    lam, V = np.linalg.eigh(A64)
+    progress = progress or (lambda *args: None)
+    progress("eigh reference (float64)", 1, total)
+    lam, V = np.linalg.eigh(A.astype(np.float64) + eps * eye if eps else A.astype(np.float64))  # exact upcast
     if not lam[0] > 0:
         fix = max(-lam[0], 0.0) + 1e-6 * max(abs(lam[-1]), np.finfo(np.float64).tiny)
-        raise ValueError(
-            f"expected C + eps*I positive definite, got smallest eigenvalue {lam[0]:.3e} "
-            f"(largest {lam[-1]:.3e}, eps = {eps:g}): C is indefinite or singular; add a ridge, "
-            f"e.g. eps = {fix:.1e}, or check how C was computed (fewer samples than features gives a singular C)"
-        )
+        raise ValueError(f"expected C + eps*I positive definite, got smallest eigenvalue {lam[0]:.3e} "
+                         f"(largest {lam[-1]:.3e}, eps = {eps:g}): C is indefinite or singular; add a ridge, "
+                         f"e.g. eps = {fix:.1e}, or check how C was computed (fewer samples than features gives "
+                         "a singular C)")
     D_exact = (V * lam ** -0.5) @ V.T
+    nrm_exact = np.linalg.norm(D_exact)
     kappa = float(lam[-1] / lam[0])
     u = float(np.finfo(work).eps) / 2.0
     floor = kappa * u
 
     # the matrix the methods see, and the same in float64 for the residuals
     Cw = A.astype(work, copy=False)
-    Ceps64 = Cw.astype(np.float64)
-    if eps:
-        Ceps64 = Ceps64 + eps * np.eye(n)
-    eye = np.eye(n)
-    nrm_exact = np.linalg.norm(D_exact)
-
-    if tensor:
-        import torch
-
-        Cm = C.detach().to(dtype=getattr(torch, work.name))
-    else:
-        Cm = Cw
-
-    from .newton_schulz import inv_sqrtm
+    Ceps64 = Cw.astype(np.float64) + eps * eye if eps else Cw.astype(np.float64)
+    Cm = C.detach().to(dtype=getattr(sys.modules["torch"], work.name)) if tensor else Cw
 
     results = {}
     notes = []
     for i, m in enumerate(methods, start=2):
-        if progress is not None:
-            progress(m if m == "eigh" else f"{m} ({n_iter} iterations)", i, total)
-        kwargs = dict(method=m, scaling=scaling, eps=eps, return_info=True)
-        if m != "eigh":
-            kwargs["n_iter"] = n_iter
+        progress(m if m == "eigh" else f"{m} ({n_iter} iterations)", i, total)
         t0 = time.perf_counter()
         with warnings.catch_warnings():
             # divergence and ill-conditioning are what the report measures and states
             warnings.simplefilter("ignore", NewtonSchulzDivergenceWarning)
             warnings.simplefilter("ignore", IllConditionedWarning)
-            D, info = inv_sqrtm(Cm, **kwargs)
+            D, info = inv_sqrtm(Cm, method=m, n_iter=None if m == "eigh" else n_iter, scaling=scaling, eps=eps,
+                                return_info=True)
         seconds = time.perf_counter() - t0
         D = _to_numpy(D)
         res = np.asarray(_to_numpy(info.residuals), dtype=np.float64).reshape(-1)
         D64 = D.astype(np.float64)
         with np.errstate(all="ignore"):
-            DD = D64 @ D64
-            residual = float(np.linalg.norm(DD @ Ceps64 - eye))
+            residual = float(np.linalg.norm(D64 @ D64 @ Ceps64 - eye))
             symmetric_residual = float(np.linalg.norm(D64 @ Ceps64 @ D64 - eye) / math.sqrt(n))
             forward = float(np.linalg.norm(D64 - D_exact) / nrm_exact)
-        returned_iter = int(np.asarray(_to_numpy(info.best_iter)).reshape(-1)[0])
         finite = np.isfinite(res)
         best_iter = int(np.argmin(np.where(finite, res, np.inf))) + 1 if finite.any() else 1
         best_res = float(res[best_iter - 1])
-        diverged = bool(np.asarray(_to_numpy(info.diverged)).reshape(-1)[0])
-        converged = bool(np.asarray(_to_numpy(info.converged)).reshape(-1)[0])
         blowup = _blowup_iter(res, n)
-        reach = {t: _first_below(res, t) for t in thresholds}
-        scale = float(np.asarray(_to_numpy(info.scale)).reshape(-1)[0])
+        reach = {t: next((k for k, hit in enumerate(finite & (res <= t), start=1) if hit), None)
+                 for t in thresholds}
         results[m] = MethodResult(
-            method=m, ran_as=str(info.method), residuals=res, n_iter=int(res.size), D=D, returned_iter=returned_iter,
-            residual=residual,
-            symmetric_residual=symmetric_residual, forward_error=forward, best_iter=best_iter,
-            best_residual=best_res, converged=converged, diverged=diverged, blowup_iter=blowup,
-            iterations_to_reach=reach, scale=scale, seconds=seconds,
+            method=m, ran_as=str(info.method), residuals=res, n_iter=int(res.size), D=D,
+            returned_iter=int(_first(info.best_iter)), residual=residual, symmetric_residual=symmetric_residual,
+            forward_error=forward, best_iter=best_iter, best_residual=best_res, converged=bool(_first(info.converged)),
+            diverged=bool(_first(info.diverged)), blowup_iter=blowup, iterations_to_reach=reach,
+            scale=float(_first(info.scale)), seconds=seconds,
         )
-        if diverged:
+        if results[m].diverged:
             at = f", blew up at iteration {blowup} ({_fmt(res[blowup - 1])})" if blowup is not None else ""
             why = ""
             if str(info.method) == "uncoupled":
+                # Linearising X -> (3X - X^3 Y)/2 at X = Y^{-1/2} in the eigenbasis of Y multiplies
+                # entry (i, j) of a perturbation by (2 - rho - rho^2)/2, rho = sqrt(lambda_j/lambda_i):
+                # at most (kappa + sqrt(kappa) - 2)/2 in magnitude, above 1 once kappa > 2.44.
+                growth = (kappa + math.sqrt(kappa) - 2.0) / 2.0
                 why = (f" Near its fixed point the uncoupled iteration multiplies rounding errors by up to "
-                       f"(kappa + sqrt(kappa) - 2)/2 = {_fmt(_uncoupled_growth(kappa), '.3g')} per step "
+                       f"(kappa + sqrt(kappa) - 2)/2 = {_fmt(growth, '.3g')} per step "
                        "(stable only for kappa < 2.44).")
             advice = (f"Use the coupled iteration, or stop after {best_iter} iterations." if best_res < 1e-2
                       else "It never whitened C: use the coupled iteration.")
-            notes.append(
-                f"{m} diverged: best residual {_fmt(best_res)} at iteration {best_iter}{at}; the returned D is "
-                f"that best iterate.{why} {advice}"
-            )
+            notes.append(f"{m} diverged: best residual {_fmt(best_res)} at iteration {best_iter}{at}; the returned D "
+                         f"is that best iterate.{why} {advice}")
     if floor >= 1e-2:
-        notes.insert(0, (
-            f"kappa*u = {_fmt(floor)}: rounding in {work.name} alone can leave errors of about this size in "
-            "||DDC-I||_F; to whiten this matrix reliably use float64, or a ridge eps (smaller kappa)"
-        ))
+        notes.insert(0, f"kappa*u = {_fmt(floor)}: rounding in {work.name} alone can leave errors of about this size "
+                        "in ||DDC-I||_F; to whiten this matrix reliably use float64, or a ridge eps (smaller kappa)")
     return WhiteningReport(
-        n=n, dtype=work.name, input_dtype=input_dtype.name, eps=eps, eigenvalues=lam,
-        unit_roundoff=u, floor=floor, D_exact=D_exact,
-        methods=results, n_iter=n_iter, scaling=scaling, tol=tol, thresholds=thresholds,
+        n=n, dtype=work.name, input_dtype=A.dtype.name, eps=eps, eigenvalues=lam, unit_roundoff=u, floor=floor,
+        D_exact=D_exact, methods=results, n_iter=n_iter, scaling=scaling, tol=tol, thresholds=thresholds,
         notes=tuple(notes), seconds=time.perf_counter() - t_start,
     )

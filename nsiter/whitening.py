@@ -1,33 +1,17 @@
 r"""Whitening ("deconvolution") with a patch covariance's inverse square root (Ye et al. 2020).
 
-With ``X = im2col(x)`` and ``D ~ (Cov + eps I)^{-1/2}`` from :func:`nsiter.patch_covariance`
-and :func:`nsiter.inv_sqrtm`:
+**Layouts of D** (read from its shape; ``F = C*kh*kw`` columns of ``X = im2col(x)``), as
+:func:`nsiter.patch_covariance` returns them for ``block_size=None``, ``"contiguous"``, ``"reference"``:
 
-* :func:`whiten` — the deconvolved data matrix ``(X - mu) D`` (§4.2), block by block;
-* :func:`deconvolution_kernel` — the centre-tap columns of ``D`` as a ``(C, C, kh, kw)``
-  filter bank (§4.3.2, Fig. 2: "the middle row/column of Cov^-0.5 reshaped");
-* :func:`deconvolve_image` — the deconvolved image of Fig. 4: each pixel replaced by the
-  centre entry of its whitened patch;
-* :func:`fold_deconvolution` — implicit deconvolution (§4.5.1): ``W' = D w`` and
-  ``b' = b - mu D w`` so that a plain correlation with ``W', b'`` equals whitening followed
-  by the correlation with ``w, b``.
-
-**Layouts of D** (read from its shape; ``F = C*kh*kw`` columns of ``X``):
-
-* ``(F, F)``: one matrix for all columns (``block_size=None``);
+* ``(F, F)``: one matrix for all columns, ``mean (F,)``;
 * ``(G, Fb, Fb)`` with ``G*Fb = F``: contiguous channel blocks, ``D[g]`` acts on columns
   ``[g*Fb, (g+1)*Fb)``, ``mean`` of shape ``(G, Fb)`` or ``(F,)``;
 * ``(Fb, Fb)`` with ``Fb < F`` and ``grouping="reference"``: one shared matrix acting on the
-  interleaved column groups ``g, g + G, g + 2G, ...`` (``G = F/Fb``), ``mean`` of shape
-  ``(Fb,)`` — the FastDeconv layout.
+  interleaved column groups ``g, g + G, g + 2G, ...`` (``G = F/Fb``), ``mean (Fb,)`` — the
+  FastDeconv layout.
 
-These are exactly the shapes :func:`nsiter.patch_covariance` returns for
-``block_size=None``, ``"contiguous"`` and ``"reference"``.  The optional ``block_size``
-(channels per block) is only checked against ``D`` (``Fb`` must be a multiple of it).
-
-Every helper is written once for numpy arrays and torch tensors (array-API code on
-``backend(...).xp``): tensors stay on their device and gradients flow through ``X``,
-``mean``, ``D``, ``weight`` and ``bias``.
+``grouping`` tells a shared reference ``D`` from a mistake; ``block_size`` is only checked
+against ``D``.  Array-API code on ``backend(...).xp``: tensors stay on their device, differentiable.
 """
 from __future__ import annotations
 
@@ -38,16 +22,9 @@ import numpy as np
 from ._backend import backend
 from ._conventions import as_images
 from ._moments import channel_means
-from ._validation import (
-    as_float_array,
-    as_pair,
-    check_ndim,
-    check_nonempty,
-    check_option,
-    check_positive_int,
-    is_tensor,
-)
-from .covariance import GROUPINGS, _check_finite_fast
+from ._validation import (as_float_array, as_pair, check_ndim, check_nonempty, check_option, check_positive_int,
+                          is_tensor)
+from .covariance import GROUPINGS, _check_finite_fast, patch_covariance
 
 __all__ = ["whiten", "deconvolution_kernel", "deconvolve_image", "fold_deconvolution"]
 
@@ -55,10 +32,7 @@ _CHUNK_BYTES = 16 * 2**20  # rows of a numpy X whitened at a time (tensors: one 
 
 
 class _Layout:
-    """Block structure of ``D`` for data matrices of ``F`` columns (see the module docstring).
-
-    Reads only shapes (arrays and tensors alike); the block arithmetic is :meth:`apply`.
-    """
+    """Block structure of ``D`` for data matrices of ``F`` columns (see the module docstring)."""
 
     def __init__(self, D, F: int, block_size, grouping: str, what: str = "X"):
         check_option(grouping, "grouping", GROUPINGS)
@@ -70,41 +44,31 @@ class _Layout:
         fb = shape[-1]
         if D.ndim == 3:
             if grouping == "reference":
-                raise ValueError(
-                    f"grouping='reference' shares one (Fb, Fb) matrix, got a stack D of shape {shape}; "
-                    "use grouping='contiguous' for per-block matrices"
-                )
+                raise ValueError(f"grouping='reference' shares one (Fb, Fb) matrix, got a stack D of shape {shape}; "
+                                 "use grouping='contiguous' for per-block matrices")
             if shape[0] * fb != F:
-                raise ValueError(
-                    f"D of shape {shape} covers {shape[0] * fb} columns, but {what} has {F}; "
-                    "D must come from the same kernel size and channel count"
-                )
+                raise ValueError(f"D of shape {shape} covers {shape[0] * fb} columns, but {what} has {F}; "
+                                 "D must come from the same kernel size and channel count")
             self.mode, self.groups = "contiguous", shape[0]
         elif fb == F:
             self.mode, self.groups = "full", 1
         elif grouping == "reference" and fb < F and F % fb == 0:
             self.mode, self.groups = "reference", F // fb
         elif grouping == "reference":
-            raise ValueError(
-                f"a shared D of shape {shape} needs a multiple of {fb} columns, but {what} has {F}; "
-                "D must come from the same kernel size and channel count"
-            )
+            raise ValueError(f"a shared D of shape {shape} needs a multiple of {fb} columns, but {what} has {F}; "
+                             "D must come from the same kernel size and channel count")
         else:
-            raise ValueError(
-                f"D of shape {shape} does not match the {F} columns of {what}: pass the (G, Fb, Fb) stack "
-                "for contiguous blocks, grouping='reference' for one shared matrix, or an (F, F) matrix"
-            )
+            raise ValueError(f"D of shape {shape} does not match the {F} columns of {what}: pass the (G, Fb, Fb) stack "
+                             "for contiguous blocks, grouping='reference' for one shared matrix, or an (F, F) matrix")
         if block_size is not None:
             block_size = check_positive_int(block_size, "block_size")
             if fb % block_size:
-                raise ValueError(
-                    f"D blocks of {fb} features cannot hold whole channels of block_size {block_size} "
-                    f"(Fb = block_size * kh * kw); check block_size or D"
-                )
+                raise ValueError(f"D blocks of {fb} features cannot hold whole channels of block_size {block_size} "
+                                 f"(Fb = block_size * kh * kw); check block_size or D")
         self.fb, self.F = fb, F
 
     def mean(self, mean):
-        """``mean`` checked: ``(G, Fb)`` or ``(F,)`` (contiguous), ``(F,)`` (full), ``(Fb,)`` (reference)."""
+        """``mean`` checked against the layout."""
         want = {"full": [(self.F,)], "contiguous": [(self.groups, self.fb), (self.F,)],
                 "reference": [(self.fb,)]}[self.mode]
         if tuple(mean.shape) not in want:
@@ -113,14 +77,13 @@ class _Layout:
         return mean
 
     def full_mean(self, xp, mean):
-        """The mean of every column of ``X`` (length ``F``) from a checked :meth:`mean`."""
+        """The mean of every column of ``X`` (length ``F``)."""
         if self.mode == "reference":
             return xp.repeat(mean, self.groups)
         return xp.reshape(mean, (self.F,))
 
     def apply(self, xp, X, D):
-        """``X @ M`` for ``X (n, F)`` and ``M`` the equivalent ``F x F`` matrix of ``D``
-        (block diagonal for a stack, interleaved for a shared reference matrix)."""
+        """``X @ M`` for ``X (n, F)`` and ``M`` the equivalent (block-diagonal, interleaved) ``F x F`` ``D``."""
         n, G, fb = X.shape[0], self.groups, self.fb
         if self.mode == "full":
             return xp.matmul(X, D)
@@ -136,23 +99,20 @@ class _Layout:
         if self.mode == "full":
             return xp.take(D, be.asarray(idx, D), axis=1)
         G, fb = self.groups, self.fb
-        if self.mode == "contiguous":  # column j = g*Fb + loc: D[g][:, loc] in block g
-            g, loc = np.divmod(idx, fb)
+        # contiguous: column j = g*Fb + loc is D[g][:, loc] in block g; reference: column
+        # j = f2*G + g is D[:, f2] on the rows f*G + g
+        g = idx // fb if self.mode == "contiguous" else idx % G
+        mask = be.asarray(np.arange(G)[:, None] == g[None, :], D, D.dtype)  # (G, k)
+        if self.mode == "contiguous":
             sel = xp.take(xp.reshape(xp.permute_dims(D, (0, 2, 1)), (self.F, fb)), be.asarray(idx, D), axis=0)
-            mask = be.asarray(np.arange(G)[:, None] == g[None, :], D, D.dtype)  # (G, k)
             return xp.reshape(xp.permute_dims(sel, (1, 0))[None] * mask[:, None, :], (self.F, len(idx)))
-        f2, g = np.divmod(idx, G)  # column j = f2*G + g: D[:, f2] on the rows f*G + g
-        sel = xp.take(D, be.asarray(f2, D), axis=1)  # (Fb, k)
-        mask = be.asarray(np.arange(G)[:, None] == g[None, :], D, D.dtype)
+        sel = xp.take(D, be.asarray(idx // G, D), axis=1)  # (Fb, k)
         return xp.reshape(sel[:, None, :] * mask[None, :, :], (self.F, len(idx)))
 
 
 def _prep(*named):
-    """``(backend, arrays)``: each input as a float array of the common backend, finite.
-
-    Arrays next to a tensor become tensors on its device; tensors on another device are an
-    error.
-    """
+    """``(backend, arrays)``: each input as a finite float array of the common backend (arrays
+    next to a tensor become tensors on its device; tensors on another device are an error)."""
     be = backend(*(v for _, v in named))
     ref = next((v for _, v in named if is_tensor(v)), None)
     out = []
@@ -180,35 +140,25 @@ def whiten(X, mean, D, *, block_size=None, grouping="contiguous"):
     ----------
     X : array_like, shape (N, F)
         A data matrix, typically ``im2col(x, k, ...)``.  Never modified.
-    mean, D : array_like
-        As returned by :func:`nsiter.patch_covariance` (``mean``) and
-        :func:`nsiter.inv_sqrtm` (``D``) for the same ``block_size``/``grouping``: ``D`` of
-        shape ``(F, F)``, ``(G, Fb, Fb)`` (contiguous blocks, ``mean (G, Fb)`` or ``(F,)``) or
-        a shared ``(Fb, Fb)`` with ``grouping="reference"`` (``mean (Fb,)``).
-    block_size : int, optional
-        Channels per block, only checked against ``D`` (the layout is read from its shape).
-    grouping : {"contiguous", "reference"}
-        Needed to tell a shared reference-grouping ``D`` from a mistake.
+    mean, D, block_size, grouping
+        From :func:`nsiter.patch_covariance` and :func:`nsiter.inv_sqrtm` (:mod:`nsiter.whitening`).
 
     Returns
     -------
     Xw : ndarray or Tensor, shape (N, F)
-        In the common float dtype of the inputs (float32 if all are float32); a tensor if
-        any input is one (differentiable).  numpy computes ``16 MB`` of rows at a time.
+        In the common float dtype of the inputs; a tensor if any input is one.
 
     Raises
     ------
     ValueError
-        Wrong ndim, shapes of ``mean``/``D`` inconsistent with ``X``, non-finite values,
-        unknown grouping.
+        Wrong ndim, ``mean``/``D`` inconsistent with ``X``, NaN/inf, unknown grouping.
 
     Examples
     --------
     >>> import numpy as np, nsiter
     >>> x = np.random.default_rng(0).standard_normal((4, 2, 16, 16))
     >>> cov, mean = nsiter.patch_covariance(x, 3, block_size=1)
-    >>> D = nsiter.inv_sqrtm(cov, method="eigh")
-    >>> Xw = nsiter.whiten(nsiter.im2col(x, 3), mean, D)
+    >>> Xw = nsiter.whiten(nsiter.im2col(x, 3), mean, nsiter.inv_sqrtm(cov, method="eigh"))
     >>> bool(np.allclose(nsiter.covariance(Xw[:, :9])[0], np.eye(9)))
     True
     """
@@ -231,11 +181,11 @@ def whiten(X, mean, D, *, block_size=None, grouping="contiguous"):
         return out
 
 
-def _centre_columns(kernel_size, channels: int):
-    kh, kw = as_pair(kernel_size, "kernel_size", minimum=1)
-    taps = kh * kw
-    centre = (kh // 2) * kw + kw // 2
-    return kh, kw, np.arange(channels) * taps + centre
+def _centre_bank(be, D, kh: int, kw: int, channels: int, grouping: str, what: str = "X"):
+    """``(layout, cols (F, C), K (C, C, kh, kw))``: the centre-tap columns of ``D`` and their bank."""
+    layout = _Layout(D, channels * kh * kw, None, grouping, what=what)
+    cols = layout.columns(be, D, np.arange(channels) * (kh * kw) + (kh // 2) * kw + kw // 2)
+    return layout, cols, be.xp.reshape(be.xp.permute_dims(cols, (1, 0)), (channels, channels, kh, kw))
 
 
 def deconvolution_kernel(D, kernel_size, channels, *, grouping="contiguous"):
@@ -244,22 +194,15 @@ def deconvolution_kernel(D, kernel_size, channels, *, grouping="contiguous"):
     ``K[c] = D[:, c*kh*kw + t0].reshape(C, kh, kw)`` with ``t0 = (kh//2)*kw + kw//2`` the
     centre tap: the "middle row/column of Cov^-0.5 reshaped into the kernel size" of
     Ye et al. 2020, §4.3.2 (Fig. 2; row and column agree for symmetric ``D``).  Correlating
-    the zero-padded images with ``K`` (as a ``C -> C`` convolution weight) gives the
-    centre column of every whitened patch, ``(X D)[:, c*kh*kw + t0]``; see
-    :func:`deconvolve_image`.
+    the zero-padded images with ``K`` gives ``(X D)[:, c*kh*kw + t0]``, the centre column of
+    every whitened patch (:func:`deconvolve_image`).
 
     Parameters
     ----------
     D : array_like
-        ``(F, F)``, a contiguous-block stack ``(G, Fb, Fb)`` (the bank is then block diagonal
-        over channels) or a shared ``(Fb, Fb)`` with ``grouping="reference"``;
-        ``F = channels * kh * kw``.
-    kernel_size : int or (int, int)
-        ``(kh, kw)``; for even sizes the centre tap is ``(kh//2, kw//2)``.
-    channels : int
-        ``C``.
-    grouping : {"contiguous", "reference"}
-        Layout of a block-shaped ``D`` (see :mod:`nsiter.whitening`).
+        Any layout of :mod:`nsiter.whitening` for ``F = channels * kh * kw``.
+    kernel_size, channels, grouping
+        ``(kh, kw)`` (even sizes: centre tap ``(kh//2, kw//2)``), ``C`` and the layout of ``D``.
 
     Returns
     -------
@@ -268,22 +211,16 @@ def deconvolution_kernel(D, kernel_size, channels, *, grouping="contiguous"):
 
     Examples
     --------
-    >>> import numpy as np, nsiter
-    >>> x = nsiter.data.sample_image(gray=True)
-    >>> cov, _ = nsiter.patch_covariance(x, 5, sampling_stride=2)
+    >>> import nsiter
+    >>> cov, _ = nsiter.patch_covariance(nsiter.data.sample_image(gray=True), 5, sampling_stride=2)
     >>> K = nsiter.deconvolution_kernel(nsiter.inv_sqrtm(cov, method="eigh", eps=1e-5), 5, 1)
-    >>> K.shape
-    (1, 1, 5, 5)
     >>> bool(K[0, 0, 2, 2] > 0 > K[0, 0, 2, 1])  # centre-surround
     True
     """
     be, (Da,) = _prep(("D", D))
     channels = check_positive_int(channels, "channels")
-    kh, kw, centres = _centre_columns(kernel_size, channels)
-    layout = _Layout(Da, channels * kh * kw, None, grouping, what=f"im2col of {channels} channels with a "
-                                                               f"{kh}x{kw} kernel")
-    cols = layout.columns(be, Da, centres)  # (F, C)
-    return be.xp.reshape(be.xp.permute_dims(cols, (1, 0)), (channels, channels, kh, kw))
+    kh, kw = as_pair(kernel_size, "kernel_size", minimum=1)
+    return _centre_bank(be, Da, kh, kw, channels, grouping, f"im2col of {channels} channels with a {kh}x{kw} kernel")[2]
 
 
 def deconvolve_image(x, kernel_size, *, eps=1e-5, method="coupled", n_iter=None, sampling_stride=1,
@@ -296,8 +233,8 @@ def deconvolve_image(x, kernel_size, *, eps=1e-5, method="coupled", n_iter=None,
         X = \mathrm{im2col}(x, k, \text{padding} = k/2), \quad D \approx (\mathrm{Cov} + \varepsilon I)^{-1/2}
 
     with ``Cov, mu = patch_covariance(x, k, padding=k//2, sampling_stride=...)`` and
-    ``D = inv_sqrtm(Cov, method=method, n_iter=n_iter, eps=eps)``.  Equivalently ``y`` is the
-    correlation of the zero-padded, centred image with :func:`deconvolution_kernel` ``(D)``.
+    ``D = inv_sqrtm(Cov, method=method, n_iter=n_iter, eps=eps)``: the correlation of the
+    zero-padded, centred image with :func:`deconvolution_kernel` ``(D)``.
 
     Parameters
     ----------
@@ -306,56 +243,43 @@ def deconvolve_image(x, kernel_size, *, eps=1e-5, method="coupled", n_iter=None,
         Odd patch size (the output keeps the shape of ``x``).
     eps : float
         Ridge of the inverse square root (absolute, in the units of ``x`` squared).
-    method, n_iter
-        Passed to :func:`nsiter.inv_sqrtm` (``n_iter=None``: its default).
-    sampling_stride, block_size, grouping
-        Passed to :func:`nsiter.patch_covariance`.
+    method, n_iter, sampling_stride, block_size, grouping
+        Passed to :func:`nsiter.inv_sqrtm` and :func:`nsiter.patch_covariance`.
 
     Returns
     -------
     y : ndarray or Tensor
-        Same shape as ``x``; float32 for float32 input, else float64.  Computed in float64
-        (numpy: SciPy's correlation per channel pair; torch: one ``F.conv2d`` on the tensor's
-        device, differentiable).
+        Same shape as ``x``; float32 for float32 input, else float64 (computed in float64).
 
     Raises
     ------
     ValueError
-        Even kernel size, and everything :func:`nsiter.patch_covariance` / :func:`nsiter.inv_sqrtm` reject.
+        Even kernel size, and all that :func:`nsiter.patch_covariance` / :func:`nsiter.inv_sqrtm` reject.
 
     Examples
     --------
-    >>> import numpy as np, nsiter
-    >>> x = nsiter.data.sample_image(gray=True)
-    >>> y = nsiter.deconvolve_image(x, 5, method="eigh")
-    >>> y.shape == x.shape
-    True
+    >>> import nsiter
+    >>> nsiter.deconvolve_image(nsiter.data.sample_image(gray=True), 5, method="eigh").shape
+    (600, 512)
     """
-    from .covariance import patch_covariance
     from .newton_schulz import inv_sqrtm
 
     arr = as_float_array(x, "x")
     kh, kw = as_pair(kernel_size, "kernel_size", minimum=1)
     if kh % 2 == 0 or kw % 2 == 0:
-        raise ValueError(
-            f"expected an odd kernel_size for deconvolve_image (its centre tap defines the output pixel), "
-            f"got {(kh, kw)}; use {(kh | 1, kw | 1)}"
-        )
+        raise ValueError(f"expected an odd kernel_size for deconvolve_image (its centre tap defines the output pixel), "
+                         f"got {(kh, kw)}; use {(kh | 1, kw | 1)}")
     imgs = as_images(arr, "x")
     cov, mean = patch_covariance(imgs, (kh, kw), padding=(kh // 2, kw // 2), sampling_stride=sampling_stride,
                                  block_size=block_size, grouping=grouping)
     be = backend(imgs)
     xp = be.xp
     D = inv_sqrtm(xp.astype(cov, xp.float64), method=method, n_iter=n_iter, eps=eps)
-    c = imgs.shape[1]
-    layout = _Layout(D, c * kh * kw, None, grouping)
-    _, _, centres = _centre_columns((kh, kw), c)
-    cols = layout.columns(be, D, centres)  # (F, C)
+    layout, cols, K = _centre_bank(be, D, kh, kw, imgs.shape[1], grouping)
     # a shift near the channel means (detached, host-computed): it cancels between the data
     # and the bias, and only keeps the float64 correlation free of cancellation
     m_c = be.asarray(channel_means(imgs), imgs)
     bias = -xp.matmul(layout.full_mean(xp, xp.astype(mean, xp.float64)) - xp.repeat(m_c, kh * kw), cols)
-    K = xp.reshape(xp.permute_dims(cols, (1, 0)), (c, c, kh, kw))
     with be.precision(imgs):
         y = be.patches.correlate_centred(xp.astype(imgs, xp.float64), m_c, K, bias, (kh // 2, kw // 2))
     return xp.reshape(xp.astype(y, arr.dtype, copy=False), tuple(arr.shape))
@@ -368,41 +292,33 @@ def fold_deconvolution(weight, bias, D, mean, *, block_size=None, grouping="cont
 
         y = (X - \mu) D w + b = X (D w) + (b - \mu D w) = X w' + b'
 
-    for every output channel's flattened weight ``w`` (a column of length ``F``).  A plain
-    correlation with ``(W', b')`` then equals whitening the im2col matrix with
-    :func:`whiten` and correlating with ``(W, b)``.
+    for every output channel's flattened weight ``w``: a plain correlation with ``(W', b')``
+    equals :func:`whiten` followed by the correlation with ``(W, b)``.
 
     Parameters
     ----------
     weight : array_like, shape (C_out, C_in, kh, kw)
-        Correlation weights (``torch.nn.Conv2d`` layout).  With a contiguous-block stack
-        ``D (G, Fb, Fb)`` and ``C_in * kh * kw == Fb``, ``weight`` is read as a grouped
-        convolution with ``groups = G`` (``C_out`` divisible by ``G``; output channel ``o``
-        belongs to block ``o // (C_out / G)``), the grouped case of the reference code.
+        ``torch.nn.Conv2d`` layout.  With a stack ``D (G, Fb, Fb)`` and ``C_in * kh * kw == Fb``,
+        a grouped convolution (``groups = G``; output channel ``o`` in block ``o // (C_out / G)``),
+        the grouped case of the reference code.
     bias : array_like, shape (C_out,), or None
         ``None`` is a zero bias (the folded bias is returned all the same).
-    D, mean
+    D, mean, block_size, grouping
         As for :func:`whiten`, for the im2col matrix of the layer's input.
-    block_size, grouping
-        As for :func:`whiten`.
 
     Returns
     -------
-    weight_folded : ndarray or Tensor, shape of ``weight``
-    bias_folded : ndarray or Tensor, shape (C_out,)
-        In the common float dtype of the inputs (tensors if any input is one, differentiable).
+    weight_folded, bias_folded : ndarray or Tensor, shapes of ``weight`` and (C_out,)
 
     Examples
     --------
     >>> import numpy as np, nsiter
     >>> rng = np.random.default_rng(0)
     >>> x, w, b = rng.standard_normal((2, 4, 9, 9)), rng.standard_normal((3, 4, 3, 3)), rng.standard_normal(3)
-    >>> cov, mean = nsiter.patch_covariance(x, 3, block_size=2, grouping="reference")
-    >>> D = nsiter.inv_sqrtm(cov, method="eigh")
-    >>> w2, b2 = nsiter.fold_deconvolution(w, b, D, mean, grouping="reference")
-    >>> X = nsiter.im2col(x, 3)
-    >>> explicit = nsiter.whiten(X, mean, D, grouping="reference") @ w.reshape(3, -1).T + b
-    >>> bool(np.allclose(X @ w2.reshape(3, -1).T + b2, explicit))
+    >>> cov, mean = nsiter.patch_covariance(x, 3)
+    >>> D, X = nsiter.inv_sqrtm(cov, method="eigh"), nsiter.im2col(x, 3)
+    >>> w2, b2 = nsiter.fold_deconvolution(w, b, D, mean)
+    >>> bool(np.allclose(X @ w2.reshape(3, -1).T + b2, nsiter.whiten(X, mean, D) @ w.reshape(3, -1).T + b))
     True
     """
     named = [("weight", weight), ("D", D), ("mean", mean)] + ([] if bias is None else [("bias", bias)])
@@ -424,10 +340,8 @@ def fold_deconvolution(weight, bias, D, mean, *, block_size=None, grouping="cont
         if Da.ndim == 3 and Da.shape[0] > 1 and Da.shape[-1] == f_w and grouping == "contiguous":
             G = Da.shape[0]  # a grouped convolution: output channel o belongs to block o // (C_out / G)
             if c_out % G:
-                raise ValueError(
-                    f"a grouped convolution with {G} groups (weight {tuple(Wa.shape)} against D "
-                    f"{tuple(Da.shape)}) needs C_out divisible by {G}, got {c_out}"
-                )
+                raise ValueError(f"a grouped convolution with {G} groups (weight {tuple(Wa.shape)} against D "
+                                 f"{tuple(Da.shape)}) needs C_out divisible by {G}, got {c_out}")
             _Layout(Da, G * f_w, block_size, grouping, what="the layer input")
             if tuple(ma.shape) not in ((G, f_w), (G * f_w,)):
                 raise ValueError(f"expected mean of shape ({G}, {f_w}) or ({G * f_w},), got {tuple(ma.shape)}")

@@ -199,3 +199,9 @@ def whiten(X, mean, D, block_size_features, grouping="contiguous"):
             for b in range(fb):
                 out[r, cols[b]] = sum((X[r, cols[a]] - mg[a]) * Dg[a, b] for a in range(fb))
     return out
+
+
+def sqrtm_psd(A):
+    """``V diag(lambda^{1/2}) V^T`` from float64 ``eigh`` (negative rounding-level eigenvalues clipped to 0)."""
+    lam, V = np.linalg.eigh(np.asarray(A, dtype=np.float64))
+    return (V * np.sqrt(np.maximum(lam, 0.0))[..., None, :]) @ np.swapaxes(V, -1, -2)

@@ -296,7 +296,8 @@ def test_inv_sqrtm_matches_numpy_with_the_same_info(method, scaling, mode, cond)
     D, info = nsiter.inv_sqrtm(A, method=method, scaling=scaling, eps=1e-4, return_info=True, **mode)
     Dt, it = nsiter.inv_sqrtm(_t(A), method=method, scaling=scaling, eps=1e-4, return_info=True, **mode)
     np.testing.assert_allclose(Dt.numpy(), D, rtol=0, atol=1e-10 * np.abs(D).max())
-    assert (it.n_iter, it.method, it.scaling, it.tol) == (info.n_iter, info.method, info.scaling, info.tol)
+    assert (it.n_iter, it.method, it.scaling) == (info.n_iter, info.method, info.scaling)
+    np.testing.assert_allclose(it.tol, info.tol, rtol=1e-6)  # (default: raised by the condition estimate)
     for field in ("converged", "diverged", "best_iter"):
         np.testing.assert_array_equal(getattr(it, field), getattr(info, field))
     assert it.residuals.dtype == np.float64 and it.residuals.shape == info.residuals.shape
@@ -415,7 +416,7 @@ def test_fast_path_blow_up_falls_back_to_the_best_tracked_iterate(monkeypatch):
     def blown(be, A3, n_iter, scaling, eps, want):
         out, flags = real(be, A3, n_iter, scaling, eps, want)
         flags = flags.clone()
-        flags[:, 8] = 0.0  # pretend the output was not finite
+        flags[:, ns._DEVICE_FLAGS.index("out_finite")] = 0.0  # pretend the output was not finite
         return out * float("nan"), flags
 
     monkeypatch.setitem(tb._SETTINGS, "force_device_path", True)
@@ -443,9 +444,9 @@ def test_device_path_on_cpu_tensors_equals_the_host_path(kw, want, monkeypatch):
     got = fn(A, **kw)
     if kw.get("return_info"):
         (ref, ri), (got, gi) = ref, got
-        assert gi.converged.all() and not gi.diverged.any()
         if kw.get("method") != "auto":  # (device auto never picks eigh)
-            np.testing.assert_array_equal(gi.best_iter, ri.best_iter)
+            for field in ("converged", "diverged", "best_iter"):
+                np.testing.assert_array_equal(getattr(gi, field), getattr(ri, field))
     tol = 1e-9 if kw.get("method") in ("auto", "accelerated") or kw == {} else 1e-12
     np.testing.assert_allclose(got.numpy(), ref.numpy(), rtol=0, atol=tol * float(ref.abs().max()))
 

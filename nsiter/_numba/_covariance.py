@@ -1,43 +1,24 @@
-"""Numba kernels for patch covariances (private twins of :mod:`nsiter.covariance`).
-
-Two ways to the raw second moments of the (virtual) im2col matrix about a shift:
-
-* :func:`_patch_rows` writes a chunk of shifted patch rows, laid out per group and
-  augmented by a column of ones, so that one BLAS product ``B^T B`` per chunk gives
-  the second moments *and* the column sums (the paper's augmented data matrix).
-* :func:`_shifted_moments` never builds patch rows: for a dense (stride 1) patch grid
-  the moment of taps ``(c, i, j)`` and ``(c', i + di, j + dj)`` is the sum, over the
-  window of output positions, of the product image ``x_c(u, v) x_c'(u + di*dh, v + dj*dw)``.
-  Each product row is formed once per ``(c, c', di)`` and all ``dj``; window sums are
-  differences of running row sums taken at the window's first and last row, so the cost is
-  ``O(Hp * Wp * (2kw - 1))`` per ``(c, c', di)`` instead of ``O(H W k^4)`` per channel pair.
-
-Kernels take contiguous arrays and preallocated outputs and never validate.
-"""
+"""Numba kernels for patch covariances (private twins of :mod:`nsiter.covariance`): patch rows
+for BLAS (:func:`_patch_rows`, :func:`_row_patches`) and shifted inner products of a dense patch
+grid (:func:`_shifted_moments`), all about a shift; see :mod:`nsiter._numba.patches`."""
 from __future__ import annotations
 
 import numpy as np
 
 from .._config import jit, prange
+from ._im2col import _valid_range
 
 
 @jit
 def _patch_rows(x, shift, base, ones, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, p0, n_rows, rs, out):
     """Shifted patch rows ``p0 .. p0 + n_rows`` of the im2col matrix, scattered into ``out`` (1-D).
 
-    Patch ``p = n*oh*ow + a*ow + b`` has im2col column ``j = (c*kh + i)*kw + jj`` equal
-    to ``xpad[n, c, a*sh + i*dh, b*sw + jj*dw]`` (zero outside ``x``); the kernel stores
-    ``value - shift[j]`` at ``out[base[j] + r*rs]`` and 1 at ``out[ones[g] + r*rs]`` for
-    every group ``g`` (``r = p - p0``).  The caller's ``base``/``rs`` lay the chunk out per
-    group ``(G, R, Fb + 1)`` or with the groups stacked ``(R, G, Fb + 1)``.
-
-    Serial on purpose: the chunk is then multiplied by a multi-threaded BLAS, and a
-    parallel fill would compete with the BLAS worker threads that keep spinning between
-    calls.
+    Row ``r = p - p0``, column ``j`` goes to ``out[base[j] + r*rs]`` as ``value - shift[j]``, and
+    a 1 to ``out[ones[g] + r*rs]`` for every group ``g``: with the ones column, one BLAS product
+    ``B^T B`` per chunk gives the second moments *and* the column sums.  Serial on purpose: a
+    parallel fill would compete with the BLAS worker threads that keep spinning between calls.
     """
-    n_ch = x.shape[1]
-    h = x.shape[2]
-    w = x.shape[3]
+    _, n_ch, h, w = x.shape
     n_patch = oh * ow
     p = p0
     p_end = p0 + n_rows
@@ -87,17 +68,12 @@ def _patch_rows(x, shift, base, ones, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, p0
 
 @jit
 def _row_patches(x, m, kw, sw, ph, pw, dw, ow, n0, u0, out, rowsum):
-    """Shifted 1-row patches: ``out[u, t, b, c*kw + j] = xpad[n0 + t, c, u0 + u, b*sw + j*dw] - m[c]``.
+    """Shifted 1-row patches ``out[u, t, b, c*kw + j] = xpad[n0 + t, c, u0 + u, b*sw + j*dw] - m[c]``
+    (row-major in ``u``: any range of rows is one matrix) and their float64 column sums ``rowsum[u]``.
 
-    ``xpad`` is ``x`` zero-padded by ``ph``/``pw`` (padding entries become ``-m[c]``), so
-    ``out[u]`` stacks the im2col matrices of padded row ``u0 + u`` of images ``n0, n0 + 1,
-    ...`` for a ``1 x kw`` kernel (row-major in ``u``: any range of rows is one matrix).
-    ``rowsum[u, col]`` receives the float64 column sums of ``out[u]``.  Serial (the caller
-    multiplies the result with BLAS).
+    Serial, as :func:`_patch_rows`.
     """
-    n_ch = x.shape[1]
-    h = x.shape[2]
-    w = x.shape[3]
+    _, n_ch, h, w = x.shape
     rowsum[:, :] = 0.0
     for t in range(out.shape[1]):
         n = n0 + t
@@ -115,12 +91,7 @@ def _row_patches(x, m, kw, sw, ph, pw, dw, ow, n0, u0, out, rowsum):
                         continue
                     src = x[n, c, hh]
                     off = j * dw - pw
-                    lo = 0  # valid b: 0 <= b*sw + off < w
-                    while lo < ow and lo * sw + off < 0:
-                        lo += 1
-                    hi = ow
-                    while hi > lo and (hi - 1) * sw + off >= w:
-                        hi -= 1
+                    lo, hi = _valid_range(ow, sw, off, w)
                     s = 0.0
                     for b in range(lo):
                         dst[b, col] = -mc
@@ -148,25 +119,20 @@ def _next_boundary(u, i_lo, i_hi, dh, oh, u_hi):
 def _shifted_moments(xa, xb, tasks, kh, kw, dh, dw, oh, ow, acc):
     r"""Raw moments of a dense (stride 1) patch grid from shifted inner products.
 
-    ``xa`` is ``(N, C, Hp, Wp)`` float64, padded and shifted images with
-    ``Hp = oh + (kh - 1)*dh`` and ``Wp = ow + (kw - 1)*dw``; ``xb`` is the same with
-    ``margin = (kw - 1)*dw`` zero columns on each side (so that every shifted row product
-    runs over the same range).  Task ``t = (c, c2, di)`` adds to ``acc[t, i, dj + kw - 1, j]``
-    (for the valid ``i``, ``dj``, ``j``)
+    ``xa``: padded, shifted float64 images ``(N, C, oh + (kh - 1)*dh, Wp = ow + (kw - 1)*dw)``; ``xb``:
+    the same with ``(kw - 1)*dw`` zero columns on each side.  Task ``t = (c, c2, di)`` adds to
+    ``acc[t, i, dj + kw - 1, j]`` the im2col inner product of columns ``(c, i, j)``, ``(c2, i + di, j + dj)``,
 
     .. math::
 
         \sum_n \sum_{u = i d_h}^{i d_h + oh - 1} \sum_{v = j d_w}^{j d_w + ow - 1}
-        xa[n, c, u, v] \; xa[n, c_2, u + d_i d_h, v + d_j d_w],
+        xa[n, c, u, v] \; xa[n, c_2, u + d_i d_h, v + d_j d_w].
 
-    the im2col inner product of columns ``(c, i, j)`` and ``(c2, i + di, j + dj)``.
-    Row products are summed over ``u`` once for all windows (``cum``, four rows per pass
-    between window boundaries); a window's sum is the difference of the prefix sums along
-    ``v`` of ``cum`` recorded at its last and first row.  Parallel over tasks, each owning
-    ``acc[t]``.
+    Each product row is formed once per task for all ``dj`` and summed over ``u`` once for all
+    windows (``cum``, four rows per pass between window boundaries); a window's sum is the
+    difference of the prefix sums of ``cum`` at its last and first row.  Parallel over tasks.
     """
-    nb = xa.shape[0]
-    wp = xa.shape[3]
+    nb, _, _, wp = xa.shape
     margin = (xb.shape[3] - wp) // 2
     ndj = 2 * kw - 1
     for t in prange(tasks.shape[0]):
@@ -242,12 +208,7 @@ def _shifted_moments(xa, xb, tasks, kh, kw, dh, dw, oh, ow, acc):
 
 @jit
 def _scatter_moments(acc, tasks, kh, kw, M):
-    """Write task results of :func:`_shifted_moments` into the symmetric ``(F, F)`` matrix ``M``.
-
-    ``acc[t, i, dj + kw - 1, j]`` is the moment of im2col columns
-    ``(c*kh + i)*kw + j`` and ``(c2*kh + i + di)*kw + j + dj``; both ``M[a, b]`` and
-    ``M[b, a]`` are set.
-    """
+    """Write task results of :func:`_shifted_moments` into both triangles of the ``(F, F)`` matrix ``M``."""
     taps = kh * kw
     for t in range(tasks.shape[0]):
         c = tasks[t, 0]

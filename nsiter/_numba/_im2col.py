@@ -20,10 +20,8 @@ def _valid_range(n_out, step, offset, size):
 def _im2col(x, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, out):
     """Fill ``out[(n*oh + r)*ow + q, (c*kh + i)*kw + j] = xpad[n, c, r*sh + i*dh, q*sw + j*dw]``.
 
-    ``x`` is C-contiguous ``(N, C, H, W)``; ``out`` is ``(N*oh*ow, C*kh*kw)``.
-    Parallel over (image, output row) pairs, each writing its own ``ow`` rows of
-    ``out``.  The innermost loop runs along an input row (contiguous reads); the
-    ``ow x F`` output block it scatters into stays in cache.
+    Parallel over (image, output row) pairs, each writing its own ``ow`` rows of ``out``; the
+    innermost loop reads along an input row, and the ``ow x F`` block it writes stays in cache.
     """
     n_img, n_ch, h, w = x.shape
     for t in prange(n_img * oh):
@@ -58,8 +56,7 @@ def _im2col(x, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, out):
 def _col2im(cols, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, out):
     """Adjoint of :func:`_im2col`: ``out[n, c, ...] += cols[...]`` summed over overlaps.
 
-    ``out`` is a zeroed C-contiguous ``(N, C, H, W)``.  Parallel over (image, channel)
-    planes: each thread owns one output plane, so there are no write races.
+    ``out`` is zeroed.  Parallel over (image, channel) planes: each thread owns one, so no write races.
     """
     n_img, n_ch, h, w = out.shape
     n_patch = oh * ow

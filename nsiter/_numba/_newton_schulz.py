@@ -6,6 +6,8 @@ one matrix per iteration, so the slices are disjoint).
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .._config import jit, prange
@@ -481,41 +483,56 @@ def _eigh_power_serial(A, power, out, lam_out):
 
 @jit
 def _prepare_one(a, eps, out, stats):
-    """``out = (a + a^T)/2 + eps I`` in float64 and, in one pass over ``a``,
-    ``stats = [all finite, max|a_ij|, max|a_ij - a_ji|, ||out||_F, ||out||_inf]``."""
+    """``out = ((a + a^T)/2 + eps I) / s`` in float64 with ``s = 4^k`` the power of four that
+    brings ``max(max|a_ij|, eps)`` into ``[1, 4)``, and
+    ``stats = [all finite, max|a_ij|, max|a_ij - a_ji|, ||out||_F, ||out||_inf, s]``.
+
+    Dividing by a power of four is exact and keeps ``sqrt(s) = 2^k`` exact, so norms and
+    products of ``out`` can neither overflow nor underflow at any representable scale (the
+    scaling LAPACK's ``nrm2`` does), and results scale back exactly.  Two passes over ``a``:
+    the checks and ``max|a_ij|``, then the scaled symmetric part.
+    """
     n = a.shape[0]
     finite = True
     amax = 0.0
     asym = 0.0
-    fro2 = 0.0
-    rows = np.zeros(n)
     for i in range(n):
-        d = float(a[i, i])
-        if not np.isfinite(d):
-            finite = False
-        amax = max(amax, abs(d))
-        d += eps
-        out[i, i] = d
-        fro2 += d * d
-        rows[i] += abs(d)
-        for j in range(i + 1, n):
+        for j in range(i, n):
             x = float(a[i, j])
             y = float(a[j, i])
             if not (np.isfinite(x) and np.isfinite(y)):
                 finite = False
             amax = max(amax, max(abs(x), abs(y)))
             asym = max(asym, abs(x - y))
-            s = (x + y) * 0.5
-            out[i, j] = s
-            out[j, i] = s
-            fro2 += 2.0 * s * s
-            rows[i] += abs(s)
-            rows[j] += abs(s)
+    scale = 1.0
+    top = max(amax, eps)
+    if finite and top > 0.0:
+        e = math.frexp(top)[1]  # top = f 2^e, f in [1/2, 1)
+        scale = math.ldexp(1.0, 2 * ((e - 1) // 2))
+    ridge = eps / scale
+    fro2 = 0.0
+    rows = np.zeros(n)
+    for i in range(n):
+        d = float(a[i, i]) / scale + ridge
+        out[i, i] = d
+        fro2 += d * d
+        rows[i] += abs(d)
+        for j in range(i + 1, n):
+            v = (float(a[i, j]) + float(a[j, i])) * 0.5
+            if not np.isfinite(v):  # |a_ij + a_ji| above the largest float: halve first
+                v = float(a[i, j]) * 0.5 + float(a[j, i]) * 0.5
+            v /= scale
+            out[i, j] = v
+            out[j, i] = v
+            fro2 += 2.0 * v * v
+            rows[i] += abs(v)
+            rows[j] += abs(v)
     stats[0] = 1.0 if finite else 0.0
     stats[1] = amax
     stats[2] = asym
     stats[3] = np.sqrt(fro2)
     stats[4] = np.max(rows) if n > 0 else 0.0
+    stats[5] = scale
 
 
 @jit(parallel=True)

@@ -49,14 +49,15 @@ def _use_thread_pool(n: int, nb: int) -> bool:
 
 
 def prepare(A3, eps: float):
-    """``(A64, fro, stats)``: ``A64 = (A + A^T)/2 + eps I`` in float64 (a new array) and, in
-    the same pass, ``stats (nb, 5) = [all finite, max|a_ij|, max|a_ij - a_ji|, ||A64||_F,
-    ||A64||_inf]``; ``fro`` is ``stats[:, 3]``."""
+    """``(A64, fro, stats)``: ``A64 = ((A + A^T)/2 + eps I) / s`` in float64 (a new array),
+    ``s = 4^k`` bringing ``max(max|a_ij|, eps)`` into ``[1, 4)`` (exact, overflow-free), and in
+    the same kernel ``stats (nb, 6) = [all finite, max|a_ij|, max|a_ij - a_ji|, ||A64||_F,
+    ||A64||_inf, s]``; ``fro`` is ``stats[:, 3]``."""
     n = A3.shape[-1]
     src = np.ascontiguousarray(A3)
     nb = src.shape[0]
     A64 = np.empty((nb, n, n))
-    stats = np.empty((nb, 5))
+    stats = np.empty((nb, 6))
     (_prepare if nb > 1 else _prepare_serial)(src, float(eps), A64, stats)
     return A64, stats[:, 3].copy(), stats
 

@@ -1,38 +1,21 @@
-r"""The numpy backend's patch kernels: im2col, col2im and the moments of patch rows.
+r"""The numpy backend's patch kernels: wrappers allocating outputs for the Numba kernels.
 
-Wrappers that allocate outputs and call the Numba kernels of :mod:`nsiter._numba._im2col`
-and :mod:`nsiter._numba._covariance`; the algorithms that call them (validation, groupings,
-the exact merge, the final scaling) are :mod:`nsiter.im2col` and :mod:`nsiter.covariance`,
-written once for numpy and torch.  Inputs are validated ``(N, C, H, W)`` float arrays and a
-:class:`nsiter._conventions.Geometry`; moments come back as float64
-``(count, mean (G, fb), M2 (G, fb, fb))`` (:mod:`nsiter._moments`), ``M2`` possibly a reused
-work buffer (callers copy or reduce it).
+Moments are float64 ``(count, mean (G, fb), M2 (G, fb, fb))``, ``M2`` possibly a reused work
+buffer (callers copy or reduce it), accumulated about a *shift* close to the feature means (the
+channel mean times the fraction of the grid where a tap sees the image) and corrected exactly,
+``M2 = S_2 - s s^T / N`` (``s`` the shifted column sums): no ``E[x x^T] - mu mu^T``
+cancellation as in the reference code's float32.  A cost model (:func:`_cost`) picks one of
+:data:`KERNELS`, which agree to rounding:
 
-Numerics (every moment kernel): second moments are accumulated in float64 about a *shift*
-close to the feature means (the channel mean times the fraction of the grid where a tap sees
-the image, so padding is accounted for) and corrected exactly at the end,
-``M2 = S_2 - s s^T / N`` with ``s`` the shifted column sums.  Data with a large mean
-therefore does not cancel the way the reference code's ``E[x x^T] - mu mu^T`` in float32
-does.  Three kernels compute the moments (:data:`KERNELS`):
-
-* ``"gemm"`` (any geometry): chunks of shifted patch rows (at most 8 MB), each augmented by a
-  column of ones, and one BLAS product ``B^T B`` per chunk (moments and column sums at once);
-  chunk results are summed in float64.  For float32 input with blocks of at least 64
-  features one chunk's product (at most 2048 rows) runs in float32 BLAS, otherwise in
-  float64.
-* ``"rowshift"`` (vertical step 1): BLAS products of 1-row patch matrices ``Z_u^T Z_{u+di}``,
-  one per row shift ``di`` and window segment, instead of one per tap-row pair; ``kh`` times
-  less fill and about ``kh/2`` times fewer multiply-adds than ``"gemm"``.
-* ``"shifted"`` (step 1 both ways): the moment of two taps is a window sum of the product of
-  the image with a shifted copy of itself, ``O(C^2 k^2 H W)`` work instead of
-  ``O(C^2 k^4 H W)``, in float64 (:func:`nsiter._numba._covariance._shifted_moments`).
-
-A cost model (:func:`_cost`, rates from :mod:`nsiter._tuning`) picks the cheapest; all three
-agree to rounding (the tests compare each with the loop reference).  Work buffers of at most
-8 MB are kept per thread and reused between calls (:func:`_scratch`).
+* ``"gemm"`` (any geometry): one BLAS product ``B^T B`` per chunk of shifted patch rows with a
+  column of ones (moments and column sums at once); float32 BLAS for float32 blocks of >= 64 features.
+* ``"rowshift"`` (vertical step 1): products of 1-row patch matrices, one per row shift and
+  window segment: ``kh`` times less fill and about ``kh/2`` times fewer multiply-adds.
+* ``"shifted"`` (step 1): shifted inner products, ``O(C^2 k^2 H W)`` instead of ``O(C^2 k^4 H W)``.
 """
 from __future__ import annotations
 
+import functools
 import math
 import threading
 
@@ -40,15 +23,13 @@ import numba
 import numpy as np
 
 from .. import _tuning
-from .._moments import Plan, channel_means, merge_moments
+from .._moments import Plan, channel_means, merge_moments, pieces
 from ._covariance import _patch_rows, _row_patches, _scatter_moments, _shifted_moments, _subtract_outer
 from ._im2col import _col2im, _im2col
 
-__all__ = ["KERNELS", "im2col", "col2im", "matrix_moments", "patch_moments", "choose_kernel",
-           "correlate_centred"]
+__all__ = ["KERNELS", "im2col", "col2im", "matrix_moments", "patch_moments", "choose_kernel", "correlate_centred"]
 
-#: Moment kernels of :func:`patch_moments` (chosen by :func:`choose_kernel`; its ``kernel``
-#: argument forces one, for tests and benchmarks).
+#: Moment kernels of :func:`patch_moments` (its ``kernel`` argument forces one, for tests and benchmarks).
 KERNELS = ("gemm", "rowshift", "shifted")
 
 _BUFFER_BYTES = 8 * 2**20  # one chunk of shifted patch rows
@@ -79,8 +60,7 @@ def col2im(X: np.ndarray, g) -> np.ndarray:
 def correlate_centred(x: np.ndarray, shift: np.ndarray, K: np.ndarray, bias: np.ndarray, padding) -> np.ndarray:
     """``y[n, o] = bias[o] + sum_c (pad(x[n], padding) - shift[c]) * K[o, c]`` (valid correlation).
 
-    ``x`` is zero-padded, then shifted (so the padding holds ``-shift``); float64, one
-    padded image at a time (SciPy's direct/FFT correlation per channel pair).
+    float64, one padded image at a time (SciPy's correlation per channel pair).
     """
     from scipy.signal import correlate
 
@@ -99,26 +79,17 @@ def correlate_centred(x: np.ndarray, shift: np.ndarray, K: np.ndarray, bias: np.
     return y
 
 
-# --------------------------------------------------------------------------------------
-# moments of data matrices and of patch rows: float64 (count, mean, M2)
-# --------------------------------------------------------------------------------------
-
 _LOCAL = threading.local()
 
 
 def _scratch(name: str, shape, dtype, *, zero: bool = False) -> np.ndarray:
-    """A work buffer kept per thread and reused between calls (fresh pages are slow to fault in).
-
-    Buffers above ``_SCRATCH_MAX`` bytes are allocated per call.  Results handed to the
-    caller are never scratch: they are copied or computed into fresh arrays.
-    """
+    """A work buffer of at most ``_SCRATCH_MAX`` bytes kept per thread and reused between calls
+    (fresh pages are slow to fault in); results handed to callers are never scratch."""
     dtype = np.dtype(dtype)
     nbytes = int(np.prod(shape)) * dtype.itemsize
     if nbytes > _SCRATCH_MAX:
         return np.zeros(shape, dtype) if zero else np.empty(shape, dtype)
-    store = getattr(_LOCAL, "buffers", None)
-    if store is None:
-        store = _LOCAL.buffers = {}
+    store = _LOCAL.__dict__.setdefault("buffers", {})
     raw = store.get(name)
     if raw is None or raw.nbytes < nbytes:
         raw = store[name] = np.empty(max(nbytes, 64), dtype=np.uint8)
@@ -129,11 +100,8 @@ def _scratch(name: str, shape, dtype, *, zero: bool = False) -> np.ndarray:
 
 
 def _finish_shifted(count, shift, sums, second):
-    """Centred statistics from moments about ``shift``: ``M2 = S_2 - s s^T / N`` (in place on ``second``).
-
-    ``z = s / sqrt(N)`` makes the correction ``z z^T`` exactly symmetric, so an exactly
-    symmetric ``second`` gives an exactly symmetric ``M2``.
-    """
+    """Centred statistics from moments about ``shift``: ``M2 = S_2 - s s^T / N`` in place on ``second``
+    (as ``z z^T`` with ``z = s / sqrt(N)``, which keeps ``M2`` exactly symmetric)."""
     z = sums / math.sqrt(count)
     _subtract_outer(second.reshape((-1,) + second.shape[-2:]), z.reshape(-1, z.shape[-1]))
     return count, shift + sums / count, second
@@ -177,12 +145,8 @@ def _valid_fraction(out: int, step: int, pad: int, dil: int, k: int, size: int) 
 
 
 def _patch_shift(imgs: np.ndarray, g, plan: Plan):
-    """Per-column shift ``m_c * (fraction of the grid where tap (i, j) is inside the image)``.
-
-    This is the column mean of a stationary image, padding included.  For the reference
-    grouping the shift is averaged over the stacked groups (one shift per shared feature).
-    Returns ``(shift per im2col column (F,), shift per output feature (G, fb))``.
-    """
+    """``(shift per im2col column (F,), per output feature (G, fb))``: the column means of a stationary
+    image, padding included (averaged over the stacked groups of the reference grouping)."""
     m_c = channel_means(imgs)
     fh = _valid_fraction(g.oh, g.sh, g.ph, g.dh, g.kh, g.h)
     fw = _valid_fraction(g.ow, g.sw, g.pw, g.dw, g.kw, g.w)
@@ -193,17 +157,12 @@ def _patch_shift(imgs: np.ndarray, g, plan: Plan):
     return shift_col, shift_col.reshape(plan.groups, plan.fb)
 
 
-def _lanes(plan: Plan) -> int:
-    """Group rows per patch row: the stacked groups (reference) or the blocks."""
-    return plan.stack if plan.mode == "reference" else plan.groups
-
-
 def _gemm_moments(imgs: np.ndarray, g, plan: Plan):
     """Moments of the (grouped, stacked) patch rows, chunk by chunk through BLAS."""
     shift_col, shift_out = _patch_shift(imgs, g, plan)
     fb1 = plan.fb + 1
     stacked = plan.mode == "reference"
-    lanes = _lanes(plan)
+    lanes = plan.stack if plan.mode == "reference" else plan.groups  # group rows per patch row
     bdt = _buffer_dtype(imgs.dtype, plan.fb)
     total = g.n * g.oh * g.ow
     rows = min(_chunk_rows(lanes * fb1, bdt), total)
@@ -216,16 +175,15 @@ def _gemm_moments(imgs: np.ndarray, g, plan: Plan):
         ones = np.arange(lanes, dtype=np.int64) * fb1 + plan.fb
     for p0 in range(0, total, rows):
         r = min(rows, total - p0)
-        if stacked:
-            _patch_rows(x, shift_col, base, ones, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.oh, g.ow,
-                        p0, r, lanes * fb1, flat)
-            b2 = flat[: r * lanes * fb1].reshape(r * lanes, fb1)
-            np.matmul(b2.T, b2, out=tmp[0])
-        else:  # (G, R, fb1): group stride r*fb1, row stride fb1
+        if not stacked:  # (G, R, fb1): group stride r*fb1, row stride fb1
             base = plan.grp * (r * fb1) + plan.feat
             ones = np.arange(lanes, dtype=np.int64) * (r * fb1) + plan.fb
-            _patch_rows(x, shift_col, base, ones, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.oh, g.ow,
-                        p0, r, fb1, flat)
+        _patch_rows(x, shift_col, base, ones, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.oh, g.ow,
+                    p0, r, lanes * fb1 if stacked else fb1, flat)
+        if stacked:
+            b2 = flat[: r * lanes * fb1].reshape(r * lanes, fb1)
+            np.matmul(b2.T, b2, out=tmp[0])
+        else:
             buf = flat[: r * lanes * fb1].reshape(lanes, r, fb1)
             np.matmul(buf.transpose(0, 2, 1), buf, out=tmp)
         acc += tmp
@@ -253,19 +211,6 @@ def _dense_tasks(plan: Plan, kh: int) -> np.ndarray:
     return np.ascontiguousarray(t, dtype=np.int64)
 
 
-def _dense_pieces(g):
-    """``(n0, n1, a0, a1)``: image ranges and output-row bands whose padded rows fit the budget."""
-    wp = 2 * g.ow + 4 * (g.kw - 1) * g.dw  # two copies, one with zero margins
-    hp = g.oh + (g.kh - 1) * g.dh
-    per_image = g.c * hp * wp * 8
-    if per_image <= _DENSE_BYTES:
-        step = max(1, _DENSE_BYTES // per_image)
-        return [(n0, min(g.n, n0 + step), 0, g.oh) for n0 in range(0, g.n, step)]
-    halo = (g.kh - 1) * g.dh
-    band = max(1, _DENSE_BYTES // (g.c * wp * 8) - halo)
-    return [(n, n + 1, a0, min(g.oh, a0 + band)) for n in range(g.n) for a0 in range(0, g.oh, band)]
-
-
 def _shifted_moments_driver(imgs: np.ndarray, g, plan: Plan):
     """Moments of a dense (effective stride 1) patch grid via shifted inner products."""
     m_c = channel_means(imgs)
@@ -278,7 +223,8 @@ def _shifted_moments_driver(imgs: np.ndarray, g, plan: Plan):
     colsum = np.zeros((g.c, kh, kw))
     ii = np.arange(kh) * dh
     jj = np.arange(kw) * dw
-    for n0, n1, a0, a1 in _dense_pieces(g):
+    # a piece's float64 rows: xs and its copy xb with zero margins
+    for n0, n1, a0, a1 in pieces(g, g.c * (2 * g.ow + 4 * margin) * 8, halo, _DENSE_BYTES):
         rows = a1 - a0 + halo
         xs = np.empty((n1 - n0, g.c, rows, wp))
         xs[...] = -m_c[None, :, None, None]
@@ -296,41 +242,21 @@ def _shifted_moments_driver(imgs: np.ndarray, g, plan: Plan):
         oh = a1 - a0
         colsum += (sat[:, ii[:, None] + oh, jj[None, :] + g.ow] - sat[:, ii[:, None], jj[None, :] + g.ow]
                    - sat[:, ii[:, None] + oh, jj[None, :]] + sat[:, ii[:, None], jj[None, :]])
-    f = plan.n_features
-    second = np.zeros((f, f))
+    second = np.zeros((plan.n_features, plan.n_features))
     _scatter_moments(acc, tasks, kh, kw, second)
-    count = g.n * g.oh * g.ow
-    shift = np.repeat(m_c, kh * kw)
-    n, mean, m2 = _finish_shifted(count, shift, colsum.reshape(-1), second)
+    n, mean, m2 = _finish_shifted(g.n * g.oh * g.ow, np.repeat(m_c, kh * kw), colsum.reshape(-1), second)
     return _regroup(n, mean, m2, plan)
-
-
-def _row_pieces(g, width: int, itemsize: int):
-    """Like :func:`_dense_pieces` for 1-row patch matrices of ``width`` columns."""
-    halo = (g.kh - 1) * g.dh
-    per_row = g.ow * width * itemsize
-    per_image = (g.oh + halo) * per_row
-    if per_image <= _ROWS_BYTES:
-        step = max(1, _ROWS_BYTES // per_image)
-        return [(n0, min(g.n, n0 + step), 0, g.oh) for n0 in range(0, g.n, step)]
-    band = max(1, _ROWS_BYTES // per_row - halo)
-    return [(n, n + 1, a0, min(g.oh, a0 + band)) for n in range(g.n) for a0 in range(0, g.oh, band)]
 
 
 def _rowshift_moments(imgs: np.ndarray, g, plan: Plan):
     r"""Moments of a patch grid with vertical step 1 from row-shifted products of 1-row patches.
 
-    With ``Z_u`` the im2col matrix of padded row ``u`` for a ``1 x kw`` kernel (rows over
-    images and horizontal positions, columns ``(c, j)``), the im2col moment of taps
-    ``(c, i, j)`` and ``(c', i + di, j')`` is
+    With ``Z_u`` the ``1 x kw`` im2col matrix of padded row ``u`` (columns ``(c, j)``), the moment
+    of taps ``(c, i, j)`` and ``(c', i + di, j')`` is a window of a running sum over ``u``,
 
     .. math::  \sum_{u = i d_h}^{i d_h + oh - 1} (Z_u^T Z_{u + di\,d_h})_{(c, j), (c', j')},
 
-    i.e. a window of the running sum over ``u`` of one product per row shift ``di``: the
-    rows between consecutive window boundaries are multiplied once (one BLAS product per
-    segment), for ``kh`` shifts instead of ``kh^2`` tap-row pairs, and the im2col fill shrinks
-    by ``kh``.  Contiguous blocks are computed block by block; the reference grouping and
-    ``block_size=None`` from the full matrix.
+    one BLAS product per row shift and segment between window boundaries (per contiguous block).
     """
     m_c = channel_means(imgs)
     kh, kw, dh = g.kh, g.kw, g.dh
@@ -346,7 +272,7 @@ def _rowshift_moments(imgs: np.ndarray, g, plan: Plan):
     x = np.ascontiguousarray(imgs)
     tmp = _scratch("tmp", (bw, bw), zdt)
     run = _scratch("run", (bw, bw), np.float64)
-    for n0, n1, a0, a1 in _row_pieces(g, cw, zdt.itemsize):
+    for n0, n1, a0, a1 in pieces(g, g.ow * cw * zdt.itemsize, halo, _ROWS_BYTES):
         oh = a1 - a0
         rows = oh + halo
         Z = _scratch("rows", (rows, n1 - n0, g.ow, cw), zdt)
@@ -384,11 +310,9 @@ def _rowshift_moments(imgs: np.ndarray, g, plan: Plan):
                             acc[blk, :, i, :, :, i + di, :] += sign * win
                             if di:
                                 acc[blk, :, i + di, :, :, i, :] += sign * win.transpose(2, 3, 0, 1)
-    count = g.n * g.oh * g.ow
     fb = cb * kh * kw
-    second = acc.reshape(blocks, fb, fb)
     shift = np.repeat(m_c, kh * kw).reshape(blocks, fb)
-    n, mean, m2 = _finish_shifted(count, shift, colsum.reshape(blocks, fb), second)
+    n, mean, m2 = _finish_shifted(g.n * g.oh * g.ow, shift, colsum.reshape(blocks, fb), acc.reshape(blocks, fb, fb))
     if plan.mode == "contiguous":
         return n, mean, m2
     return _regroup(n, mean[0], m2[0], plan)
@@ -402,12 +326,8 @@ def _regroup(n, mean, m2, plan: Plan):
         fb = plan.fb
         idx = np.arange(plan.groups)[:, None] * fb + np.arange(fb)[None, :]
         return n, mean[idx], m2[idx[:, :, None], idx[:, None, :]]
-    stats = None
-    for grp in range(plan.stack):
-        idx = np.arange(plan.fb) * plan.stack + grp
-        s = (n, mean[idx], m2[np.ix_(idx, idx)])
-        stats = s if stats is None else merge_moments(stats, s)
-    n_all, mu, M = stats
+    idx = [np.arange(plan.fb) * plan.stack + grp for grp in range(plan.stack)]
+    n_all, mu, M = functools.reduce(merge_moments, [(n, mean[i], m2[np.ix_(i, i)]) for i in idx])
     return n_all, mu[None], M[None]
 
 
@@ -420,23 +340,19 @@ def _gemm_seconds(macs: float, width: int, dtype) -> float:
 def _cost(g, plan: Plan, dtype) -> dict:
     """Estimated seconds of each kernel for this geometry (a coarse model; only the ranking matters).
 
-    Rates per thread from :mod:`nsiter._tuning`: BLAS multiply-adds (scaled by the thread
-    count and by a width efficiency for narrow outputs), the serial patch fill, and the
-    shifted-product kernel (parallel).
+    Per-thread rates of :mod:`nsiter._tuning`: BLAS multiply-adds (:func:`_gemm_seconds`), the
+    serial patch fill and the parallel shifted-product kernel.
     """
-    threads = numba.get_num_threads()
     rows = g.n * g.oh * g.ow
     fb1 = plan.fb + 1
     f = plan.n_features
-    lanes = _lanes(plan)
+    lanes = plan.stack if plan.mode == "reference" else plan.groups  # group rows per patch row
     bdt = _buffer_dtype(np.dtype(dtype), plan.fb)
     chunks = -(-rows // _chunk_rows(lanes * fb1, bdt))
     macs = rows * lanes * fb1 * (fb1 + 1) / 2  # syrk: upper triangles
-    cost = {
-        "gemm": rows * f / _tuning.COV_RATE_FILL + _gemm_seconds(macs, fb1, bdt) + chunks * plan.groups * _tuning.COV_CALL_OVERHEAD,
-        "rowshift": math.inf,
-        "shifted": math.inf,
-    }
+    cost = dict.fromkeys(KERNELS, math.inf)
+    cost["gemm"] = (rows * f / _tuning.COV_RATE_FILL + _gemm_seconds(macs, fb1, bdt)
+                    + chunks * plan.groups * _tuning.COV_CALL_OVERHEAD)
     if g.sh != 1:
         return cost
     kh, kw, dh, dw = g.kh, g.kw, g.dh, g.dw
@@ -462,7 +378,7 @@ def _cost(g, plan: Plan, dtype) -> dict:
     rows_all = 2 * rows_pos - hp
     events = 2 * kh * (2 * kw - 1) * wp
     work = n_same * (rows_pos * cols + kh * events) + n_diff * (rows_all * cols + (2 * kh - 1) * events)
-    cost["shifted"] = (g.n * work / (_tuning.COV_RATE_SHIFTED * threads)
+    cost["shifted"] = (g.n * work / (_tuning.COV_RATE_SHIFTED * numba.get_num_threads())
                        + 3 * g.n * g.c * hp * wp / _tuning.COV_RATE_FILL)
     return cost
 

@@ -20,21 +20,28 @@ __all__ = ["prepare", "probe", "eigh_power", "coupled_kernel", "auto_may_use_eig
 
 
 def prepare(A3: torch.Tensor, eps: float):
-    """``(A64, fro, stats)`` as the numpy kernel: ``A64 = (A + A^T)/2 + eps I`` in float64
-    (differentiable), ``fro = ||A64||_F`` (differentiable) and ``stats (nb, 5)`` (detached,
-    on the device) ``= [all finite, max|a_ij|, max|a_ij - a_ji|, ||A64||_F, ||A64||_inf]``."""
+    """``(A64, fro, stats)`` as the numpy kernel: ``A64 = ((A + A^T)/2 + eps I) / s`` in float64
+    (differentiable; ``s = 4^k`` brings ``max(max|a_ij|, eps)`` into ``[1, 4)``), ``fro =
+    ||A64||_F`` (differentiable) and ``stats (nb, 6)`` (detached, on the device) ``= [all
+    finite, max|a_ij|, max|a_ij - a_ji|, ||A64||_F, ||A64||_inf, s]``."""
     n = A3.shape[-1]
-    A64 = A3.to(torch.float64)
-    if eps:
-        A64 = A64 + eps * torch.eye(n, dtype=torch.float64, device=A3.device)
-    A64 = (A64 + A64.transpose(-1, -2)) * 0.5
-    fro = torch.sqrt((A64 * A64).sum(dim=(-2, -1)))
     with torch.no_grad():
         a = A3.detach().to(torch.float64)
         finite = torch.isfinite(a).flatten(1).all(dim=1)
-        stats = torch.stack([finite.to(torch.float64), a.abs().amax(dim=(-2, -1)),
-                             (a - a.transpose(-1, -2)).abs().amax(dim=(-2, -1)), fro.detach(),
-                             A64.detach().abs().sum(dim=-1).amax(dim=-1)], dim=1)
+        amax = a.abs().amax(dim=(-2, -1))
+        top = torch.clamp(torch.where(finite, amax, 0.0), min=eps)
+        e = torch.frexp(top).exponent
+        k2 = torch.div(e - 1, 2, rounding_mode="floor") * 2
+        scale = torch.where(top > 0, torch.ldexp(torch.ones_like(top), k2), torch.ones_like(top))
+    s3 = scale[:, None, None]
+    A64 = A3.to(torch.float64) / s3
+    A64 = (A64 * 0.5 + A64.transpose(-1, -2) * 0.5)
+    if eps:
+        A64 = A64 + (eps / s3) * torch.eye(n, dtype=torch.float64, device=A3.device)
+    fro = torch.sqrt((A64 * A64).sum(dim=(-2, -1)))
+    with torch.no_grad():
+        stats = torch.stack([finite.to(torch.float64), amax, (a - a.transpose(-1, -2)).abs().amax(dim=(-2, -1)),
+                             fro.detach(), A64.detach().abs().sum(dim=-1).amax(dim=-1), scale], dim=1)
     return A64, fro, stats
 
 

@@ -1,34 +1,28 @@
 """The torch backend's patch kernels: ``Tensor.unfold`` im2col, col2im, chunked two-pass moments.
 
-The algorithms that call them (validation, groupings, the exact merge, the final scaling)
-are :mod:`nsiter.im2col` and :mod:`nsiter.covariance`, written once for numpy and torch.
-Every kernel keeps autograd intact and works in the input dtype (float32 stays float32 on
-the GPU); moments are two-pass (centred first), so float32 loses no more than the rounding
-of one GEMM.  Results differ from the numpy kernels only by rounding (im2col and, on the CPU
-path, col2im: not at all).
+Twins of :mod:`nsiter._numba.patches`.  Every kernel keeps autograd intact and works in the
+input dtype; moments are two-pass (centred first), so float32 loses no more than the rounding
+of one GEMM.  im2col and the CPU col2im are bit-identical to numpy.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from .._moments import merge_moments
+from .._moments import merge_moments, pieces
 from . import device_path
 
 __all__ = ["im2col", "col2im", "centred_stats", "matrix_moments", "patch_moments", "correlate_centred"]
 
-# bound on the elements of one im2col chunk in patch_moments (256 MB of float32)
-_CHUNK_ELEMENTS = 64 * 2**20
+_CHUNK_ELEMENTS = 64 * 2**20  # bound on one im2col chunk in patch_moments (256 MB of float32)
 
 
 def im2col(imgs: torch.Tensor, g) -> torch.Tensor:
     """Gather ``(N, C, H, W)`` into the final ``(N*L, C*kh*kw)`` layout in ONE copy.
 
-    ``Tensor.unfold`` twice gives a strided view ``(N, C, oh, ow, span_h, span_w)`` of the
-    padded images; slicing by the dilation and permuting to ``(N, oh, ow, C, kh, kw)``
-    leaves a view whose ``reshape`` is the single gather.  ``F.unfold`` followed by
-    ``transpose(1, 2).contiguous()`` writes the data twice.  Autograd: the backward of
-    ``Tensor.unfold`` is a dedicated scatter-add kernel.
+    Two ``Tensor.unfold`` views, sliced by the dilation and permuted to ``(N, oh, ow, C, kh,
+    kw)``, leave one gather for ``reshape`` (``F.unfold`` + ``transpose`` writes the data twice);
+    the backward of ``Tensor.unfold`` is a dedicated scatter-add kernel.
     """
     xp = F.pad(imgs, (g.pw, g.pw, g.ph, g.ph)) if (g.ph or g.pw) else imgs
     u = xp.unfold(2, g.dh * (g.kh - 1) + 1, g.sh).unfold(3, g.dw * (g.kw - 1) + 1, g.sw)
@@ -44,13 +38,8 @@ def im2col(imgs: torch.Tensor, g) -> torch.Tensor:
 
 
 def col2im(X: torch.Tensor, g) -> torch.Tensor:
-    """Scatter-add patch rows into ``(N, C, H, W)``.
-
-    CPU: one strided add per kernel tap, taps in the order ``i`` descending, ``j``
-    ascending, which is the order the Numba kernel adds overlaps in, so the result is
-    bit-identical to the numpy backend.  Device path (CUDA): ``F.fold`` (one kernel;
-    overlaps summed in its own order, so results may differ in the last bit).
-    """
+    """Scatter-add patch rows into ``(N, C, H, W)``: on the CPU one strided add per tap, ``i`` descending
+    and ``j`` ascending as the Numba kernel adds overlaps (bit-identical); device path ``F.fold``."""
     if device_path(X):
         cols = X.reshape(g.n, g.oh * g.ow, g.c * g.kh * g.kw).transpose(1, 2)
         return F.fold(cols, (g.h, g.w), (g.kh, g.kw), dilation=(g.dh, g.dw),
@@ -68,11 +57,8 @@ def col2im(X: torch.Tensor, g) -> torch.Tensor:
 
 
 def centred_stats(Xg: torch.Tensor):
-    """Two-pass statistics of row blocks ``Xg (G, R, F)``: ``(R, mean (G, F), M2 (G, F, F))``.
-
-    ``M2 = (X - mean)^T (X - mean)`` (unnormalised), one batched GEMM in the input dtype,
-    symmetrised exactly whatever the GEMM's blocking.
-    """
+    """Two-pass ``(R, mean (G, F), M2 (G, F, F))`` of row blocks ``Xg (G, R, F)``: one batched GEMM in
+    the input dtype, symmetrised exactly whatever the GEMM's blocking."""
     mean = Xg.mean(dim=1)
     Xc = Xg - mean[:, None, :]
     M2 = torch.matmul(Xc.transpose(1, 2), Xc)
@@ -87,8 +73,7 @@ def matrix_moments(X: torch.Tensor):
 
 def _group_columns(X: torch.Tensor, plan) -> torch.Tensor:
     """Rows of the im2col matrix ``X (R, F)`` as the plan's ``(G, R', Fb)`` sample blocks:
-    ``(1, R, F)`` (full), ``(C/B, R, Fb)`` (contiguous), ``(1, R*C/B, Fb)`` (reference:
-    column ``j`` to group ``j mod (C/B)`` at feature ``j div (C/B)``, groups stacked as rows)."""
+    ``(1, R, F)``, ``(C/B, R, Fb)`` or, stacked as rows, ``(1, R*C/B, Fb)`` (reference)."""
     R = X.shape[0]
     if plan.mode == "full":
         return X[None]
@@ -98,25 +83,13 @@ def _group_columns(X: torch.Tensor, plan) -> torch.Tensor:
 
 
 def _chunks(g, n_features: int, budget: int):
-    """Blocks ``(n0, n1, r0, r1)`` of images and output rows whose im2col has <= budget elements."""
-    rows_max = max(1, budget // max(n_features, 1))
-    L = g.oh * g.ow
-    if g.n * L <= rows_max:
-        return [(0, g.n, 0, g.oh)]
-    if L <= rows_max:
-        step = max(1, rows_max // L)
-        return [(n0, min(g.n, n0 + step), 0, g.oh) for n0 in range(0, g.n, step)]
-    band = max(1, rows_max // max(g.ow, 1))
-    return [(n0, n0 + 1, r0, min(g.oh, r0 + band)) for n0 in range(g.n) for r0 in range(0, g.oh, band)]
+    """Pieces of images and output rows whose im2col has at most ``budget`` elements."""
+    return pieces(g, g.ow * n_features, 0, budget)
 
 
 def patch_moments(imgs: torch.Tensor, g, plan):
-    """``(count, mean (G, fb), M2 (G, fb, fb))`` of the planned im2col rows, in chunks.
-
-    The im2col matrix is built in chunks of at most ``_CHUNK_ELEMENTS``; a single chunk is
-    the two-pass computation in the input dtype (autograd-friendly), several are merged
-    exactly in float64 (:func:`nsiter._moments.merge_moments`).
-    """
+    """``(count, mean (G, fb), M2 (G, fb, fb))`` of the planned im2col rows: one chunk of at most
+    ``_CHUNK_ELEMENTS`` in the input dtype (autograd-friendly), several merged exactly in float64."""
     blocks = _chunks(g, plan.n_features, _CHUNK_ELEMENTS)
     if len(blocks) == 1:
         return centred_stats(_group_columns(im2col(imgs, g), plan))
