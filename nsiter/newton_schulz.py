@@ -3,67 +3,57 @@ r"""Newton–Schulz inverse square roots of symmetric positive (semi)definite ma
 ``D = inv_sqrtm(A)`` approximates ``A^{-1/2}``: the deconvolution (whitening) matrix
 ``D = (Cov + eps I)^{-1/2}`` of Ye et al. (2020), §4.5.3 and appendix A.3.  Written once
 for numpy arrays and torch tensors (:mod:`nsiter._backend`); the backends supply kernels
-only (:mod:`nsiter._numba.linalg`, :mod:`nsiter._torch.linalg`).
+only (:mod:`nsiter._numba.linalg`, :mod:`nsiter._torch.linalg`).  Every method works on
+``A / s`` with ``s = 4^k`` bringing the largest entry near 1 (exact, so results are right at
+every representable scale) and scales the result back by the exact ``sqrt(s)``.
 
 Methods (registry :data:`METHODS`):
 
 ``"coupled"``
-    Higham, *Functions of Matrices* (2008), Eq. (6.35), the coupled Newton–Schulz
-    iteration used by the paper: ``c = scale(A)``, ``Y_0 = A/c``, ``Z_0 = I``,
+    Higham, *Functions of Matrices* (2008), Eq. (6.35), the iteration of the paper:
+    ``c = scale(A)``, ``Y_0 = A/c``, ``Z_0 = I``,
 
     .. math::  T_k = \tfrac12 (3I - Z_k Y_k), \quad Y_{k+1} = Y_k T_k, \quad Z_{k+1} = T_k Z_k,
 
-    ``D = Z_k / sqrt(c)`` and ``Y_k sqrt(c) -> A^{1/2}``.  Stable for thousands of steps.
-    With ``n_iter=5, scaling="fro"`` it is the reference code's
-    ``isqrt_newton_schulz_autograd`` (same products in the same order; the first step
-    uses ``Z_0 = I`` without multiplying by it, which is exact).
+    ``D = Z_k / sqrt(c)``, ``Y_k sqrt(c) -> A^{1/2}``; stable for thousands of steps.  With
+    ``n_iter=5, scaling="fro"`` it is the reference code's ``isqrt_newton_schulz_autograd``
+    (same products in the same order; the first step uses ``Z_0 = I`` exactly).
 ``"uncoupled"``
-    Higham (2008), Eq. (7.12), the single-sequence ("vanilla") iteration,
-    ``X_0 = I``, ``X_{k+1} = (3 X_k - X_k^3 Y_0)/2``, ``D = X_k/sqrt(c)``, evaluated in
-    the order ``X_{k+1} = (3 X_k - X_k ((X_k X_k) Y_0)) / 2``.  It amplifies rounding
-    errors whenever ``cond(A) > 9`` and blows up — the paper's Fig. 7 — so it is kept
-    exactly as it is, with its float64 residual always tracked so that the best iterate
-    can be returned.
+    Higham (2008), Eq. (7.12), ``X_0 = I``, ``X_{k+1} = (3 X_k - X_k ((X_k X_k) Y_0)) / 2``,
+    ``D = X_k/sqrt(c)``.  It amplifies rounding errors whenever ``cond(A) > 9`` and blows up
+    (the paper's Fig. 7), so it is kept as it is, its float64 residual always tracked so
+    that the best iterate can be returned.
 ``"accelerated"``
-    The coupled iteration with per-step coefficients, ``T_k = a_k I + b_k Z_k Y_k``.  An
-    eigenvalue ``p`` of ``M = Z Y`` maps to ``p (a + b p)^2 = q(sqrt p)^2`` with the odd
-    cubic ``q(s) = a s + b s^3``: the polar/sign-function iteration on ``s = sqrt(p)``, so
-    the per-step optimal (minimax) polynomials of Polar Express / CANS apply.  Step ``k``
-    uses the closed-form minimax cubic for the current interval ``[lo_k, hi_k]`` of
-    ``sqrt(p)`` (maps it into ``[1 - E_k, 1 + E_k]``); as ``E_k -> 0`` the step becomes the
-    classic one, which it continues with.  The first interval comes from rigorous upper
-    bounds on ``lambda_max`` (``||A||_F``, ``||A||_inf``) and an estimate of
-    ``lambda_min`` (inverse iteration on the Cholesky factor of the PSD check, divided by
-    2 for safety).  Small eigenvalues grow about 6.75x per step instead of 2.25x: at
-    ``cond = 1e6`` it needs 11–12 steps where the classic one needs 22.
+    The coupled iteration with per-step ``T_k = a_k I + b_k Z_k Y_k``: an eigenvalue ``p`` of
+    ``Z Y`` maps to ``q(sqrt p)^2`` with the odd cubic ``q(s) = a s + b s^3``, the
+    polar/sign-function iteration on ``sqrt(p)``, so the per-step minimax polynomials of
+    Polar Express / CANS apply.  Step ``k`` maps the current interval of ``sqrt(p)`` into
+    ``[1 - E_k, 1 + E_k]`` and becomes the classic step as ``E_k -> 0``.  The first interval
+    comes from rigorous bounds on ``lambda_max`` (``||A||_F``, ``||A||_inf``) and the probe's
+    ``lambda_min`` (inverse iteration on the Cholesky factor of the PSD check, halved for
+    safety).  Small eigenvalues grow 6.75x per step instead of 2.25x.
 ``"eigh"``
-    The exact reference ``V diag(lambda^{-1/2}) V^T`` from a float64 LAPACK
-    eigendecomposition, returned in the input dtype.
+    The exact ``V diag(lambda^{-1/2}) V^T`` from a float64 LAPACK eigendecomposition.
 ``"auto"``
-    Per matrix, the cheaper of ``"accelerated"`` (its step count predicted from the
-    schedule) and ``"eigh"``, by a cost model in units of one step of the iteration
-    (:mod:`nsiter._tuning`, measured by ``analysis/calibrate_auto.py``): LAPACK wins for
-    ill-conditioned or large matrices.  Where ``eigh`` is cheaper than even the
-    best-conditioned schedule, the spectrum probe is skipped; where every matrix of the
-    batch picks ``eigh``, nothing of the iteration is prepared.  A matrix the probe finds
-    numerically singular goes to the iteration (which warns and returns its best iterate),
-    never to ``eigh`` (which raises).  On the torch device path (CUDA) ``auto`` always
-    iterates: a GPU ``eigh`` is far slower than the CPU cost model assumes.
+    Per matrix, the cheaper of ``"accelerated"`` (its step count predicted from the schedule)
+    and ``"eigh"``, by the cost model of :mod:`nsiter._tuning` (``analysis/calibrate_auto.py``);
+    ``eigh`` also where the requested ``tol`` is below the iteration's rounding floor.  The
+    probe is skipped where ``eigh`` beats even the best-conditioned schedule; a matrix the
+    probe finds numerically singular goes to the iteration (which warns and returns its best
+    iterate), never to ``eigh`` (which raises).  On the torch device path (CUDA) ``auto``
+    always iterates: a GPU ``eigh`` is far slower than the CPU cost model assumes.
 
-Stopping (``tol``, or the default :func:`default_tol` when neither ``n_iter`` nor ``tol``
-is given): a matrix stops at the first iterate with ``||D_k D_k A - I||_F <= tol`` (the
-float64 Fig. 7 residual), or when the residual stagnates at its rounding floor (about
-``cond(A) eps``), or diverges — the one policy of :mod:`nsiter._policy`.  Cheaply: the
-test runs on the free by-product ``||Z_k Y_k - I||_F`` (equal to it in exact arithmetic;
-``Z_k Y_k`` is the next step's first product) and the float64 residual is evaluated only
-to confirm a stop (2 products).  The residual history (``return_info=True``) costs 2
-float64 products per step; nothing else does.
+Stopping (``tol``, or :func:`default_tol` when neither ``n_iter`` nor ``tol`` is given): at
+the first iterate with ``||D_k D_k A - I||_F <= tol`` (the float64 Fig. 7 residual), at the
+rounding floor (stagnation), or on divergence — the one policy of :mod:`nsiter._policy`.
+The test runs on the free by-product ``||Z_k Y_k - I||_F`` (equal in exact arithmetic; the
+next step's first product); the float64 residual (2 products) only confirms a stop, or is
+recorded every step with ``return_info=True``.
 
-The coupled step exists twice, pinned together by tests that compare decisions and
-results: as array code here (:func:`_run_fixed`, :func:`_run_coupled`; numpy ``@`` or
-torch, autograd flowing) and as the fused Numba kernel ``_coupled_ns_one`` that the numpy
-backend runs for small ``n`` (all steps of one matrix in one function, one matrix per
-thread).  Which runs where is the backend's choice (``coupled_kernel(n)``).
+The coupled step exists twice, pinned together by tests of their decisions and results: as
+array code here (:func:`_run_fixed`, :func:`_run_coupled`; numpy ``@`` or torch, autograd
+flowing) and as the fused Numba kernel ``_coupled_ns_one`` the numpy backend runs for small
+``n`` (one matrix per thread).  The backend chooses (``coupled_kernel(n)``).
 """
 from __future__ import annotations
 
@@ -566,68 +556,45 @@ def _run_coupled(be, Y0, Y0_64, coefs, n_max, *, tol, record, stop_early, k_last
     return Z_out, Y_out, done, best_k, diverged, best_r, hist
 
 
-class _Tracker:
-    """Per-matrix stopping bookkeeping of the uncoupled iteration (float64 residuals ``r_k``,
-    the policy of :mod:`nsiter._policy`).  Stopping is only active in tolerance mode; with a
-    fixed ``n_iter`` every matrix runs every step."""
-
-    def __init__(self, nb, n, n_max, tol, stop_early):
-        self.hist = np.full((nb, n_max), np.nan)
-        self.best = np.full(nb, np.inf)
-        self.best_iter = np.zeros(nb, dtype=np.int64)
-        self.prev = np.full(nb, np.inf)
-        self.active = np.ones(nb, dtype=bool)
-        self.diverged = np.zeros(nb, dtype=bool)
-        self.stop_iter = np.full(nb, n_max, dtype=np.int64)
-        self.tol = tol
-        self.stop_early = stop_early
-        self.big = BLOWUP_SQRT_N * math.sqrt(n)
-
-    def update(self, k, idx, r):
-        """Record ``r`` (residuals of iterate ``k``, 1-based) for matrices ``idx``; returns a
-        mask over ``idx`` of matrices whose iterate improved on their best."""
-        self.hist[idx, k - 1] = r
-        improved = np.isfinite(r) & (r < self.best[idx])
-        self.best[idx[improved]] = r[improved]
-        self.best_iter[idx[improved]] = k
-        div = _diverging(r, self.best[idx], self.big)
-        self.diverged[idx[div]] = True
-        if self.stop_early:
-            done = div | _stagnating(r, self.prev[idx]) | (r <= self.tol)
-            self.active[idx[done]] = False
-            self.stop_iter[idx[done]] = k
-        self.prev[idx] = r
-        return improved
-
-
 def _run_uncoupled(be, Y0, Y0_64, n_max, *, tol, stop_early):
-    """Uncoupled iteration (7.12) ``X <- (3X - X((X X) Y_0))/2``, residuals always tracked.
+    """Uncoupled iteration (7.12) ``X <- (3X - X((X X) Y_0))/2``, its float64 residual always
+    tracked (the policy of :mod:`nsiter._policy`; stopping only in tolerance mode).
 
     Returns ``(X, n_done, n_run, returned_iter, diverged, returned_r, hist)``: the best
     iterate after a blow-up, else the one each matrix stopped at.
     """
     nb, n, _ = Y0.shape
-    X = be.xp.broadcast_to(be.eye(n, Y0), (nb, n, n))
-    Xb = X
-    tracker = _Tracker(nb, n, n_max, tol, stop_early)
+    X = Xb = be.xp.broadcast_to(be.eye(n, Y0), (nb, n, n))
+    hist = np.full((nb, n_max), np.nan)
+    best, prev = np.full(nb, np.inf), np.full(nb, np.inf)
+    best_it, stop = np.zeros(nb, dtype=np.int64), np.full(nb, n_max, dtype=np.int64)
+    active, div = np.ones(nb, dtype=bool), np.zeros(nb, dtype=bool)
+    big = BLOWUP_SQRT_N * math.sqrt(n)
     n_run = 0
     with np.errstate(all="ignore"):
         for k in range(n_max):
-            idx = np.flatnonzero(tracker.active)
+            idx = np.flatnonzero(active)
             if idx.size == 0:
                 break
-            Xa, Y0a = (X, Y0) if idx.size == nb else (be.take(X, idx), be.take(Y0, idx))
+            Xa, Y0a = be.take(X, idx), be.take(Y0, idx)
             Xa = (3.0 * Xa - Xa @ ((Xa @ Xa) @ Y0a)) * 0.5
             X = be.put(X, idx, Xa)
-            imp = tracker.update(k + 1, idx, _residual64(be, Xa, be.take(Y0_64, idx)))
+            hist[idx, k] = r = _residual64(be, Xa, be.take(Y0_64, idx))
+            imp = np.isfinite(r) & (r < best[idx])
+            best[idx[imp]], best_it[idx[imp]] = r[imp], k + 1
             if imp.any():
                 Xb = be.put(Xb, idx[imp], be.take(Xa, np.flatnonzero(imp)))
+            d = _diverging(r, best[idx], big)
+            div[idx[d]] = True
+            if stop_early:
+                done = d | _stagnating(r, prev[idx]) | (r <= tol)
+                active[idx[done]], stop[idx[done]] = False, k + 1
+            prev[idx] = r
             n_run = k + 1
-    div = tracker.diverged
-    last = np.minimum(tracker.stop_iter, n_run)
-    ret_iter = np.where(div, tracker.best_iter, last)
-    ret_r = np.where(div, tracker.best, tracker.hist[np.arange(nb), np.maximum(last, 1) - 1])
-    return be.where_rows(div, Xb, X), last, n_run, ret_iter, div, ret_r, tracker.hist[:, :n_run]
+    last = np.minimum(stop, n_run)
+    ret_iter = np.where(div, best_it, last)
+    ret_r = np.where(div, best, hist[np.arange(nb), np.maximum(last, 1) - 1])
+    return be.where_rows(div, Xb, X), last, n_run, ret_iter, div, ret_r, hist[:, :n_run]
 
 
 def _freeze_history(hist, n_done, n_run):
@@ -737,9 +704,9 @@ def _grid_plan(tol: float, n: int, n_max: int, dtype) -> np.ndarray:
     return plan
 
 
-def _schedule_lookup(p_lo, tol: float, n: int, n_max: int):
-    """The grid schedules for ``p_lo``: ``(tables (m, n_max, 3), inv (nb,), K (nb,))``;
-    matrix ``b`` uses ``tables[inv[b]]`` and ``K[b]`` steps (``m`` distinct grid points)."""
+def _accelerated_schedule(p_lo, tol: float, n: int, n_max: int):
+    """:func:`_design_schedule` for ``p_lo`` rounded down to the grid (cached per grid point):
+    ``(coefs (nb, n_max, 3) float64, a fresh array; K (nb,) int)``."""
     j = _grid_index(np.atleast_1d(np.asarray(p_lo, dtype=np.float64)))
     if j.size and (j == j[0]).all():  # the common case: one grid point for the batch
         uniq, inv = j[:1], np.zeros(j.size, dtype=np.intp)
@@ -747,19 +714,7 @@ def _schedule_lookup(p_lo, tol: float, n: int, n_max: int):
         uniq, inv = np.unique(j, return_inverse=True)
     found = [_grid_schedule(int(u), float(tol), int(n), int(n_max)) for u in uniq]
     tables = np.stack([f[0] for f in found]) if found else np.empty((0, n_max, 3))
-    K = np.array([f[1] for f in found], dtype=np.int64)[inv.ravel()]
-    return tables, inv.ravel(), K
-
-
-def _accelerated_schedule(p_lo, tol: float, n: int, n_max: int):
-    """:func:`_design_schedule` for ``p_lo`` rounded down to the grid (cached per grid point).
-
-    Returns ``(coefs (nb, n_max, 3) float64, a fresh array; K (nb,) int)``.
-    """
-    tables, inv, K = _schedule_lookup(p_lo, tol, n, n_max)
-    return tables[inv], K
-
-
+    return tables[inv.ravel()], np.array([f[1] for f in found], dtype=np.int64)[inv.ravel()]
 
 
 # --------------------------------------------------------------------------- auto: eigh or iterate
@@ -1095,43 +1050,29 @@ def _solve_tracked(be, arr, A3, spec, method, n_max, tol, tol_used, stop_early, 
 
 
 def _iterate_coupled(be, Y0, Y0_64, coefs, n_max, tol, record, stop_early, k_last, want):
-    """The coupled iteration of a (sub-)batch on the backend's runner: the fused kernel where
-    the backend has one for this ``n``, else the array code (:func:`_run_fixed` when nothing
-    is tracked).  A blown-up matrix of a run that kept no copies is rerun with residuals,
-    over the iterations it ran, to return its best iterate.  Returns the runner contract
+    """The coupled iteration of a (sub-)batch on the backend's runner: its fused kernel for
+    this ``n`` if it has one, else the array code (:func:`_run_fixed` when nothing is
+    tracked).  A blown-up matrix of a run that kept no copies is rerun with residuals, over
+    the iterations it ran, to return its best iterate.  Returns the runner contract
     ``(Z, Y, n_done, best_iter, diverged, best_r, hist)``."""
     nb = Y0.shape[0]
     fused = be.linalg.coupled_kernel(Y0.shape[-1])
-    if fused is None:
-        if not (record or stop_early):
-            Z, Y = _run_fixed(be, Y0, n_max, coefs, want_y=want == "sqrt")
-            n_d = np.full(nb, n_max, dtype=np.int64)
-            res = (Z, Y, n_d, n_d.copy(), np.zeros(nb, dtype=bool), np.full(nb, np.nan), None)
-        else:
-            res = _run_coupled(be, Y0, Y0_64, coefs, n_max, tol=tol, record=record, stop_early=stop_early,
-                               k_last=k_last)
-
-        def run(*a, **kw):
-            return _run_coupled(be, *a, **kw)
-    else:
-        if coefs is None:
-            coefs = np.empty((nb, n_max, 3))
-            coefs[:] = _CLASSIC
-
-        def run(Y0, Y0_64, coefs, n_max, *, tol, record, stop_early, k_last=None):
-            return fused(Y0, Y0_64, coefs, n_max, k_last, record, stop_early, tol)
-
+    run = fused or functools.partial(_run_coupled, be)
+    if fused or record or stop_early:
         res = run(Y0, Y0_64, coefs, n_max, tol=tol, record=record, stop_early=stop_early, k_last=k_last)
-    Z, Y, n_d, b_it, div, b_r, hist = res
+    else:
+        n_d = np.full(nb, n_max, dtype=np.int64)
+        res = _run_fixed(be, Y0, n_max, coefs, want_y=want == "sqrt") + (n_d, n_d.copy(), np.zeros(nb, dtype=bool),
+                                                                         np.full(nb, np.nan), None)
     if record:
         return res
+    Z, Y, n_d, b_it, div, b_r, hist = res
     redo = div | ~be.host(be.xp.all(be.xp.isfinite(Z.detach() if be.torch else Z), axis=(-2, -1)))
     if redo.any():
         j = np.flatnonzero(redo)
         Zr, Yr, _, it_r, _, r_r, _ = run(be.take(Y0, j), be.take(Y0_64, j), None if coefs is None else coefs[j],
                                          max(int(n_d[j].max()), 1), tol=None, record=True, stop_early=False)
-        Z = be.put(Z, j, Zr)
-        Y = be.put(Y, j, Yr) if Y is not None else None
+        Z, Y = be.put(Z, j, Zr), None if Y is None else be.put(Y, j, Yr)
         b_it, b_r, div = b_it.copy(), b_r.copy(), div.copy()
         b_it[j], b_r[j], div[j] = it_r, r_r, True
     return Z, Y, n_d, b_it, div, b_r, hist
@@ -1199,20 +1140,15 @@ def inv_sqrtm(A, *, method="coupled", n_iter=None, tol=None, scaling="fro", eps=
     Notes
     -----
     Positive semidefiniteness is checked by a Cholesky factorisation of ``A + delta I``,
-    ``delta = 10 n eps(dtype) ||A||_F``: it fails exactly when ``A`` has an eigenvalue below
-    ``-delta``.  A few steps of inverse iteration with the factor estimate ``lambda_min``
-    for the singularity warning (threshold: the rounding level
-    ``max(10 eps(dtype), n eps(float64)) ||A||_F``).  Cost: about one product.
+    ``delta = 10 n eps(dtype) ||A||_F`` (it fails exactly when ``A`` has an eigenvalue below
+    ``-delta``); inverse iteration with the factor estimates ``lambda_min`` for the
+    singularity warning (threshold ``max(10 eps(dtype), n eps(float64)) ||A||_F``).
 
-    Divergence (``info.diverged``): the residual became non-finite or grew too far
-    (:mod:`nsiter._policy`).  Then ``D`` is the best iterate and a
-    :class:`~nsiter.NewtonSchulzDivergenceWarning` is emitted.  With a fixed ``n_iter``
-    and neither ``tol`` nor ``return_info`` no residual is computed: a non-finite result
-    triggers a rerun with residuals, so the warning and the best iterate still come.
-
-    ``method="auto"`` always stops on a tolerance (``tol`` or the default); ``n_iter`` is
-    then only the cap.  ``info.method`` says what ran (``"auto:accelerated"``,
-    ``"auto:eigh"``, or both for a mixed batch).
+    After a divergence (:mod:`nsiter._policy`) ``D`` is the best iterate; with a fixed
+    ``n_iter`` and neither ``tol`` nor ``return_info`` a non-finite result triggers a rerun
+    with residuals, so the warning and the best iterate still come.  ``method="auto"``
+    always stops on a tolerance (``n_iter`` is the cap); ``info.method`` says what ran
+    (``"auto:accelerated"``, ``"auto:eigh"``, or both for a mixed batch).
 
     Examples
     --------

@@ -329,7 +329,7 @@ def test_fused_kernel_parallel_serial_and_array_code_agree(monkeypatch):
     coefs3 = np.tile([1.5, -0.5, 0.0], (6, 9, 1))
     be = backend(Y0)
     fused = numba_linalg.coupled_kernel(20)
-    Zp, Yp, *_ = fused(Y0, Y0, coefs3, 9, None, False, False, 0.0)
+    Zp, Yp, *_ = fused(Y0, Y0, coefs3, 9, tol=None, record=False, stop_early=False)
     Zn, Yn = ns._run_fixed(be, Y0, 9, coefs3, want_y=True)
     assert_close(Zp, Zn, n=20)
     assert_close(Yp, Yn, n=20)
@@ -337,7 +337,7 @@ def test_fused_kernel_parallel_serial_and_array_code_agree(monkeypatch):
     np.testing.assert_array_equal(Za, Zn)
     np.testing.assert_array_equal(Ya, Yn)
     monkeypatch.setattr(numba_linalg, "PARALLEL_MAX_N", 0)
-    Zs, *_ = fused(Y0, Y0, coefs3, 9, None, False, False, 0.0)
+    Zs, *_ = fused(Y0, Y0, coefs3, 9, tol=None, record=False, stop_early=False)
     np.testing.assert_array_equal(Zs, Zp)
 
 

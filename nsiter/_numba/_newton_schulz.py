@@ -14,9 +14,8 @@ from .._config import jit, prange
 from .._policy import BLOWUP_GROWTH, BLOWUP_SQRT_N, STAGNATION_BELOW, STAGNATION_RATIO
 
 __all__ = [
-    "_psd_probe", "_psd_probe_serial", "_spectrum_estimates", "_spectrum_estimates_serial",
-    "_coupled_ns_parallel", "_coupled_ns_serial", "_eigh_power", "_eigh_power_serial",
-    "_prepare", "_prepare_serial",
+    "_psd_probe", "_psd_probe_serial", "_spectrum_estimates_serial", "_coupled_ns_parallel", "_coupled_ns_serial",
+    "_eigh_power", "_eigh_power_serial", "_prepare", "_prepare_serial",
 ]
 
 
@@ -108,23 +107,12 @@ def _inverse_one(L, n_steps, v, w):
     return _inverse_lu(L, U, n_steps, v, w)
 
 
-@jit(parallel=True)
-def _spectrum_estimates(A, L, shift, n_inverse, n_power, lmin, lmax):
-    """Per matrix: ``lmin[b] ~ lambda_min(A_b)`` (an over-estimate, from the Cholesky factor
-    ``L_b`` of ``A_b + shift_b I``) and ``lmax[b] ~ lambda_max(A_b)`` (an under-estimate;
-    0 when ``n_power == 0``).  Cost ``(n_inverse + n_power) 2 n^2`` flops per matrix."""
-    nb, n, _ = A.shape
-    for b in prange(nb):
-        v = np.empty(n)
-        w = np.empty(n)
-        lmax[b] = _power_one(A[b], n_power, v, w) if n_power > 0 else 0.0
-        lmin[b] = _inverse_one(L[b], n_inverse, v, w) - shift[b]
-
-
 @jit
 def _spectrum_estimates_serial(A, L, shift, n_inverse, n_power, lmin, lmax):
-    """:func:`_spectrum_estimates` in batch order (no thread pool: large matrices, where
-    BLAS/LAPACK threads do the work and a second pool would only compete with them)."""
+    """Per matrix, in batch order: ``lmin[b] ~ lambda_min(A_b)`` (an over-estimate, from the
+    Cholesky factor ``L_b`` of ``A_b + shift_b I``) and ``lmax[b] ~ lambda_max(A_b)`` (an
+    under-estimate; 0 when ``n_power == 0``).  For the large matrices LAPACK factorised: no
+    thread pool, whose spinning would only compete with the BLAS threads."""
     nb, n, _ = A.shape
     v = np.empty(n)
     w = np.empty(n)
@@ -196,9 +184,8 @@ def _psd_probe_serial(A, shift, n_inverse, n_power, out):
         _psd_probe_one(A[b], shift[b], n_inverse, n_power, out[b])
 
 
-# hand-written products below this size, BLAS (np.dot) from it on; measured single-thread
-# crossover (float32 and float64): hand-written 2.4 vs BLAS 1.0 GFLOP/s at n = 4, 5.0 vs 5.4
-# at n = 8, 7.6 vs 13.4 at n = 12 (the per-call overhead of BLAS dominates tiny matrices)
+# hand-written products below this size, BLAS (np.dot) from it on: the per-call overhead of
+# BLAS dominates tiny matrices (the crossover: analysis/results/newton_schulz.md)
 SMALL_N = 6
 
 

@@ -112,15 +112,17 @@ def eigh_power(A64, power: float):
     return (V * lam_p[:, None, :]) @ np.swapaxes(V, -1, -2), lam
 
 
-def _coupled_fused(Y0, Y0_64, coefs, n_max, k_last, record, stop_early, tol):
-    """The fused coupled iteration (``_coupled_ns_one``) over the batch: ``(Z, Y, n_done,
-    best_iter, diverged, best_r, hist)``, the contract of ``newton_schulz._run_coupled``."""
+def _coupled_fused(Y0, Y0_64, coefs, n_max, *, tol, record, stop_early, k_last=None):
+    """The fused coupled iteration (``_coupled_ns_one``) over the batch, with the call and
+    the result of ``newton_schulz._run_coupled`` (``coefs=None``: the classic step)."""
     nb, n, _ = Y0.shape
     Z = np.empty_like(Y0)
     Y = np.empty_like(Y0)
     hist = np.full((nb, n_max if record else 1), np.nan)
     info_i = np.zeros((nb, 3), dtype=np.int64)
     info_f = np.zeros((nb, 1))
+    if coefs is None:
+        coefs = np.tile(np.array([1.5, -0.5, 0.0], dtype=Y0.dtype), (nb, n_max, 1))
     coefs = np.ascontiguousarray(coefs[:, :n_max], dtype=Y0.dtype)
     k_last = np.zeros(nb, dtype=np.int64) if k_last is None else np.ascontiguousarray(k_last, dtype=np.int64)
     kernel = _coupled_ns_parallel if _use_thread_pool(n, nb) else _coupled_ns_serial
