@@ -9,13 +9,14 @@ import dataclasses
 import json
 import math
 import os
+import stat
 import sys
 import time
 import warnings
 
 import numpy as np
 
-from ._cli_common import EXIT_FAILED, EXIT_INTERNAL, EXIT_OK, _UsageError, one_line as _one_line
+from ._cli_common import EXIT_FAILED, EXIT_INTERNAL, EXIT_OK, _UsageError, one_line as _one_line, write_stdout
 from .covariance import covariance
 from .newton_schulz import METHODS
 from .verification import DEFAULT_METHODS, verify_whitening
@@ -29,6 +30,14 @@ _ZIP_MAGIC = b"PK"  # local file header PK\x03\x04, or PK\x05\x06 for an empty a
 #: progress lines would help (measured times: analysis/results/verify.md).
 _PROGRESS_FLOPS = 2e10
 _RESAVE_TEXT = "save the matrix with numpy.save (.npy) or numpy.savetxt (text/CSV)"
+#: --n-iter above this is refused: the coupled iteration reaches its floor within ~100 iterations for any
+#: kappa < 1/u (the smallest scaled eigenvalue grows 9/4-fold per step), so more only costs time.
+MAX_N_ITER = 10_000
+#: Default --max-bytes: the largest array (declared in a .npy header) or text file read; checking needs a few copies.
+MAX_BYTES = 2 ** 30
+_NOT_REGULAR = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO (named pipe), not a regular file",
+                stat.S_IFCHR: "a character device, not a regular file", stat.S_IFBLK: "a block device, not a regular file",
+                stat.S_IFSOCK: "a socket, not a regular file"}
 
 _DESCRIPTION = """\
 Check how accurately each inverse-square-root method whitens a covariance C: for every
@@ -54,7 +63,8 @@ FILE formats:
 every requested method (so a method that diverged fails even if an earlier iterate was good).
 
 exit status: 0 ran (and every method met --tol), 1 a method missed --tol,
-             2 bad input or usage (one line on stderr), 3 internal error
+             2 bad input or usage (one line on stderr), 3 internal error,
+             4 stdout closed or not writable (e.g. a full disk)
 
 examples:
   nsiter verify cov.npy
@@ -81,7 +91,10 @@ def _number(kind, ok, want: str, example: str = ""):
     return parse
 
 
-_positive_int = _number(int, lambda v: v >= 1, "a positive integer", " (e.g. --n-iter 50)")
+_n_iter = _number(int, lambda v: 1 <= v <= MAX_N_ITER, "a positive integer",
+                  f" (e.g. --n-iter 50; at most {MAX_N_ITER}: the iteration reaches its floor within ~100, "
+                  "more only costs time)")
+_max_bytes = _number(int, lambda v: v >= 1, "a positive number of bytes", f" (e.g. --max-bytes {4 * MAX_BYTES})")
 _positive_float = _number(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0 (e.g. 1e-6)")
 _nonnegative_float = _number(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0 (e.g. 1e-5)")
 
@@ -96,8 +109,9 @@ def add_verify_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--method", "-m", action="append", metavar="M",
                    help="method to run; repeat or comma-separate for several "
                         f"(default: coupled, uncoupled, eigh; choices: {', '.join(METHODS)})")
-    p.add_argument("--n-iter", type=_positive_int, default=50, metavar="N",
-                   help="iterations per iterative method (default 50: long enough to show the uncoupled blow-up)")
+    p.add_argument("--n-iter", type=_n_iter, default=50, metavar="N",
+                   help="iterations per iterative method (default 50: long enough to show the uncoupled blow-up; "
+                        f"at most {MAX_N_ITER})")
     p.add_argument("--eps", type=_nonnegative_float, default=0.0, metavar="E",
                    help="ridge: check C + E*I (default 0)")
     p.add_argument("--dtype", choices=("float32", "float64"), default=None,
@@ -110,6 +124,9 @@ def add_verify_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--key", metavar="NAME", help="array to use from an .npz holding several")
     p.add_argument("--from-data", action="store_true",
                    help="FILE is a samples x features data matrix: check its covariance (X-mu)^T(X-mu)/N")
+    p.add_argument("--max-bytes", type=_max_bytes, default=MAX_BYTES, metavar="B",
+                   help="refuse, before loading, an array (as its .npy header declares it) or a text file "
+                        f"larger than B bytes (default {MAX_BYTES} = 1 GiB)")
     p.set_defaults(func=_cmd_verify)
     return p
 
@@ -123,15 +140,20 @@ def _is_number(field: str) -> bool:
 
 
 def _load_text(path: str):
+    """The numbers of a text file: a UTF-8 BOM is dropped, and comments are cut before decoding ('#' is one
+    byte in UTF-8), so they may hold any bytes; a data line must be UTF-8. Lines keep the file's numbering."""
     with open(path, "rb") as f:
         raw = f.read()
     if b"\x00" in raw[:65536]:
         _fail(f"cannot read {path!r}: it is a binary file but not .npy/.npz; {_RESAVE_TEXT}")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        _fail(f"cannot read {path!r}: not UTF-8 text and not .npy/.npz; {_RESAVE_TEXT}")
-    data_lines = [(i, ln) for i, ln in enumerate(ln.split("#", 1)[0].strip() for ln in text.splitlines()) if ln]
+    lines = []
+    for i, line in enumerate(raw.removeprefix(b"\xef\xbb\xbf").splitlines(), 1):
+        try:
+            lines.append(line.split(b"#", 1)[0].decode("utf-8"))
+        except UnicodeDecodeError:
+            _fail(f"cannot read {path!r}: line {i} is not UTF-8 text (other bytes may appear only in '#' comments) "
+                  f"and the file is not .npy/.npz; {_RESAVE_TEXT}")
+    data_lines = [(i, ln) for i, ln in enumerate(ln.strip() for ln in lines) if ln]
     if not data_lines:
         _fail(f"{path!r} holds no numbers (empty text file); write the matrix one row per line")
     # the delimiter every one of the first 50 data lines holds; None: runs of whitespace
@@ -141,8 +163,7 @@ def _load_text(path: str):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "input contained no data" -> checked below
-            return np.loadtxt(path, delimiter=delimiter, comments="#", skiprows=skip, ndmin=2, dtype=np.float64,
-                              encoding="utf-8")
+            return np.loadtxt(lines, delimiter=delimiter, comments=None, skiprows=skip, ndmin=2, dtype=np.float64)
     except ValueError as exc:
         what = {None: "whitespace", ",": "comma", ";": "semicolon", "\t": "tab"}[delimiter]
         _fail(f"cannot parse {path!r} as {what}-separated numbers: {_one_line(exc)}; "
@@ -164,28 +185,53 @@ def _read(load, what: str, fix: str, pickled: str | None = None):
         _fail(f"cannot read {what} ({type(exc).__name__}: {_one_line(exc)}); {fix}")
 
 
-def load_matrix(path, key: str | None = None):
+def _check_size(what: str, nbytes: int, max_bytes: int):
+    if nbytes > max_bytes:
+        _fail(f"cannot load {what} {nbytes} bytes ({nbytes / 2 ** 30:.2f} GiB), more than --max-bytes {max_bytes}; "
+              "pass a larger --max-bytes if the machine has the memory for it")
+
+
+def _check_declared_size(open_npy, what: str, fix: str, max_bytes: int):
+    """Refuse the ``.npy`` stream ``open_npy()`` if its header declares more than ``max_bytes``, before loading it."""
+    def header():
+        with open_npy() as f:
+            fmt = np.lib.format  # format 3.0 differs from 2.0 only in the header's text encoding
+            read = fmt.read_array_header_1_0 if fmt.read_magic(f) == (1, 0) else fmt.read_array_header_2_0
+            return read(f)
+
+    shape, _, dtype = _read(header, what, fix)
+    _check_size(f"{what}: its header declares a {' x '.join(map(str, shape)) or 'scalar'} {dtype} array of",
+                math.prod(shape) * dtype.itemsize, max_bytes)
+
+
+def load_matrix(path, key: str | None = None, max_bytes: int = MAX_BYTES):
     """Read the array in ``path`` (``.npy``, ``.npz`` or text/CSV), recognised by content.
 
-    A missing, unreadable or ambiguous file raises the CLI's usage error (exit 2, one line).
+    Only a regular file is opened (a FIFO or device could block or never end); an array larger than
+    ``max_bytes`` (by its ``.npy`` header) or a larger text file is refused before loading. A missing,
+    unreadable, oversized or ambiguous file raises the CLI's usage error (exit 2, one line).
     """
     path = os.fspath(path)
-    if not os.path.exists(path):
-        _fail(f"file {path!r} does not exist; pass the path of a .npy, .npz or text/CSV file")
-    if os.path.isdir(path):
-        _fail(f"{path!r} is a directory; pass the path of a .npy, .npz or text/CSV file")
     try:
-        with open(path, "rb") as f:
-            magic = f.read(6)
+        st = os.stat(path)
+        if stat.S_ISREG(st.st_mode):
+            with open(path, "rb") as f:
+                magic = f.read(6)
+    except (FileNotFoundError, NotADirectoryError):
+        _fail(f"file {path!r} does not exist; pass the path of a .npy, .npz or text/CSV file")
     except OSError as exc:
         _fail(f"cannot open {path!r}: {exc.strerror or exc}; check the path and its permissions")
+    if not stat.S_ISREG(st.st_mode):
+        kind = _NOT_REGULAR.get(stat.S_IFMT(st.st_mode), "not a regular file")
+        _fail(f"{path!r} is {kind}; pass the path of a .npy, .npz or text/CSV file")
     ext = os.path.splitext(path)[1].lower()
     if magic.startswith(_NPY_MAGIC):
         if key is not None:
             _fail(f"--key {key!r} applies to .npz files, but {path!r} is a .npy file holding one array; drop --key")
-        return _read(lambda: np.load(path, allow_pickle=False), f"{path!r} as a .npy file",
-                     "re-save it with numpy.save", f"{path!r} holds an object (pickled) array; save a numeric array, "
-                     "e.g. np.save(path, C.astype(float))")
+        what, fix = f"{path!r} as a .npy file", "re-save it with numpy.save"
+        _check_declared_size(lambda: open(path, "rb"), what, fix, max_bytes)
+        return _read(lambda: np.load(path, allow_pickle=False), what, fix, f"{path!r} holds an object (pickled) "
+                     "array; save a numeric array, e.g. np.save(path, C.astype(float))")
     if magic.startswith(_ZIP_MAGIC):
         with _read(lambda: np.load(path, allow_pickle=False), f"{path!r} as an .npz file",
                    "re-save it with numpy.savez") as npz:
@@ -198,13 +244,17 @@ def load_matrix(path, key: str | None = None):
                 key = names[0]
             elif key not in names:
                 _fail(f"{path!r} has no array {key!r}; it holds: {', '.join(names)} (pass one of them to --key)")
-            return _read(lambda: npz[key], f"array {key!r} from {path!r}", "re-save it with numpy.savez",
+            what, fix = f"array {key!r} from {path!r}", "re-save it with numpy.savez"
+            member = key if key in npz.zip.namelist() else f"{key}.npy"  # as npz[key] finds it
+            _check_declared_size(lambda: npz.zip.open(member), what, fix, max_bytes)
+            return _read(lambda: npz[key], what, fix,
                          f"array {key!r} in {path!r} is an object (pickled) array; save a numeric array")
     if ext in (".npy", ".npz"):
         saver = "save" if ext == ".npy" else "savez"
         _fail(f"{path!r} is not a valid {ext} file (wrong header); re-save it with numpy.{saver}")
     if key is not None:
         _fail(f"--key {key!r} applies to .npz files, but {path!r} is a text file; drop --key")
+    _check_size(f"{path!r}: a text file of", st.st_size, max_bytes)
     return _load_text(path)
 
 
@@ -302,7 +352,7 @@ def _run_verify(args) -> int:
     methods = _parse_methods(args.method)
     if args.plot is not None:
         _check_plot_path(args.plot)
-    arr = _check_array(load_matrix(args.file, args.key), args.file, args.from_data)
+    arr = _check_array(load_matrix(args.file, args.key, args.max_bytes), args.file, args.from_data)
     C = data_covariance(arr) if args.from_data else arr
     if args.from_data and args.dtype is None:
         C = C.astype(arr.dtype if arr.dtype == np.float32 else np.float64)
@@ -321,18 +371,15 @@ def _run_verify(args) -> int:
             report.plot(args.plot)
         except (OSError, ValueError) as exc:
             _fail(f"cannot write the plot to {args.plot!r}: {_one_line(exc)}")
-    try:
-        if args.json:
-            d = dict(report.to_dict(), file=os.path.abspath(args.file), from_data=bool(args.from_data),
-                     plot=None if args.plot is None else os.path.abspath(args.plot))
-            print(json.dumps(d, indent=2, allow_nan=False))
-        else:
-            print(report)
-            if args.plot is not None:
-                print(f"\n  plot: {args.plot}")
-        sys.stdout.flush()
-    except BrokenPipeError:  # e.g. `nsiter verify ... | head`: stop quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    if args.json:
+        d = dict(report.to_dict(), file=os.path.abspath(args.file), from_data=bool(args.from_data),
+                 plot=None if args.plot is None else os.path.abspath(args.plot))
+        text = json.dumps(d, indent=2, allow_nan=False)
+    else:
+        text = str(report) + ("" if args.plot is None else f"\n\n  plot: {args.plot}")
+    code = write_stdout(_PROG, text + "\n")  # a broken pipe (`| head`) stops quietly
+    if code is not None:
+        return code
     if args.tol is not None and not report.passed():
         worst = ", ".join(f"{m} ({report[m].final_residual:.2e})" for m in report.failures())
         print(f"{_PROG}: FAIL: ||D_k D_k C - I||_F of the last iterate above --tol {args.tol:g} for {worst}",

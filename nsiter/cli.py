@@ -10,7 +10,7 @@ import numba
 import numpy
 
 from . import __version__
-from ._cli_common import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, _Parser, _UsageError
+from ._cli_common import EXIT_INTERRUPTED, EXIT_OK, EXIT_OUTPUT, EXIT_USAGE, _Parser, _UsageError, write_stdout
 from ._verify_cli import add_verify_parser
 
 __all__ = ["main"]
@@ -37,12 +37,9 @@ def _cmd_info(args) -> int:
         info.update(torch=torch.__version__, torch_threads=torch.get_num_threads(), cuda=torch.cuda.is_available())
         if info["cuda"]:
             info["cuda_device"] = torch.cuda.get_device_name(0)
-    if args.json:
-        print(json.dumps(info, indent=2))
-    else:
-        width = max(len(k) for k in info)
-        print("\n".join(f"{k:<{width}}  {v}" for k, v in info.items()))
-    return EXIT_OK
+    width = max(len(k) for k in info)
+    text = json.dumps(info, indent=2) if args.json else "\n".join(f"{k:<{width}}  {v}" for k, v in info.items())
+    return write_stdout("nsiter info", text + "\n") or EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,9 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Run ``nsiter`` with ``argv``; the exit status (``_cli_common.EXIT_*``). ``--help``/``--version`` raise SystemExit."""
+    if sys.stdout is None:  # fd 1 closed at start-up (`>&-`): print() would drop every report silently
+        print("nsiter: stdout is closed; redirect it to a file or to /dev/null instead", file=sys.stderr)
+        return EXIT_OUTPUT
     try:
         parser = build_parser()
-        args = parser.parse_args(argv)
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exc:  # --help / --version printed to stdout: make sure it got there
+            raise SystemExit(write_stdout("nsiter") or exc.code) from None
         if getattr(args, "func", None) is None:
             parser.print_help(sys.stderr)
             return EXIT_USAGE

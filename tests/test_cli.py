@@ -1,15 +1,20 @@
 """``nsiter verify``: end to end (subprocess) and every bad-input path (in process, same code)."""
 from __future__ import annotations
 
+import io
 import json
+import os
+import re
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import pytest
 
 import nsiter
 from nsiter import _verify_cli
+from nsiter._cli_common import EXIT_OUTPUT
 from nsiter.cli import _UsageError, main
 
 import reference
@@ -32,9 +37,25 @@ def files(tmp_path_factory):
     return {"dir": d, "cov27": cov, "small": small, "data": data}
 
 
-def _cli(*args):
+def _cli(*args, timeout=300):
     return subprocess.run([sys.executable, "-m", "nsiter.cli", "verify", *map(str, args)],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _cli_to(sink, *args):
+    """``nsiter ARGS`` with stdout on ``sink``: a path, "closed" (``>&-``) or "broken" (a pipe nobody reads)."""
+    cmd = [sys.executable, "-m", "nsiter.cli", *map(str, args)]
+    if sink == "closed":
+        return subprocess.run(["sh", "-c", '"$@" >&-', "sh", *cmd], stderr=subprocess.PIPE, text=True, timeout=300)
+    if sink == "broken":
+        r, w = os.pipe()
+        os.close(r)
+        try:
+            return subprocess.run(cmd, stdout=w, stderr=subprocess.PIPE, text=True, timeout=300)
+        finally:
+            os.close(w)
+    with open(sink, "w") as out:
+        return subprocess.run(cmd, stdout=out, stderr=subprocess.PIPE, text=True, timeout=300)
 
 
 def _run(capsys, *args):
@@ -264,3 +285,80 @@ def test_bad_options(files, tmp_path, capsys):
 def test_load_matrix_raises_the_usage_error_class(tmp_path):
     with pytest.raises(_UsageError, match="does not exist"):
         _verify_cli.load_matrix(tmp_path / "missing.csv")
+
+
+# --------------------------------------------------------------------------- resources and output
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo") or not os.path.exists("/dev/zero"), reason="needs a POSIX system")
+def test_fifo_device_and_directory_are_refused_at_once(tmp_path, capsys):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    r = _cli(fifo, timeout=60)  # opening a FIFO nobody writes to blocks forever: it must never be opened
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.strip() == (f"nsiter verify: {str(fifo)!r} is a FIFO (named pipe), not a regular file; "
+                                "pass the path of a .npy, .npz or text/CSV file")
+    _assert_usage_error(capsys, r"'/dev/zero' is a character device, not a regular file; pass the path", "/dev/zero")
+    _assert_usage_error(capsys, r"is a directory; pass the path of a \.npy", tmp_path)
+
+
+def test_n_iter_above_its_bound_is_refused(files, capsys):
+    bound = _verify_cli.MAX_N_ITER
+    _assert_usage_error(capsys, rf"--n-iter: expected a positive integer, got '100000000' \(e.g. --n-iter 50; "
+                        rf"at most {bound}: the iteration reaches its floor", files["dir"] / "small.npy",
+                        "--n-iter", "100000000")
+    assert _verify_cli._n_iter(str(bound)) == bound
+
+
+def test_declared_array_size_is_checked_before_loading(files, tmp_path, capsys):
+    header = {"descr": "<f8", "fortran_order": False, "shape": (20000, 20000)}
+    npy = io.BytesIO()
+    np.lib.format.write_array_header_1_0(npy, header)  # the header alone: loading it would allocate 3.2 GB
+    with zipfile.ZipFile(tmp_path / "huge.npz", "w") as z:
+        z.writestr("C.npy", npy.getvalue())
+    declared = r"its header declares a 20000 x 20000 float64 array of 3200000000 bytes \(2\.98 GiB\), "
+    _assert_usage_error(capsys, rf"cannot load array 'C' from .*huge\.npz': {declared}more than --max-bytes "
+                        rf"{2 ** 30}; pass a larger --max-bytes", tmp_path / "huge.npz")
+    with open(tmp_path / "huge.npy", "wb") as f:
+        np.lib.format.write_array_header_2_0(f, header)
+    _assert_usage_error(capsys, rf"cannot load .*huge\.npy' as a \.npy file: {declared}", tmp_path / "huge.npy")
+    small = files["dir"] / "small.npy"  # 6 x 6 float64: 288 bytes
+    assert _run(capsys, small, "-m", "eigh", "--max-bytes", "288")[0] == 0
+    _assert_usage_error(capsys, r"6 x 6 float64 array of 288 bytes .* more than --max-bytes 287", small,
+                        "--max-bytes", "287")
+    size = (files["dir"] / "data.csv").stat().st_size
+    _assert_usage_error(capsys, rf"cannot load .*data\.csv': a text file of {size} bytes .* more than --max-bytes 100",
+                        files["dir"] / "data.csv", "--from-data", "--max-bytes", "100")
+    _assert_usage_error(capsys, r"--max-bytes: expected a positive number of bytes, got '0'", small, "--max-bytes", "0")
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+@pytest.mark.parametrize("sink, args", [("/dev/full", ["info"]), ("/dev/full", ["--version"]),
+                                        ("/dev/full", ["verify", "--help"]), ("/dev/full", ["verify", "SMALL", "--json"]),
+                                        ("closed", ["info"]), ("closed", ["verify", "SMALL"])])
+def test_closed_or_full_stdout_exits_4_with_one_line_on_stderr(files, sink, args):
+    r = _cli_to(sink, *(files["dir"] / "small.npy" if a == "SMALL" else a for a in args))
+    assert r.returncode == EXIT_OUTPUT == 4, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr and "Exception ignored" not in r.stderr, r.stderr
+    assert re.fullmatch(r"nsiter( info| verify)?: (cannot write to stdout: No space left on device|"
+                        r"stdout is closed; redirect it to a file or to /dev/null instead)", lines[0]), lines[0]
+
+
+def test_broken_pipe_stops_quietly_with_the_verdict(files):
+    for args in (["info"], ["verify", files["dir"] / "small.npy", "-m", "coupled"]):
+        r = _cli_to("broken", *args)  # `| head` that stopped reading: no error, no "Exception ignored"
+        assert r.returncode == 0 and r.stderr == "", r.stderr
+
+
+def test_text_with_a_bom_or_non_utf8_bytes_in_comments_is_read(tmp_path, capsys):
+    A = np.random.default_rng(14).standard_normal((3, 3))
+    body = "\n".join(",".join(f"{v:.17g}" for v in row) for row in A).encode()
+    cases = {"bom.csv": b"\xef\xbb\xbf" + body, "bom_header.csv": b"\xef\xbb\xbfa,b,c\n" + body,
+             "latin1_comments.csv": b"# caf\xe9\n" + body + b"  # \xff\xfe\n"}
+    for name, raw in cases.items():
+        (tmp_path / name).write_bytes(raw)
+        np.testing.assert_array_equal(_verify_cli.load_matrix(tmp_path / name), A)
+    (tmp_path / "latin1_data.csv").write_bytes(b"# caf\xe9\n1,2\n3,\xe9\n")
+    _assert_usage_error(capsys, r"line 3 is not UTF-8 text \(other bytes may appear only in '#' comments\)",
+                        tmp_path / "latin1_data.csv")
