@@ -6,6 +6,9 @@
   ``n*L + oh*W_out + ow`` and columns ``c*kh*kw + i*kw + j`` (the order of
   ``torch.nn.functional.unfold`` transposed).
 * Output size per axis: ``(H + 2p - d*(k - 1) - 1) // s + 1``.
+* Resource bounds: a call whose result would exceed :data:`MAX_ELEMENTS` elements, or whose work
+  would exceed :data:`MAX_WORK`, is refused with a ``ValueError`` before anything is allocated
+  (:func:`check_budget`); both are module constants, raise them deliberately if needed.
 """
 from __future__ import annotations
 
@@ -15,7 +18,24 @@ import numpy as np
 
 from ._validation import as_pair, check_ndim
 
-__all__ = ["Geometry", "as_images", "geometry"]
+__all__ = ["MAX_ELEMENTS", "MAX_WORK", "Geometry", "as_images", "check_budget", "geometry"]
+
+#: Largest array one call allocates for its result (elements): 2**30, 8 GiB of float64 (an im2col
+#: matrix of 1024 x 1024 pixels with a 15 x 15 kernel holds 2.3e8).
+MAX_ELEMENTS = 2**30
+#: Largest work of one call, in patch-matrix elements streamed (``N * L * F``, also when the
+#: matrix is never formed) or multiply-adds of one dense matrix function (``G * Fb**3``): 2**38,
+#: minutes on a CPU; beyond it a call would look like a hang.
+MAX_WORK = 2**38
+
+
+def check_budget(amount: int, bound: str, what: str, fix: str) -> None:
+    """Refuse ``what`` when ``amount`` exceeds the bound named ``bound`` (``"MAX_ELEMENTS"`` or ``"MAX_WORK"``)."""
+    limit = globals()[bound]
+    if amount > limit:
+        unit = "elements" if bound == "MAX_ELEMENTS" else "operations"
+        raise ValueError(f"{what} would take {float(amount):.3g} {unit}, beyond nsiter's bound of {float(limit):.3g} "
+                         f"(nsiter._conventions.{bound}); {fix}")
 
 
 class Geometry(namedtuple("Geometry", "n c h w kh kw sh sw ph pw dh dw oh ow")):

@@ -21,6 +21,7 @@ __all__ = [
     "check_ndim",
     "check_nonempty",
     "as_pair",
+    "as_shape",
     "check_option",
     "check_positive_int",
     "check_positive_float",
@@ -76,12 +77,19 @@ def as_float_array(x, name: str = "x", *, dtype=None) -> np.ndarray:
 
     The dtype follows :func:`result_float_dtype` unless ``dtype`` forces one.
     No copy is made when ``x`` already has the right dtype (callers never write
-    into the result).  A ``torch.Tensor`` stays a tensor on its device, with the same
-    dtype rules (bfloat16 and float16 -> float32).
+    into the result).  As in scipy, an ``np.matrix`` (or other ndarray subclass) is read as a
+    plain ndarray, and a masked array is refused: its mask would be ignored.  A ``torch.Tensor``
+    stays a tensor on its device, with the same dtype rules (bfloat16 and float16 -> float32);
+    sparse, quantized and meta tensors are refused, naming the conversion.
     """
     if is_tensor(x):
-        return _as_float_tensor(x, dtype)
-    if isinstance(x, np.ndarray):
+        return _as_float_tensor(x, dtype, name)
+    ma = sys.modules.get("numpy.ma")
+    if ma is not None and isinstance(x, ma.MaskedArray):
+        raise TypeError(f"expected a plain array for {name}, got a masked array, whose mask nsiter would ignore; "
+                        f"fill the masked entries ({name}.filled(value)) or drop them ({name}.compressed(), "
+                        "or select the unmasked samples) first")
+    if type(x) is np.ndarray:
         arr = x
     else:
         try:
@@ -99,9 +107,18 @@ def as_float_array(x, name: str = "x", *, dtype=None) -> np.ndarray:
     return arr
 
 
-def _as_float_tensor(t, dtype=None):
+def _as_float_tensor(t, dtype=None, name: str = "x"):
     """The tensor rule of :func:`as_float_array` (``dtype``: a numpy dtype forcing the result)."""
     torch = sys.modules["torch"]
+    if t.layout != torch.strided:
+        raise TypeError(f"expected a dense (strided) tensor for {name}, got layout {t.layout}; "
+                        f"convert it with {name}.to_dense()")
+    if t.is_quantized:
+        raise TypeError(f"expected a real-valued tensor for {name}, got a quantized tensor ({t.dtype}); "
+                        f"convert it with {name}.dequantize()")
+    if t.is_meta:
+        raise TypeError(f"expected a tensor holding data for {name}, got a meta tensor (a shape without values); "
+                        "create or load it on a real device (e.g. device='cpu')")
     if dtype is not None:
         target = torch.float32 if result_float_dtype(dtype) == np.float32 else torch.float64
     elif t.dtype.is_complex:
@@ -151,7 +168,8 @@ def as_pair(value, name: str, *, minimum: int) -> tuple[int, int]:
     """Parse an int or an (h, w) pair of ints, each ``>= minimum``."""
     if _is_int(value):
         pair = (int(value), int(value))
-    elif isinstance(value, (Sequence, np.ndarray)) and len(value) == 2 and all(_is_int(v) for v in value):
+    elif (isinstance(value, (Sequence, np.ndarray)) and np.ndim(value) == 1 and len(value) == 2
+          and all(_is_int(v) for v in value)):
         pair = (int(value[0]), int(value[1]))
     else:
         raise TypeError(f"expected {name} as an int or an (h, w) pair of ints, got {value!r}")
@@ -159,6 +177,17 @@ def as_pair(value, name: str, *, minimum: int) -> tuple[int, int]:
         rel = "positive" if minimum == 1 else f">= {minimum}"
         raise ValueError(f"expected {rel} {name}, got {value!r}; use values >= {minimum}")
     return pair
+
+
+def as_shape(value, name: str) -> tuple[int, ...]:
+    """Parse a shape argument: a sequence of non-negative ints (numpy integers, ``torch.Size``)."""
+    seq = isinstance(value, Sequence) and not isinstance(value, str)
+    if not (seq or isinstance(value, np.ndarray) and value.ndim == 1) or not all(_is_int(v) for v in value):
+        raise TypeError(f"expected {name} as a tuple of ints, got {value!r}")
+    shape = tuple(int(v) for v in value)
+    if min(shape, default=0) < 0:
+        raise ValueError(f"expected non-negative sizes in {name}, got {shape}")
+    return shape
 
 
 def check_option(value, name: str, choices: Iterable[str]) -> str:

@@ -7,11 +7,12 @@ once here for arrays and tensors; the moments come from ``backend(x).patches``
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 
 from ._backend import backend
-from ._conventions import as_images, geometry
+from ._conventions import as_images, check_budget, geometry
 from ._moments import merge_moments, plan as _plan
 from ._validation import (as_float_array, as_pair, check_finite, check_ndim, check_nonempty, check_nonnegative_float,
                           check_option, check_positive_int, is_tensor)
@@ -29,6 +30,70 @@ def _check_finite_fast(arr, name: str) -> None:
         check_finite(arr, name)
 
 
+def _scale_exponent(arr, name: str, dtype=None) -> int:
+    """``e`` such that ``arr * 2**-e`` has magnitude in ``[1/2, 1)``, or 0 when ``max |arr|`` lies in
+    ``[2**(minexp/4), 2**(maxexp/4)]`` of its dtype (float64: 2**+-256, float32: 2**+-32; ``dtype``: the
+    computation's, if not ``arr``'s), where no second moment over- or underflows.  Finiteness is checked
+    on the way (NaN and inf propagate through max and min; only then does the exact check count them)."""
+    if is_tensor(arr):
+        lo, hi = sys.modules["torch"].stack(sys.modules["torch"].aminmax(arr.detach())).tolist()
+    else:
+        lo, hi = float(arr.min()), float(arr.max())
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        check_finite(arr, name)
+    amax, fi = max(-lo, hi), _finfo(np.dtype(dtype) if dtype is not None else arr.dtype)
+    if amax == 0.0 or 2.0 ** (fi.minexp // 4) <= amax <= 2.0 ** (fi.maxexp // 4):
+        return 0
+    return math.frexp(amax)[1]
+
+
+def _moments(compute, arr, name: str):
+    """``(compute(arr * 2**-e), e)``: moments ``(n, mean, M2)`` of data scaled by an exact power of two.
+
+    ``e = 0`` unless the plain moments left ``[2**(minexp/2), 2**(maxexp/2)]`` of the dtype (or were
+    0): only then is the data's magnitude taken (:func:`_scale_exponent`) and, if it is extreme, the
+    moments computed again on scaled data.  Scaling by a power of two is exact, so ordinary data costs
+    nothing and scaled moments, scaled back, are those of the data."""
+    with np.errstate(over="ignore", invalid="ignore", under="ignore"):
+        stats = compute(arr)
+        m2 = stats[2]
+        top = float(abs(m2.detach() if is_tensor(m2) else m2).max()) / stats[0]
+        fi = _finfo(arr.dtype)
+        if 2.0 ** (fi.minexp // 2) <= top <= 2.0 ** (fi.maxexp // 2):  # False for inf and NaN
+            return stats, 0
+        e = _scale_exponent(arr, name)
+        return (compute(_ldexp(arr, -e)), e) if e else (stats, 0)
+
+
+def _finfo(dtype):
+    """``np.finfo`` of a float32/float64 numpy or torch dtype."""
+    return np.finfo(np.float32 if dtype.itemsize == 4 else np.float64)
+
+
+def _ldexp(a, k: int):
+    """``a * 2**k`` for arrays or tensors, in two exactly representable factors (``|k|`` up to 2300)."""
+    return a * 2.0 ** (k // 2) * 2.0 ** (k - k // 2)
+
+
+def _unscale(m, k: int, dtype, what: str):
+    """``m * 2**k`` (``m`` finite), refused with a ``ValueError`` when its largest entry would over- or
+    underflow ``dtype`` (an underflow would pass for exact zeros)."""
+    amax = float(abs(m.detach() if is_tensor(m) else m).max())
+    if amax:
+        fi = _finfo(dtype)
+        expo = math.frexp(amax)[1] + k
+        if expo > fi.maxexp or expo <= fi.minexp:
+            over = expo > fi.maxexp
+            hint = " or pass float64 data" if fi.bits == 32 else ""
+            raise ValueError(
+                f"{what} has entries of magnitude ~1e{math.log10(amax) + k * math.log10(2):.0f}, "
+                f"{'beyond the largest' if over else 'below the smallest normal'} {fi.dtype} "
+                f"({float(fi.max if over else fi.tiny):.3g}): it would "
+                f"{'overflow to inf' if over else 'underflow to 0'}; "
+                f"rescale the data (e.g. x * 2**{-(expo // 2)}, the second moments scale by its square){hint}")
+    return _ldexp(m, k)
+
+
 def _sampled_geometry(shape4, kernel_size, stride, padding, dilation, sampling_stride):
     s = check_positive_int(sampling_stride, "sampling_stride")
     sh, sw = as_pair(stride, "stride", minimum=1)
@@ -36,7 +101,7 @@ def _sampled_geometry(shape4, kernel_size, stride, padding, dilation, sampling_s
 
 
 def _patch_grid(imgs, settings, block_size, channels=None):
-    """``(geometry, block_size)`` of images, values checked; ``settings`` as :func:`_sampled_geometry`."""
+    """``(geometry, block_size)`` of images, values and budget checked; ``settings`` as :func:`_sampled_geometry`."""
     g = _sampled_geometry(imgs.shape, *settings)
     if channels is not None and g.c != channels:
         raise ValueError(f"expected images with {channels} channels (fixed by the first update), got {g.c}; "
@@ -47,18 +112,38 @@ def _patch_grid(imgs, settings, block_size, channels=None):
             raise ValueError(f"block_size {block_size} does not divide the {g.c} channels of x; "
                              f"use block_size={math.gcd(block_size, g.c)} (gcd({block_size}, {g.c})) "
                              f"or another divisor of {g.c}")
+    fb = (block_size or g.c) * g.kh * g.kw
+    check_budget(g.n * g.n_patches * g.n_features, "MAX_WORK", f"the patch statistics of {g.n * g.n_patches} patches "
+                 f"of {g.n_features} features", "pass fewer images per call (PatchStatistics.update batch by batch), "
+                 "a larger sampling_stride or less padding")
+    check_budget(g.c // (block_size or g.c) * fb * fb, "MAX_ELEMENTS", f"the {fb} x {fb} covariance blocks",
+                 "use a smaller kernel_size or block_size")
     _check_finite_fast(imgs, "x")
     return g, block_size
 
 
-def _finish(be, stats, plan, eps: float, dtype):
-    """``(M2 / n + eps I, mean)`` in ``dtype``, shaped as the plan's public result."""
+def _merged(a, b):
+    """:func:`merge_moments` of host statistics, refused if the merged second moment overflows float64."""
+    out = merge_moments(a, b)
+    if not np.isfinite(out[2]).all():
+        raise ValueError("the merged second moment overflows float64; rescale the data before accumulating "
+                         "(the second moments scale with its square)")
+    return out
+
+
+def _finish(be, stats, plan, eps: float, dtype, e: int = 0, check: bool = False):
+    """``(M2 / n + eps I, mean)`` in ``dtype``, shaped as the plan's public result, from the moments of the
+    data scaled by ``2**-e``; with ``e`` or ``check``, refused if the covariance leaves ``dtype``'s range.
+    Always fresh arrays, never the caller's statistics."""
     n, mean, m2 = stats
     xp = be.xp
-    cov = xp.astype(m2 / n, dtype, copy=False)
+    cov = m2 / n
+    if e or check:
+        cov, mean = _unscale(cov, 2 * e, dtype, "the covariance"), _ldexp(mean, e)
+    cov = xp.astype(cov, dtype, copy=False)
     if eps:
         cov = cov + eps * be.eye(cov.shape[-1], cov)
-    mean = xp.astype(mean, dtype, copy=False)
+    mean = xp.astype(mean, dtype, copy=True)
     if plan is None or plan.mode == "contiguous":
         return cov, mean
     return cov[0], mean[0]
@@ -89,15 +174,19 @@ def covariance(X, *, eps=0.0):
     Raises
     ------
     ValueError
-        ``X`` not 2-D, empty, holding NaN/inf, or a negative ``eps``.
+        ``X`` not 2-D, empty, holding NaN/inf, a negative ``eps``, ``F**2`` beyond
+        :data:`nsiter._conventions.MAX_ELEMENTS`, or a covariance that over- or underflows the
+        result dtype (the message names the magnitude; for float32, float64 input is the fix).
     TypeError
-        Complex or non-numeric ``X``.
+        Complex, non-numeric or masked ``X``.
 
     Notes
     -----
     Accumulated in float64 about a shift, without ``E[x x^T] - mu mu^T`` cancellation
     (:mod:`nsiter._numba.patches`); float32 with ``F >= 64`` runs its BLAS products in float32
     (about 1e-6 relative).  torch: two-pass in the input dtype on the device, differentiable.
+    Moments that leave the safe part of the dtype's range are recomputed from data scaled by an exact
+    power of two and scaled back, so the result is right at every scale it can be represented at.
 
     Examples
     --------
@@ -110,11 +199,13 @@ def covariance(X, *, eps=0.0):
     check_ndim(arr, "X", (2,), "(n_samples, n_features); for one feature use X[:, None]")
     check_nonempty(arr, "X")
     eps = check_nonnegative_float(eps, "eps")
+    check_budget(arr.shape[1] ** 2, "MAX_ELEMENTS", f"the covariance of {arr.shape[1]} features",
+                 "pass fewer features (columns), or samples as rows (X.T)")
     _check_finite_fast(arr, "X")
     be = backend(arr)
     with be.precision(arr):
-        stats = be.patches.matrix_moments(arr)
-    return _finish(be, stats, None, eps, arr.dtype)
+        stats, e = _moments(be.patches.matrix_moments, arr, "X")
+    return _finish(be, stats, None, eps, arr.dtype, e)
 
 
 def patch_covariance(x, kernel_size, *, stride=1, padding=0, dilation=1, sampling_stride=1,
@@ -152,7 +243,8 @@ def patch_covariance(x, kernel_size, *, stride=1, padding=0, dilation=1, samplin
     ------
     ValueError, TypeError
         As :func:`nsiter.im2col` and :func:`covariance`; also ``block_size`` not dividing ``C``
-        (the message names ``gcd(B, C)``) and an unknown ``grouping`` (listing :data:`GROUPINGS`).
+        (the message names ``gcd(B, C)``), an unknown ``grouping`` (listing :data:`GROUPINGS`), and
+        ``N * L * F`` patch entries beyond :data:`nsiter._conventions.MAX_WORK` (before any work).
 
     Notes
     -----
@@ -187,8 +279,8 @@ def patch_covariance(x, kernel_size, *, stride=1, padding=0, dilation=1, samplin
     plan = _plan(g.c, g.kh * g.kw, block_size, grouping)
     be = backend(imgs)
     with be.precision(imgs):
-        stats = be.patches.patch_moments(imgs, g, plan)
-    return _finish(be, stats, plan, eps, arr.dtype)
+        stats, e = _moments(lambda a: be.patches.patch_moments(a, g, plan), imgs, "x")
+    return _finish(be, stats, plan, eps, arr.dtype, e)
 
 
 class PatchStatistics:
@@ -265,10 +357,11 @@ class PatchStatistics:
         plan = self._plan if self._plan is not None else _plan(g.c, g.kh * g.kw, block, self.grouping)
         be = backend(imgs)
         with be.precision(imgs):
-            n, mean, m2 = be.patches.patch_moments(imgs, g, plan)
+            (n, mean, m2), e = _moments(lambda a: be.patches.patch_moments(a, g, plan), imgs, "x")
         # float64 host copies: never a kernel's work buffer, never attached to a graph
-        stats = (n, np.array(be.host(mean), dtype=np.float64), np.array(be.host(m2), dtype=np.float64))
-        self._stats = stats if self._stats is None else merge_moments(self._stats, stats)
+        mean, m2 = np.array(be.host(mean), dtype=np.float64), np.array(be.host(m2), dtype=np.float64)
+        stats = (n, _ldexp(mean, e), _unscale(m2, 2 * e, np.float64, "the second moment of x")) if e else (n, mean, m2)
+        self._stats = stats if self._stats is None else _merged(self._stats, stats)
         self.channels, self._plan = g.c, plan
         dtype = np.dtype(f"float{8 * arr.itemsize}")  # float32 / float64 (as_float_array), also for tensors
         self.dtype = dtype if self.dtype is None else np.promote_types(self.dtype, dtype)
@@ -293,8 +386,8 @@ class PatchStatistics:
             self.channels, self._plan, self.dtype = other.channels, other._plan, other.dtype
             self._stats = (other._stats[0], other._stats[1].copy(), other._stats[2].copy())
             return self
+        self._stats = _merged(self._stats, other._stats)
         self.dtype = np.promote_types(self.dtype, other.dtype)
-        self._stats = merge_moments(self._stats, other._stats)
         return self
 
     def covariance(self, eps=0.0):
@@ -302,4 +395,4 @@ class PatchStatistics:
         eps = check_nonnegative_float(eps, "eps")
         if self._stats is None:
             raise ValueError("PatchStatistics has seen no data (count 0); call update(x) or merge(other) first")
-        return _finish(backend(), self._stats, self._plan, eps, self.dtype)
+        return _finish(backend(), self._stats, self._plan, eps, self.dtype, check=True)

@@ -6,9 +6,11 @@ paper's ``y = X w``, Fig. 3); layouts as in :mod:`nsiter._conventions`.
 """
 from __future__ import annotations
 
+import math
+
 from ._backend import backend
-from ._conventions import as_images, geometry
-from ._validation import as_float_array, check_ndim, check_nonempty
+from ._conventions import as_images, check_budget, geometry
+from ._validation import as_float_array, as_shape, check_ndim, check_nonempty
 
 __all__ = ["im2col", "col2im", "output_shape"]
 
@@ -21,10 +23,7 @@ def output_shape(image_shape, kernel_size, *, stride=1, padding=0, dilation=1) -
 
 def _shape_geometry(image_shape, kernel_size, stride, padding, dilation):
     """``(shape, geometry)`` of an ``image_shape`` argument, validated."""
-    try:
-        shape = tuple(int(s) for s in image_shape)
-    except TypeError:
-        raise TypeError(f"expected image_shape as a tuple of ints, got {image_shape!r}") from None
+    shape = as_shape(image_shape, "image_shape")
     if len(shape) not in (2, 3, 4):
         raise ValueError(f"expected image_shape (H, W), (C, H, W) or (N, C, H, W), got {shape}")
     shape4 = (1,) * (4 - len(shape)) + shape
@@ -57,9 +56,10 @@ def im2col(x, kernel_size, *, stride=1, padding=0, dilation=1):
     Raises
     ------
     ValueError
-        Wrong ndim, empty input, bad sizes, kernel larger than the padded image.
+        Wrong ndim, empty input, bad sizes, kernel larger than the padded image, a result beyond
+        :data:`nsiter._conventions.MAX_ELEMENTS` (refused before allocating).
     TypeError
-        Complex or non-numeric input.
+        Complex, non-numeric or masked input.
 
     Examples
     --------
@@ -71,6 +71,9 @@ def im2col(x, kernel_size, *, stride=1, padding=0, dilation=1):
     imgs = as_images(arr, "x")
     check_nonempty(imgs, "x")
     g = geometry(imgs.shape, kernel_size, stride, padding, dilation)
+    check_budget(g.n * g.n_patches * g.n_features, "MAX_ELEMENTS", f"the im2col matrix of {g.n * g.n_patches} patches "
+                 f"x {g.n_features} features", "use nsiter.patch_covariance (it never forms the matrix), fewer images "
+                 "per call, a larger stride or less padding")
     return backend(imgs).patches.im2col(imgs, g)
 
 
@@ -112,4 +115,5 @@ def col2im(X, image_shape, kernel_size, *, stride=1, padding=0, dilation=1):
         raise ValueError(f"X of shape {tuple(arr.shape)} does not match image_shape {shape} with kernel "
                          f"{(g.kh, g.kw)}, stride {(g.sh, g.sw)}, padding {(g.ph, g.pw)}, dilation {(g.dh, g.dw)}: "
                          f"expected X of shape {want}; check image_shape and the convolution parameters")
+    check_budget(math.prod(shape), "MAX_ELEMENTS", f"col2im into images of shape {shape}", "pass fewer images per call")
     return backend(arr).patches.col2im(arr, g).reshape(shape)

@@ -8,6 +8,7 @@ Cov⁻¹-preconditioned GD (A.8).  ``X`` is never built: the normal matrix comes
 """
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -17,10 +18,10 @@ import numpy as np
 from ._backend import backend
 from ._conventions import Geometry, as_images, geometry
 from ._numba._kernel_estimation import ROWS_PER_PARTIAL, _correlate, _correlate_adjoint
-from ._validation import (as_float_array, check_finite, check_nonempty, check_nonnegative_float, check_option,
+from ._validation import (as_float_array, check_nonempty, check_nonnegative_float, check_option,
                           check_positive_float, check_positive_int, is_tensor, result_float_dtype)
 from ._warnings import IllConditionedWarning, NsiterWarning, warn
-from .covariance import patch_covariance
+from .covariance import _ldexp, _scale_exponent, patch_covariance
 from .newton_schulz import inv_sqrtm
 
 __all__ = ["estimate_kernel", "KernelEstimate", "METHODS"]
@@ -412,7 +413,8 @@ def estimate_kernel(x, y, kernel_size, *, method: str = "lstsq", n_iter: int | N
     ------
     ValueError
         A bad ``y`` shape (the message gives the expected one) or option, a kernel larger than ``x``,
-        non-finite input, a singular normal matrix (fix: ``eps > 0``).
+        non-finite input, a singular normal matrix (fix: ``eps > 0``), a kernel, loss or ``gd`` step
+        beyond the float64 range at the scale of ``x`` and ``y``.
     TypeError
         Complex input, non-integer ``n_iter``/``batch_size``.
 
@@ -428,7 +430,11 @@ def estimate_kernel(x, y, kernel_size, *, method: str = "lstsq", n_iter: int | N
     Once the normal matrix is formed (by :func:`nsiter.patch_covariance`; ``X`` itself never is) an iteration
     costs ``O(F^2)``, so torch tensors are solved on the host too (detached: no gradient flows through the
     estimate); ``.kernel`` comes back on the device of ``x`` (of ``y`` if only ``y`` is a tensor) in the
-    promoted dtype, and ``callback`` gets float64 CPU tensors.
+    promoted dtype, and ``callback`` gets float64 CPU tensors.  ``x`` or ``y`` of magnitude beyond ``2**+-256``
+    is scaled by exact powers of two first and the results scaled back (the ridge with ``x**2``, the ``gd``
+    step with ``x**-2``): ``lstsq``, ``cg`` and the whitened, standardised and preconditioned methods are
+    equivariant; plain ``gd`` with an intercept, and ``condition`` with one, refer to the rescaled problem; a loss
+    history below the float64 range is rounded to 0.
 
     Examples
     --------
@@ -464,8 +470,7 @@ def estimate_kernel(x, y, kernel_size, *, method: str = "lstsq", n_iter: int | N
             f"y of shape {ya.shape} does not match x of shape {xa.shape} with kernel_size {(g.kh, g.kw)}, "
             f"stride {(g.sh, g.sw)}, padding {(g.ph, g.pw)}, dilation {(g.dh, g.dw)}: expected y of shape "
             f"{want} (the valid cross-correlation output); compute y with the same geometry or crop it")
-    check_finite(xa, "x")
-    check_finite(ya, "y")
+    ex, ey = _scale_exponent(xa, "x", np.float64), _scale_exponent(ya, "y", np.float64)
     n_iter = None if n_iter is None else check_positive_int(n_iter, "n_iter")
     lr = None if lr is None else check_positive_float(lr, "lr")
     tol = None if tol is None else check_positive_float(tol, "tol")
@@ -486,12 +491,20 @@ def estimate_kernel(x, y, kernel_size, *, method: str = "lstsq", n_iter: int | N
     if callback is not None and not callable(callback):
         raise TypeError(f"expected a callable callback(kernel, intercept), got {type(callback).__name__}")
     rng = np.random.default_rng(rng)
+    if ex or ey:  # beyond 2**+-256: solve for x 2**-ex, y 2**-ey (exact scalings), map back in split()
+        imgs, ya = _ldexp(imgs, -ex), _ldexp(ya, -ey)
+        try:
+            eps, lr = math.ldexp(eps, -2 * ex), (math.ldexp(lr, 2 * ex) if lr and method == "gd" else lr)
+        except OverflowError:
+            raise ValueError(f"eps or lr is out of float64 range for x of magnitude ~2**{ex}: the ridge scales with "
+                             "x**2 and the gd step with x**-2; rescale x or pass smaller values") from None
 
     prob = _Problem(imgs, ya, g, eps, fit_intercept)
     kshape = (g.kh, g.kw) if xa.ndim == 2 else (g.c, g.kh, g.kw)
 
     def split(theta):
-        return theta[:prob.f].reshape(kshape), (float(theta[prob.f]) if fit_intercept else 0.0)
+        w, b = theta[:prob.f].reshape(kshape), (float(theta[prob.f]) if fit_intercept else 0.0)
+        return (np.ldexp(w, ey - ex), math.ldexp(b, ey)) if ex or ey else (w, b)
 
     def report(theta):  # float64 copies (torch: a CPU tensor); the solvers keep their own iterates
         w, b = split(theta)
@@ -530,7 +543,16 @@ def estimate_kernel(x, y, kernel_size, *, method: str = "lstsq", n_iter: int | N
                 quad, t, method == "preconditioned", lr, n_iter, tol, batch_size, rng, notify)
         grad_norm = quad.rel_grad(theta)
         condition = quad.condition()
-    w, b = split(theta)
+    with np.errstate(over="ignore"):
+        w, b = split(theta)
+        if ex or ey:
+            history = np.ldexp(history, 2 * ey)
+            optimum = None if optimum is None else float(np.ldexp(optimum, 2 * ey))
+            lr = float(np.ldexp(lr, -2 * ex)) if lr and method == "gd" else lr
+    if not (np.isfinite(w).all() and np.isfinite(history).all() and np.isfinite(lr or 0.0)):
+        raise ValueError(f"the kernel, its loss history or the gd learning rate leaves the float64 range at this scale "
+                         f"(x was rescaled by 2**{-ex} and y by 2**{-ey} internally; they scale like y/x, y**2 and "
+                         "x**-2); rescale x and y")
     kernel = w.astype(out_dtype, copy=True)
     return KernelEstimate(
         kernel=be.asarray(kernel, ref) if be.torch else kernel, intercept=b, history=history, n_iter=int(it),

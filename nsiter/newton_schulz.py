@@ -66,6 +66,7 @@ import numpy as np
 
 from . import _tuning
 from ._backend import backend
+from ._conventions import check_budget
 from ._policy import BLOWUP_GROWTH, BLOWUP_SQRT_N, MAX_ITER, STAGNATION_BELOW, STAGNATION_RATIO
 from ._validation import (
     as_float_array,
@@ -201,8 +202,13 @@ def _validate(A, method, n_iter, tol, scaling, eps, return_info, name="A"):
         )
     if arr.shape[-1] != arr.shape[-2]:
         check_square(arr, name)  # raises with the house message
-    if arr.shape[-1] == 0:
+    n = arr.shape[-1]
+    if n == 0:
         raise ValueError(f"expected {name} with n >= 1 (shape (..., n, n)), got shape {tuple(arr.shape)}")
+    # one product per matrix at least: refuse what could not finish, before any allocation
+    check_budget(math.prod(arr.shape[:-2]) * n ** 3, "MAX_WORK", f"the inverse square root of {tuple(arr.shape)}",
+                 "split the batch or reduce n (a covariance of fewer features: a block_size)")
+    check_budget(math.prod(arr.shape), "MAX_ELEMENTS", f"a result of shape {tuple(arr.shape)}", "split the batch")
     return arr, method, n_iter, tol, scaling, eps, bool(return_info)
 
 

@@ -444,7 +444,8 @@ def verify_whitening(C, *, methods: Sequence[str] = DEFAULT_METHODS, n_iter: int
     """
     t_start = time.perf_counter()
     tensor = is_tensor(C)
-    A = as_float_array(_to_numpy(C) if tensor else C, "C")
+    A = as_float_array(C, "C")  # (tensors too: sparse, quantised and meta layouts are refused here)
+    A = as_float_array(_to_numpy(A), "C") if tensor else A
     if A.ndim > 2:
         raise ValueError(f"expected one covariance matrix C of shape (n, n), got a stack of shape {A.shape}; "
                          "verify_whitening checks one matrix: call it per matrix, e.g. "

@@ -20,7 +20,7 @@ import math
 import numpy as np
 
 from ._backend import backend
-from ._conventions import as_images
+from ._conventions import as_images, check_budget
 from ._moments import channel_means
 from ._validation import (as_float_array, as_pair, check_ndim, check_nonempty, check_option, check_positive_int,
                           is_tensor)
@@ -254,7 +254,8 @@ def deconvolve_image(x, kernel_size, *, eps=1e-5, method="coupled", n_iter=None,
     Raises
     ------
     ValueError
-        Even kernel size, and all that :func:`nsiter.patch_covariance` / :func:`nsiter.inv_sqrtm` reject.
+        Even kernel size, an inverse square root of ``G Fb**3`` beyond :data:`nsiter._conventions.MAX_WORK`,
+        and all that :func:`nsiter.patch_covariance` / :func:`nsiter.inv_sqrtm` reject.
 
     Examples
     --------
@@ -270,6 +271,11 @@ def deconvolve_image(x, kernel_size, *, eps=1e-5, method="coupled", n_iter=None,
         raise ValueError(f"expected an odd kernel_size for deconvolve_image (its centre tap defines the output pixel), "
                          f"got {(kh, kw)}; use {(kh | 1, kw | 1)}")
     imgs = as_images(arr, "x")
+    b = imgs.shape[1] if block_size is None else check_positive_int(block_size, "block_size")
+    fb = b * kh * kw
+    check_budget(max(1, imgs.shape[1] // b if grouping == "contiguous" else 1) * fb ** 3, "MAX_WORK",
+                 f"the inverse square root of the {fb} x {fb} patch covariance",
+                 "use a smaller kernel_size or block_size")
     cov, mean = patch_covariance(imgs, (kh, kw), padding=(kh // 2, kw // 2), sampling_stride=sampling_stride,
                                  block_size=block_size, grouping=grouping)
     be = backend(imgs)

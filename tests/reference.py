@@ -64,9 +64,13 @@ def col2im(cols, image_shape, kernel_size, stride=1, padding=0, dilation=1):
 
 
 def covariance(X):
-    """Two-pass float64 covariance with 1/N normalisation: ``((X - mu)^T (X - mu)) / N``."""
+    """Two-pass float64 covariance with 1/N normalisation: ``((X - mu)^T (X - mu)) / N``.
+
+    The mean is refined once by the mean of ``X - mu`` (corrected two-pass), so that it is exact to
+    rounding even when ``|mean| >> std`` (a plain column sum errs by ``N u |mean|``)."""
     X = np.asarray(X, dtype=np.float64)
     mu = X.mean(axis=0)
+    mu = mu + (X - mu).mean(axis=0)
     Xc = X - mu
     return Xc.T @ Xc / X.shape[0], mu
 

@@ -167,3 +167,9 @@ def test_scale_invariance_on_tensors(method, dtype, device_path, monkeypatch):
         As = torch.from_numpy((s * A).astype(dtype))
         assert _rel(nsiter.inv_sqrtm(As, **kw).numpy() * np.float64(math.sqrt(s)), D0) <= 100 * u * kappa, s
         assert _rel(nsiter.sqrtm_psd(As, **kw).numpy() / np.float64(math.sqrt(s)), S0) <= 100 * u * kappa, s
+
+
+def test_a_matrix_too_large_to_finish_is_refused_before_any_work():
+    A = np.broadcast_to(np.eye(1), (1, 9801, 9801))  # the 6.4 GiB covariance of a 99x99 kernel
+    with pytest.raises(ValueError, match="MAX_WORK.*block_size"):
+        nsiter.inv_sqrtm(A)

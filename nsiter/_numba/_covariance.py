@@ -67,14 +67,17 @@ def _patch_rows(x, shift, base, ones, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, p0
 
 
 @jit
-def _row_patches(x, m, kw, sw, ph, pw, dw, ow, n0, u0, out, rowsum):
-    """Shifted 1-row patches ``out[u, t, b, c*kw + j] = xpad[n0 + t, c, u0 + u, b*sw + j*dw] - m[c]``
-    (row-major in ``u``: any range of rows is one matrix) and their float64 column sums ``rowsum[u]``.
+def _row_patches(x, m, kw, sw, ph, pw, dw, ow, n0, u0, edges, out, rowpre):
+    """1-row patches ``out[u, t, b, c*kw + j] = xpad[n0 + t, c, u0 + u, b*sw + j*dw] - m[c]`` on image
+    pixels, 0 on the padding (row-major in ``u``: any range of rows is one matrix), and their float64
+    sums over ``t`` and the output columns ``b < edges[e]`` in ``rowpre[u, c*kw + j, e]``.
 
-    Serial, as :func:`_patch_rows`.
+    ``edges``: sorted column boundaries from 0 to ``ow``; the running sum over ``b`` is recorded once per
+    segment between them, so every sum over a range of edges comes from the same additions.  Serial, as
+    :func:`_patch_rows`.
     """
     _, n_ch, h, w = x.shape
-    rowsum[:, :] = 0.0
+    rowpre[:, :, :] = 0.0
     for t in range(out.shape[1]):
         n = n0 + t
         for u in range(out.shape[0]):
@@ -86,22 +89,23 @@ def _row_patches(x, m, kw, sw, ph, pw, dw, ow, n0, u0, out, rowsum):
                     col = c * kw + j
                     if hh < 0 or hh >= h:
                         for b in range(ow):
-                            dst[b, col] = -mc
-                        rowsum[u, col] -= ow * mc
+                            dst[b, col] = 0.0
                         continue
                     src = x[n, c, hh]
                     off = j * dw - pw
                     lo, hi = _valid_range(ow, sw, off, w)
-                    s = 0.0
                     for b in range(lo):
-                        dst[b, col] = -mc
-                    for b in range(lo, hi):
-                        v = src[b * sw + off] - mc
-                        dst[b, col] = v
-                        s += v
+                        dst[b, col] = 0.0
                     for b in range(hi, ow):
-                        dst[b, col] = -mc
-                    rowsum[u, col] += s - (ow - (hi - lo)) * mc
+                        dst[b, col] = 0.0
+                    pre = rowpre[u, col]
+                    s = 0.0
+                    for e in range(edges.shape[0] - 1):
+                        for b in range(max(lo, edges[e]), min(hi, edges[e + 1])):
+                            v = src[b * sw + off] - mc
+                            dst[b, col] = v
+                            s += v
+                        pre[e + 1] += s
 
 
 @jit
@@ -233,3 +237,19 @@ def _subtract_outer(M, z):
             zi = z[g, i]
             for j in range(M.shape[2]):
                 M[g, i, j] -= zi * z[g, j]
+
+
+@jit
+def _centre_padded(M, z, A, m, K):
+    """``M[(c, t), (c', t')] += (m[c'] A[c, t, t'] + m[c] A[c', t', t] + m[c] m[c'] K[t, t']) - z[c, t] z[c', t']``
+    in place: :func:`_subtract_outer` with the padding terms of
+    :func:`nsiter._numba.patches._finish_padded`, in one pass; exactly symmetric."""
+    cb, taps, _ = A.shape
+    for c in range(cb):
+        for t in range(taps):
+            row = M[c * taps + t]
+            zi = z[c, t]
+            for c2 in range(cb):
+                mm = m[c] * m[c2]
+                for t2 in range(taps):
+                    row[c2 * taps + t2] += (m[c2] * A[c, t, t2] + m[c] * A[c2, t2, t] + mm * K[t, t2]) - zi * z[c2, t2]

@@ -4,7 +4,10 @@ Moments are float64 ``(count, mean (G, fb), M2 (G, fb, fb))``, ``M2`` possibly a
 buffer (callers copy or reduce it), accumulated about a *shift* close to the feature means (the
 channel mean times the fraction of the grid where a tap sees the image) and corrected exactly,
 ``M2 = S_2 - s s^T / N`` (``s`` the shifted column sums): no ``E[x x^T] - mu mu^T``
-cancellation as in the reference code's float32.  A cost model (:func:`_cost`) picks one of
+cancellation as in the reference code's float32.  The kernels that share one shifted image
+between all taps of a channel ("rowshift", "shifted") shift only the image pixels, keep the padding
+at 0 and add the padding's part exactly from the counts of valid positions (:func:`_finish_padded`),
+so no moment is a difference of sums of squared means.  A cost model (:func:`_cost`) picks one of
 :data:`KERNELS`, which agree to rounding:
 
 * ``"gemm"`` (any geometry): one BLAS product ``B^T B`` per chunk of shifted patch rows with a
@@ -24,7 +27,8 @@ import numpy as np
 
 from .. import _tuning
 from .._moments import Plan, channel_means, merge_moments, pieces
-from ._covariance import _patch_rows, _row_patches, _scatter_moments, _shifted_moments, _subtract_outer
+from ._covariance import (_centre_padded, _patch_rows, _row_patches, _scatter_moments, _shifted_moments,
+                          _subtract_outer)
 from ._im2col import _col2im, _im2col
 
 __all__ = ["KERNELS", "im2col", "col2im", "matrix_moments", "patch_moments", "choose_kernel", "correlate_centred"]
@@ -139,9 +143,65 @@ def matrix_moments(arr: np.ndarray):
     return _finish_shifted(n, shift, acc[f, :f], acc[:f, :f])
 
 
+def _tap_ranges(out: int, step: int, pad: int, dil: int, k: int, size: int):
+    """``lo, hi (k,)``: tap ``i`` of one axis reads the image, not its padding, at output positions
+    ``[lo[i], hi[i])`` (``q*step + i*dil - pad`` in ``[0, size)``)."""
+    off = np.arange(k) * dil - pad
+    lo = np.clip(-(off // step), 0, out)
+    return lo, np.maximum(lo, np.clip(-((off - size) // step), 0, out))
+
+
 def _valid_fraction(out: int, step: int, pad: int, dil: int, k: int, size: int) -> np.ndarray:
-    pos = np.arange(out)[:, None] * step - pad + np.arange(k)[None, :] * dil
-    return ((pos >= 0) & (pos < size)).mean(axis=0)
+    lo, hi = _tap_ranges(out, step, pad, dil, k, size)
+    return (hi - lo) / out
+
+
+def _window_bounds(lo, hi, a0: int, a1: int, dil: int):
+    """``(r0, r1)``, each ``(k, k + 1)``: rows ``[r0[i, i'], r1[i, i'])`` of a piece holding output rows
+    ``[a0, a1)`` (plus the halo) that tap ``i`` reads where tap ``i'`` sees the image; ``i' = k``: all."""
+    lo = np.append(np.clip(lo, a0, a1), a0) - a0
+    hi = np.append(np.clip(hi, a0, a1), a1) - a0
+    tap = np.arange(len(lo) - 1)[:, None] * dil
+    return tap + lo[None, :], tap + hi[None, :]
+
+
+def _finish_padded(g, m_c, tsum, second, rh, rw):
+    r"""``(count, mean - shift, M2, shift)`` (means ``(B, fb)``, ``M2 (B, fb, fb)``) of ``B`` blocks of
+    whole channels from moments of zero-padded, shifted images (``shift = m_c f``).
+
+    With ``y_a = (x_a - m_c) [a valid]`` (what the kernels saw), ``x_a = y_a + m_c [a valid]``, and
+    ``M2 = Y_c^T Y_c + (E + E^T) + m_c m_{c'} K``, ``E_ab = m_{c'} (T_ab - f_b S_a)``, with the
+    shifted column sums ``S``, the sums ``T_ab`` of ``y_a`` where tap ``b`` is valid (``tsum (C, kh,
+    kw, kh + 1, kw + 1)``, index ``kh``/``kw`` = everywhere, so ``S`` and ``T`` of an always-valid tap
+    are the same floats and its ``E`` is exactly 0), the valid fractions ``f`` and the centred
+    validity counts ``K = n (C_h (x) H_w + P_h (x) C_w)`` from the per-axis ranges ``rh, rw`` of
+    :func:`_tap_ranges` (``H_ii'``: positions valid for taps ``i`` and ``i'``, ``P = L L^T / out`` with
+    ``L = diag H``, ``C = H - P``): 0 for always-valid taps, no cancellation in any term.  ``second``:
+    ``Y^T Y`` per block.
+    """
+    kh, kw = g.kh, g.kw
+    taps = kh * kw
+    blocks, fb = second.shape[0], second.shape[-1]
+    cb = fb // taps
+    parts = []
+    for (lo, hi), out in ((rh, g.oh), (rw, g.ow)):
+        shared = np.maximum(0, np.minimum.outer(hi, hi) - np.maximum.outer(lo, lo))
+        p = np.outer(hi - lo, hi - lo) / out
+        parts.append((hi - lo, shared, shared - p, p))
+    (lh, _, ch, ph), (lw, hw, cw, _) = parts
+    f = np.outer(lh, lw).reshape(taps) / (g.oh * g.ow)
+    S = tsum[:, :, :, kh, kw].reshape(g.c, taps)
+    shift = (m_c[:, None] * f).reshape(blocks, fb)
+    count = g.n * g.oh * g.ow
+    if g.ph == 0 and g.pw == 0:  # every tap always valid: E = K = 0
+        return _finish_shifted(count, 0.0, S.reshape(blocks, fb), second) + (shift,)
+    K = g.n * (ch[:, None, :, None] * hw[None, :, None, :] + ph[:, None, :, None] * cw[None, :, None, :])
+    A = tsum[:, :, :, :kh, :kw].reshape(g.c, taps, taps) - S[:, :, None] * f  # sums of y_a (valid_b - f_b)
+    z = S / math.sqrt(count)
+    for blk in range(blocks):
+        cs = slice(blk * cb, (blk + 1) * cb)
+        _centre_padded(second[blk], z[cs], A[cs], m_c[cs], K.reshape(taps, taps))
+    return count, (S / count).reshape(blocks, fb), second, shift
 
 
 def _patch_shift(imgs: np.ndarray, g, plan: Plan):
@@ -220,14 +280,13 @@ def _shifted_moments_driver(imgs: np.ndarray, g, plan: Plan):
     halo = (kh - 1) * dh
     tasks = _dense_tasks(plan, kh)
     acc = np.zeros((len(tasks), kh, 2 * kw - 1, kw))
-    colsum = np.zeros((g.c, kh, kw))
-    ii = np.arange(kh) * dh
-    jj = np.arange(kw) * dw
+    tsum = np.zeros((g.c, kh, kw, kh + 1, kw + 1))
+    rh, rw = _tap_ranges(g.oh, 1, g.ph, dh, kh, g.h), _tap_ranges(g.ow, 1, g.pw, dw, kw, g.w)
+    c0, c1 = _window_bounds(*rw, 0, g.ow, dw)
     # a piece's float64 rows: xs and its copy xb with zero margins
     for n0, n1, a0, a1 in pieces(g, g.c * (2 * g.ow + 4 * margin) * 8, halo, _DENSE_BYTES):
         rows = a1 - a0 + halo
-        xs = np.empty((n1 - n0, g.c, rows, wp))
-        xs[...] = -m_c[None, :, None, None]
+        xs = np.zeros((n1 - n0, g.c, rows, wp))
         # padded rows [a0, a0 + rows) hold image rows [a0 - ph, ...); columns [pw, pw + w)
         r0 = max(0, a0 - g.ph)
         r1 = min(g.h, a0 + rows - g.ph)
@@ -239,13 +298,13 @@ def _shifted_moments_driver(imgs: np.ndarray, g, plan: Plan):
         _shifted_moments(xs, xb, tasks, kh, kw, dh, dw, a1 - a0, g.ow, acc)
         sat = np.zeros((g.c, rows + 1, wp + 1))
         np.cumsum(np.cumsum(xs.sum(axis=0), axis=1), axis=2, out=sat[:, 1:, 1:])
-        oh = a1 - a0
-        colsum += (sat[:, ii[:, None] + oh, jj[None, :] + g.ow] - sat[:, ii[:, None], jj[None, :] + g.ow]
-                   - sat[:, ii[:, None] + oh, jj[None, :]] + sat[:, ii[:, None], jj[None, :]])
+        u0, u1 = (b[:, None, :, None] for b in _window_bounds(*rh, a0, a1, dh))
+        v0, v1 = c0[None, :, None, :], c1[None, :, None, :]
+        tsum += sat[:, u1, v1] - sat[:, u0, v1] - sat[:, u1, v0] + sat[:, u0, v0]
     second = np.zeros((plan.n_features, plan.n_features))
     _scatter_moments(acc, tasks, kh, kw, second)
-    n, mean, m2 = _finish_shifted(g.n * g.oh * g.ow, np.repeat(m_c, kh * kw), colsum.reshape(-1), second)
-    return _regroup(n, mean, m2, plan)
+    n, local, m2, shift = _finish_padded(g, m_c, tsum, second[None], rh, rw)
+    return _regroup(n, local[0], m2[0], plan, shift[0])
 
 
 def _rowshift_moments(imgs: np.ndarray, g, plan: Plan):
@@ -268,7 +327,11 @@ def _rowshift_moments(imgs: np.ndarray, g, plan: Plan):
     zdt = _buffer_dtype(imgs.dtype, cb * g.kh * kw)
     cap = _F32_GEMM_ROWS if zdt == np.float32 else _F64_ROWS
     acc = _scratch("acc", (blocks, cb, kh, kw, cb, kh, kw), np.float64, zero=True)
-    colsum = np.zeros((g.c, kh, kw))
+    tsum = np.zeros((g.c, kh, kw, kh + 1, kw + 1))
+    rh, rw = _tap_ranges(g.oh, 1, g.ph, dh, kh, g.h), _tap_ranges(g.ow, g.sw, g.pw, g.dw, kw, g.w)
+    bl, bh = np.append(rw[0], 0), np.append(rw[1], g.ow)
+    edges = np.unique(np.concatenate([bl, bh]))
+    il, ih = np.searchsorted(edges, bl), np.searchsorted(edges, bh)
     x = np.ascontiguousarray(imgs)
     tmp = _scratch("tmp", (bw, bw), zdt)
     run = _scratch("run", (bw, bw), np.float64)
@@ -276,15 +339,16 @@ def _rowshift_moments(imgs: np.ndarray, g, plan: Plan):
         oh = a1 - a0
         rows = oh + halo
         Z = _scratch("rows", (rows, n1 - n0, g.ow, cw), zdt)
-        rs = _scratch("rowsum", (rows, cw), np.float64)
-        _row_patches(x, m_c, kw, g.sw, g.ph, g.pw, g.dw, g.ow, n0, a0, Z, rs)
+        rs = _scratch("rowsum", (rows, cw, len(edges)), np.float64)
+        _row_patches(x, m_c, kw, g.sw, g.ph, g.pw, g.dw, g.ow, n0, a0, edges, Z, rs)
         per_row = (n1 - n0) * g.ow
         step = max(1, cap // per_row)  # rows of Z per BLAS product (bounded rounding in float32)
         Zm = Z.reshape(rows * per_row, cw)
-        pre = np.zeros((rows + 1, cw))
+        pre = np.zeros((rows + 1, cw, len(edges)))  # prefix sums over the rows u
         np.cumsum(rs, axis=0, out=pre[1:])
-        ii = np.arange(kh) * dh
-        colsum += (pre[ii + oh] - pre[ii]).reshape(kh, g.c, kw).transpose(1, 0, 2)
+        r0, r1 = _window_bounds(*rh, a0, a1, dh)
+        win = pre[r1] - pre[r0]  # (kh, kh + 1, cw, edges): window sums up to each column edge
+        tsum += (win[..., ih] - win[..., il]).reshape(kh, kh + 1, g.c, kw, kw + 1).transpose(2, 0, 3, 1, 4)
         for blk in range(blocks):
             cols = slice(blk * bw, (blk + 1) * bw)
             for di in range(kh):
@@ -311,24 +375,27 @@ def _rowshift_moments(imgs: np.ndarray, g, plan: Plan):
                             if di:
                                 acc[blk, :, i + di, :, :, i, :] += sign * win.transpose(2, 3, 0, 1)
     fb = cb * kh * kw
-    shift = np.repeat(m_c, kh * kw).reshape(blocks, fb)
-    n, mean, m2 = _finish_shifted(g.n * g.oh * g.ow, shift, colsum.reshape(blocks, fb), acc.reshape(blocks, fb, fb))
+    n, local, m2, shift = _finish_padded(g, m_c, tsum, acc.reshape(blocks, fb, fb), rh, rw)
     if plan.mode == "contiguous":
-        return n, mean, m2
-    return _regroup(n, mean[0], m2[0], plan)
+        return n, shift + local, m2
+    return _regroup(n, local[0], m2[0], plan, shift[0])
 
 
-def _regroup(n, mean, m2, plan: Plan):
-    """Full-matrix statistics ``(F,), (F, F)`` arranged as the plan's blocks."""
+def _regroup(n, local, m2, plan: Plan, shift):
+    """Full-matrix statistics (``mean = shift + local`` (F,), ``M2 (F, F)``) arranged as the plan's blocks.
+
+    The stacked groups of the reference grouping merge about the shift of group 0, so that the mean
+    differences of equally shifted taps are free of the shift's rounding (``u |shift|``)."""
     if plan.mode == "full":
-        return n, mean[None], m2[None]
+        return n, (shift + local)[None], m2[None]
     if plan.mode == "contiguous":
         fb = plan.fb
         idx = np.arange(plan.groups)[:, None] * fb + np.arange(fb)[None, :]
-        return n, mean[idx], m2[idx[:, :, None], idx[:, None, :]]
+        return n, (shift + local)[idx], m2[idx[:, :, None], idx[:, None, :]]
     idx = [np.arange(plan.fb) * plan.stack + grp for grp in range(plan.stack)]
-    n_all, mu, M = functools.reduce(merge_moments, [(n, mean[i], m2[np.ix_(i, i)]) for i in idx])
-    return n_all, mu[None], M[None]
+    base = shift[idx[0]]
+    n_all, mu, M = functools.reduce(merge_moments, [(n, (shift[i] - base) + local[i], m2[np.ix_(i, i)]) for i in idx])
+    return n_all, (base + mu)[None], M[None]
 
 
 def _gemm_seconds(macs: float, width: int, dtype) -> float:
