@@ -10,6 +10,8 @@ from importlib.metadata import PackageNotFoundError, version as _version
 
 from . import data
 from ._warnings import IllConditionedWarning, NewtonSchulzDivergenceWarning, NsiterWarning
+from .conv import (TRANSPOSED_METHODS, conv2d, conv_transpose2d, pixel_shuffle, pixel_unshuffle,
+                   subpixel_weight, transposed_weight)
 from .covariance import GROUPINGS, PatchStatistics, covariance, patch_covariance
 from .im2col import col2im, im2col, output_shape
 from .kernel_estimation import KernelEstimate, estimate_kernel
@@ -46,4 +48,11 @@ __all__ = [
     "NsiterWarning",
     "NewtonSchulzDivergenceWarning",
     "IllConditionedWarning",
+    "conv2d",
+    "conv_transpose2d",
+    "TRANSPOSED_METHODS",
+    "pixel_shuffle",
+    "pixel_unshuffle",
+    "subpixel_weight",
+    "transposed_weight",
 ]
