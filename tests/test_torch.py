@@ -731,6 +731,24 @@ def test_deconv2d_whitening_runs_in_float32_under_autocast():
     assert torch.isfinite(y).all()
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_deconv2d_refuses_a_non_finite_batch_and_leaves_its_buffers_unchanged(bad):
+    layer = nt.Deconv2d(4, 3, 3, padding=1, block_size=2)
+    layer(torch.randn(2, 4, 8, 8))  # one clean update: buffers away from their initial values
+    before = copy.deepcopy(layer.state_dict())
+    x = torch.randn(2, 4, 8, 8)
+    x[1, 2, 3, 4] = bad
+    for train in (True, False):
+        layer.train(train)
+        with pytest.raises(ValueError, match=r"1 of its 512 values NaN or inf in (training|eval) mode.*"
+                                             r"unchanged.*nan_to_num"):
+            layer(x)
+        for name, value in layer.state_dict().items():
+            torch.testing.assert_close(value, before[name], rtol=0, atol=0, msg=name)
+    clean = torch.randn(1, 4, 8, 8)
+    assert torch.isfinite(layer.eval()(clean)).all()
+
+
 # ------------------------------------------------------------------------------ whitening helpers
 
 LAYOUTS = [(None, "contiguous"), (2, "contiguous"), (2, "reference"), (1, "reference")]
