@@ -13,6 +13,7 @@ from ._warnings import IllConditionedWarning, NewtonSchulzDivergenceWarning, Nsi
 from .conv import (TRANSPOSED_METHODS, conv2d, conv_transpose2d, pixel_shuffle, pixel_unshuffle,
                    subpixel_weight, transposed_weight)
 from .covariance import GROUPINGS, PatchStatistics, covariance, patch_covariance
+from .dataset import dataset_statistics  # imports Dask only when called (the optional extra nsiter[dask])
 from .im2col import col2im, im2col, output_shape
 from .kernel_estimation import KernelEstimate, estimate_kernel
 from .newton_schulz import NewtonSchulzInfo, inv_sqrtm, sqrtm_psd
@@ -34,6 +35,7 @@ __all__ = [
     "patch_covariance",
     "PatchStatistics",
     "GROUPINGS",
+    "dataset_statistics",
     "whiten",
     "deconvolution_kernel",
     "deconvolve_image",

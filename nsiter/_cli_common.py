@@ -1,5 +1,6 @@
 """Pieces shared by the ``nsiter`` command and its sub-command modules, which it does not import
-(so the CLI's imports run one way: ``cli -> _verify_cli -> _cli_common`` and ``cli -> _cli_common``).
+(so the CLI's imports run one way: ``cli -> _verify_cli -> _cli_common``, ``cli -> _stats_cli -> _cli_common`` and
+``cli -> _cli_common``).
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Command-line interface: ``nsiter info``, ``nsiter verify`` and ``nsiter --version`` (exit codes: ``_cli_common``)."""
+"""Command-line interface: ``nsiter info``, ``nsiter verify``, ``nsiter stats`` and ``nsiter --version`` (exit codes:
+``_cli_common``)."""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +12,7 @@ import numpy
 
 from . import __version__
 from ._cli_common import EXIT_INTERRUPTED, EXIT_OK, EXIT_OUTPUT, EXIT_USAGE, _Parser, _UsageError, write_stdout
+from ._stats_cli import add_stats_parser
 from ._verify_cli import add_verify_parser
 
 __all__ = ["main"]
@@ -50,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_info.add_argument("--json", action="store_true", help="print as JSON")
     p_info.set_defaults(func=_cmd_info)
     add_verify_parser(sub)
+    add_stats_parser(sub)
     return parser
 
 

@@ -7,7 +7,9 @@ once here for arrays and tensors; the moments come from ``backend(x).patches``
 from __future__ import annotations
 
 import math
+import os
 import sys
+import zipfile
 
 import numpy as np
 
@@ -21,6 +23,40 @@ __all__ = ["GROUPINGS", "covariance", "patch_covariance", "PatchStatistics"]
 
 #: Channel groupings of ``patch_covariance`` / ``PatchStatistics`` (``block_size`` given).
 GROUPINGS = ("contiguous", "reference")
+
+#: The ``format`` string and version of the ``.npz`` shards of :meth:`PatchStatistics.save`.
+SHARD_FORMAT, SHARD_VERSION = "nsiter.PatchStatistics", 1
+#: The keys of a shard: ``format``, ``version``; the settings ``kernel_size``, ``stride``, ``padding``,
+#: ``dilation`` (int64 (h, w) pairs), ``sampling_stride``, ``block_size`` (0: none), ``grouping`` (str);
+#: ``channels`` (-1: nothing seen), ``dtype`` (``covariance()``'s result dtype, '' when empty),
+#: ``count`` (rows seen); when ``count > 0`` the block layout ``layout`` ("full", "contiguous" or
+#: "reference"), ``groups``, ``stack``, ``block_features`` and the float64 moments ``moments_mean``
+#: ``(G, Fb)`` and ``moments_m2`` ``(G, Fb, Fb)`` (centred, unnormalised).
+SHARD_KEYS = ("format", "version", "kernel_size", "stride", "padding", "dilation", "sampling_stride", "block_size",
+              "grouping", "channels", "dtype", "count", "layout", "groups", "stack", "block_features",
+              "moments_mean", "moments_m2")
+
+
+def write_npz_atomic(path, arrays: dict) -> None:
+    """``np.savez(path, **arrays)`` through a temporary file in ``path``'s folder, renamed into place
+    (``os.replace``): readers see the old file or the complete new one, never a half-written one.
+    The temporary file is removed if writing fails; the new file gets the permissions of a plain open."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # umask applies, as for open(path, "w")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def _check_finite_fast(arr, name: str) -> None:
@@ -290,6 +326,8 @@ class PatchStatistics:
     - mu)^T`` of the (grouped) im2col rows seen, combined by the pairwise update of Chan, Golub &
     LeVeque (:func:`nsiter._moments.merge_moments`): updates, or accumulators merged from other
     processes, equal the one-shot :func:`patch_covariance` of the concatenation up to rounding.
+    :meth:`save` / :meth:`load` write and read it as an ``.npz`` shard (plain arrays, no pickle), so
+    statistics computed anywhere merge exactly (:func:`nsiter.dataset_statistics` on Dask).
 
     Parameters
     ----------
@@ -389,6 +427,123 @@ class PatchStatistics:
         self._stats = _merged(self._stats, other._stats)
         self.dtype = np.promote_types(self.dtype, other.dtype)
         return self
+
+    def save(self, path) -> None:
+        """Write the accumulator to ``path`` as an ``.npz`` shard that :meth:`load` reads back bit for bit.
+
+        Plain arrays only (no pickle; keys in :data:`SHARD_KEYS`): the settings, the channel count,
+        the result dtype, the block layout, the count and the float64 moments.  The file is written
+        under a temporary name in the same folder and renamed, so ``path`` is never half-written;
+        ``path`` is used as given (no ``.npz`` is appended)."""
+        write_npz_atomic(path, self._to_arrays())
+
+    @classmethod
+    def load(cls, path) -> "PatchStatistics":
+        """Read a shard written by :meth:`save` (or ``nsiter stats``); ``np.load(..., allow_pickle=False)``.
+
+        The settings and block layout are checked against what they imply, so a shard merges with
+        accumulators computed anywhere with the same settings (:meth:`merge` names any that differ).
+        Keys other than :data:`SHARD_KEYS` are ignored.
+
+        Raises
+        ------
+        FileNotFoundError
+            ``path`` does not exist.
+        ValueError
+            Not an ``.npz`` file, not a shard, a missing key, or inconsistent settings or moments (the
+            message names the file and the key)."""
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"statistics file {path!r} does not exist (or is not a file); "
+                                    "pass the path of a file written by PatchStatistics.save or nsiter stats")
+        try:
+            npz = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+            raise ValueError(f"cannot read {path!r} as an .npz file ({type(exc).__name__}: {exc}); "
+                             "write it with PatchStatistics.save") from None
+        if not isinstance(npz, np.lib.npyio.NpzFile):
+            raise ValueError(f"{path!r} holds one array (.npy), not PatchStatistics; write it with "
+                             "PatchStatistics.save")
+        with npz:
+            return cls._from_arrays(npz, path)
+
+    def _to_arrays(self) -> dict:
+        """The shard as ``{key: plain ndarray}`` (:data:`SHARD_KEYS`); moments are copies."""
+        out = {"format": np.array(SHARD_FORMAT), "version": np.array(SHARD_VERSION, np.int64),
+               "kernel_size": np.array(self.kernel_size, np.int64), "stride": np.array(self.stride, np.int64),
+               "padding": np.array(self.padding, np.int64), "dilation": np.array(self.dilation, np.int64),
+               "sampling_stride": np.array(self.sampling_stride, np.int64),
+               "block_size": np.array(self.block_size or 0, np.int64), "grouping": np.array(self.grouping),
+               "channels": np.array(-1 if self.channels is None else self.channels, np.int64),
+               "dtype": np.array("" if self.dtype is None else self.dtype.name), "count": np.array(self.count, np.int64)}
+        if self._stats is not None:
+            p = self._plan
+            out.update(layout=np.array(p.mode), groups=np.array(p.groups, np.int64),
+                       stack=np.array(p.stack, np.int64), block_features=np.array(p.fb, np.int64),
+                       moments_mean=np.array(self._stats[1], np.float64), moments_m2=np.array(self._stats[2], np.float64))
+        return out
+
+    @classmethod
+    def _from_arrays(cls, arrays, path: str) -> "PatchStatistics":
+        keys = set(arrays.files if hasattr(arrays, "files") else arrays)
+        what = f"{path!r}"
+        if "format" not in keys or str(arrays["format"]) != SHARD_FORMAT:
+            raise ValueError(f"{what} is not a PatchStatistics shard (no 'format' key {SHARD_FORMAT!r}); "
+                             "write it with PatchStatistics.save or nsiter stats")
+
+        def get(key, kind="int", shape=()):
+            if key not in keys:
+                raise ValueError(f"{what} lacks the key {key!r} of a PatchStatistics shard; re-write it with "
+                                 "PatchStatistics.save")
+            try:
+                a = arrays[key]
+            except ValueError as exc:  # an object array: np.load(allow_pickle=False) refuses it
+                raise ValueError(f"{what}: key {key!r} cannot be read ({exc}); shards hold plain arrays only") from None
+            ok = {"int": a.dtype.kind in "iu", "str": a.dtype.kind == "U", "float64": a.dtype == np.float64}[kind]
+            if not ok or (shape is not None and a.shape != shape):
+                raise ValueError(f"{what}: key {key!r} holds a {a.dtype} array of shape {a.shape}, expected "
+                                 f"{kind} of shape {shape}; the file is damaged or not written by nsiter")
+            if kind == "float64":
+                return a
+            return tuple(int(v) for v in a) if a.ndim else a.item()
+
+        version = get("version")
+        if version > SHARD_VERSION:
+            raise ValueError(f"{what} is a version-{version} shard, newer than this nsiter reads "
+                             f"(version {SHARD_VERSION}); upgrade nsiter")
+        pair = {k: get(k, shape=(2,)) for k in ("kernel_size", "stride", "padding", "dilation")}
+        block = get("block_size")
+        try:
+            obj = cls(pair["kernel_size"], stride=pair["stride"], padding=pair["padding"], dilation=pair["dilation"],
+                      sampling_stride=get("sampling_stride"), block_size=block or None, grouping=get("grouping", "str"))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{what} holds invalid settings: {exc}") from None
+        count, channels, dtype = get("count"), get("channels"), get("dtype", "str")
+        if count < 0 or (count == 0) != (channels < 0) or (count == 0) != (dtype == ""):
+            raise ValueError(f"{what}: count {count}, channels {channels} and dtype {dtype!r} disagree "
+                             "(an empty shard has count 0, channels -1, dtype ''); the file is damaged")
+        if count == 0:
+            return obj
+        if dtype not in ("float32", "float64"):
+            raise ValueError(f"{what}: key 'dtype' is {dtype!r}, expected 'float32' or 'float64'")
+        if obj.block_size is not None and channels % obj.block_size:
+            raise ValueError(f"{what}: block_size {obj.block_size} does not divide its {channels} channels")
+        kh, kw = obj.kernel_size
+        plan = _plan(channels, kh * kw, obj.block_size, obj.grouping)
+        stored = {"layout": get("layout", "str"), "groups": get("groups"), "stack": get("stack"),
+                  "block_features": get("block_features")}
+        implied = {"layout": plan.mode, "groups": plan.groups, "stack": plan.stack, "block_features": plan.fb}
+        diff = [f"{k}: {stored[k]!r} stored, {implied[k]!r} implied" for k in stored if stored[k] != implied[k]]
+        if diff:
+            raise ValueError(f"{what}: the block layout disagrees with its settings ({'; '.join(diff)}); "
+                             "the file is damaged or was edited")
+        mean = get("moments_mean", "float64", (plan.groups, plan.fb))
+        m2 = get("moments_m2", "float64", (plan.groups, plan.fb, plan.fb))
+        if not (np.isfinite(mean).all() and np.isfinite(m2).all()):
+            raise ValueError(f"{what}: the moments hold NaN/inf; the file is damaged")
+        obj.channels, obj._plan, obj.dtype = channels, plan, np.dtype(dtype)
+        obj._stats = (int(count), np.array(mean), np.array(m2))
+        return obj
 
     def covariance(self, eps=0.0):
         """``(cov, mean)`` of everything seen, shaped as :func:`patch_covariance` returns them."""
