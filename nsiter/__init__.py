@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version as _version
 
-from . import data
+from . import data, deconvnet
 from ._warnings import IllConditionedWarning, NewtonSchulzDivergenceWarning, NsiterWarning
 from .conv import (TRANSPOSED_METHODS, conv2d, conv_transpose2d, pixel_shuffle, pixel_unshuffle,
                    subpixel_weight, transposed_weight)
@@ -28,6 +28,7 @@ except PackageNotFoundError:  # running from a source tree without installation
 __all__ = [
     "__version__",
     "data",
+    "deconvnet",
     "im2col",
     "col2im",
     "output_shape",
