@@ -329,13 +329,14 @@ def _finish(be, Z, Y, A64, c, s, want, dtype):
     factor ``sqrt(s)`` is an exact power of two, applied last)."""
     xp = be.xp
     sc = xp.sqrt(c)[:, None, None]
-    rs = xp.sqrt(s)[:, None, None]
+    rs = xp.sqrt(s)[:, None, None]  # a power of two: sc * rs and sc / rs are exact
+    # (float64 scale factors promote Z or Y: one pass, the division in float64)
     if want == "isqrt":
-        out = xp.astype(Z, xp.float64, copy=False) / sc / rs
+        out = Z / (sc * rs)
     elif Y is not None:
-        out = xp.astype(Y, xp.float64, copy=False) * sc * rs
+        out = Y * (sc * rs)
     else:
-        out = (A64 @ xp.astype(Z, xp.float64, copy=False)) / sc * rs
+        out = (A64 @ xp.astype(Z, xp.float64, copy=False)) * (rs / sc)
     return xp.astype(out, dtype, copy=False)
 
 
@@ -777,8 +778,7 @@ def _eigh_subset(be, A64, dtype, delta, fro, eps, want, with_residual, s):
     xp = be.xp
     # A = s A64: A^power = s^power A64^power, s^power = sqrt(s)^(+-1) an exact power of two
     out = xp.astype(D * be.asarray(np.sqrt(s) ** (2 * power), D)[:, None, None], dtype, copy=False)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        kappa = np.where(lo > 0, hi / lo, np.inf)
+    kappa = np.divide(hi, lo, out=np.full(len(lo), np.inf), where=lo > 0)
     if not with_residual:
         return out, np.full(A64.shape[0], np.nan), kappa
     Dinv = D if power < 0 else be.linalg.eigh_power(A64, -0.5)[0]
@@ -974,8 +974,7 @@ def _solve_tracked(be, arr, A3, spec, method, n_max, tol, tol_used, stop_early, 
     use_eigh = np.zeros(nb, dtype=bool)
     # condition estimate: a rigorous bound on lambda_max over the probe's lambda_min (from above)
     bound = np.minimum(fro, norm_inf)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        kappa = np.where(lmin > 0, bound / lmin, np.inf)
+    kappa = np.divide(bound, lmin, out=np.full(nb, np.inf), where=lmin > 0)
     if spec.scheduled:
         # eigenvalues of Y_0 = A/c lie in [p_lo, p_hi]: p_hi from rigorous bounds on
         # lambda_max (||A||_F, ||A||_inf), p_lo from the over-estimate of lambda_min / safety
@@ -1044,7 +1043,7 @@ def _solve_tracked(be, arr, A3, spec, method, n_max, tol, tol_used, stop_early, 
         for idx, part in parts:
             out = be.put(out, idx, part)
     _warn_diverged(diverged, best_r, best_iter, label, nb)
-    tol_j = _judged_tol(tol, kappa, dtype, n)
+    tol_j = _judged_tol(tol, kappa, dtype, n) if asked or return_info else None
     if asked:
         _warn_tol_missed(tol_j, diverged, best_r, n_done, dtype)
     out = xp.reshape(out, arr.shape)
