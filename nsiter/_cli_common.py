@@ -52,3 +52,13 @@ def write_stdout(prog: str, text: str = "") -> int | None:
         print(f"{prog}: cannot write to stdout: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_OUTPUT
     return None
+
+
+def internal_error(prog: str, exc: Exception) -> int:
+    """An unexpected error of a subcommand: one line on stderr and :data:`EXIT_INTERNAL`
+    (``NSITER_DEBUG=1`` re-raises it for the traceback)."""
+    if os.environ.get("NSITER_DEBUG"):
+        raise exc
+    print(f"{prog}: internal error {type(exc).__name__}: {one_line(exc)} "
+          "(set NSITER_DEBUG=1 for the traceback and please report it)", file=sys.stderr)
+    return EXIT_INTERNAL

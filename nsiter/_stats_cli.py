@@ -9,12 +9,11 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 
 import numpy as np
 
-from ._cli_common import EXIT_INTERNAL, EXIT_OK, _UsageError, one_line as _one_line, write_stdout
+from ._cli_common import EXIT_OK, _UsageError, internal_error, one_line as _one_line, write_stdout
 from .covariance import GROUPINGS, PatchStatistics, write_npz_atomic
 from .dataset import DASK_INSTALL_HINT, LOCAL_SCHEDULERS, dataset_statistics
 from .newton_schulz import METHODS, inv_sqrtm
@@ -232,11 +231,7 @@ def _cmd_stats(args) -> int:
     except (ValueError, TypeError, OSError) as exc:  # bad images, settings, paths, an unreachable scheduler
         _fail(_one_line(exc))
     except Exception as exc:  # an internal error: one line, exit 3 (the traceback on request)
-        if os.environ.get("NSITER_DEBUG"):
-            raise
-        print(f"{_PROG}: internal error {type(exc).__name__}: {_one_line(exc)} "
-              "(set NSITER_DEBUG=1 for the traceback and please report it)", file=sys.stderr)
-        return EXIT_INTERNAL
+        return internal_error(_PROG, exc)
 
 
 def _local_cluster(n: int):

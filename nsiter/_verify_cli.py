@@ -16,7 +16,7 @@ import warnings
 
 import numpy as np
 
-from ._cli_common import EXIT_FAILED, EXIT_INTERNAL, EXIT_OK, _UsageError, one_line as _one_line, write_stdout
+from ._cli_common import EXIT_FAILED, EXIT_OK, _UsageError, internal_error, one_line as _one_line, write_stdout
 from .covariance import covariance
 from .newton_schulz import METHODS
 from .verification import DEFAULT_METHODS, verify_whitening
@@ -341,11 +341,7 @@ def _cmd_verify(args) -> int:
     except MemoryError:
         _fail(f"not enough memory to check {args.file!r}; try a smaller matrix")
     except Exception as exc:  # an internal error: one line, exit 3 (the traceback on request)
-        if os.environ.get("NSITER_DEBUG"):
-            raise
-        print(f"{_PROG}: internal error {type(exc).__name__}: {_one_line(exc)} "
-              "(set NSITER_DEBUG=1 for the traceback and please report it)", file=sys.stderr)
-        return EXIT_INTERNAL
+        return internal_error(_PROG, exc)
 
 
 def _run_verify(args) -> int:
