@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version as _version
 
-from . import data, deconvnet
+from . import data
 from ._warnings import IllConditionedWarning, NewtonSchulzDivergenceWarning, NsiterWarning
 from .conv import (TRANSPOSED_METHODS, conv2d, conv_transpose2d, pixel_shuffle, pixel_unshuffle,
                    subpixel_weight, transposed_weight)
@@ -59,3 +59,12 @@ __all__ = [
     "subpixel_weight",
     "transposed_weight",
 ]
+
+
+def __getattr__(name):
+    """``nsiter.deconvnet`` loads on first use: its Numba kernels stay out of ``import nsiter``."""
+    if name == "deconvnet":
+        import importlib
+
+        return importlib.import_module("nsiter.deconvnet")
+    raise AttributeError(f"module 'nsiter' has no attribute {name!r}")
