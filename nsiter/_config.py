@@ -26,10 +26,9 @@ before any kernel is defined:
 2. The layer: a layer the user chose (``NUMBA_THREADING_LAYER`` or
    ``NUMBA_THREADING_LAYER_PRIORITY``, in the environment, ``.numba_config.yaml`` or
    ``numba.config`` before importing nsiter) is kept; else ``"tbb"`` when
-   step 1 worked (as fast as OpenMP, within 5%); else ``"workqueue"``: fork-safe, as fast
-   on im2col and covariances, 1.6-2.1x slower on small batched ``inv_sqrtm`` (more overhead
-   per parallel region) -- fork safety first; a user who never forks may
-   set ``NUMBA_THREADING_LAYER=omp``.  Under workqueue the parallel kernel calls are
+   step 1 worked (as fast as OpenMP); else ``"workqueue"``: fork-safe, but with more overhead
+   per parallel region on small batched ``inv_sqrtm`` -- fork safety first; a user who never
+   forks may set ``NUMBA_THREADING_LAYER=omp`` (measurements: ``analysis/results/threading.md``).  Under workqueue the parallel kernel calls are
    serialised process-wide by :data:`_KERNEL_LOCK`, so concurrent Python threads wait instead
    of aborting.  The lock is held across ``os.fork`` so a child never inherits it locked nor a
    parallel region half-run.  It also serialises user-chosen layers that may turn out to be
