@@ -11,6 +11,8 @@ functions (:func:`nsiter.im2col`, :func:`nsiter.patch_covariance`, :func:`nsiter
 * :class:`Delinear` — whitening followed by a fully connected layer (the reference ``Delinear``);
 * :func:`convert_to_deconv` — the paper's recipe applied to a model: batch norms removed,
   deconvolution before every convolution and fully connected layer;
+* :func:`convert_sync_deconv` — statistics of the global batch in multi-process training
+  (``torch.distributed``), as ``SyncBatchNorm`` does for batch norm;
 * :class:`PatchStatistics` — the streaming patch covariance with the heavy work on the
   tensor's device;
 * :func:`set_allow_tf32` / :func:`allow_tf32` — opt in to TF32 for nsiter's CUDA matrix
@@ -37,6 +39,7 @@ import copy
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
@@ -50,7 +53,7 @@ from .covariance import GROUPINGS
 from .covariance import PatchStatistics as _NumpyPatchStatistics
 from .newton_schulz import METHODS, _run_fixed, inv_sqrtm
 
-__all__ = ["Deconv2d", "ChannelDeconv", "Delinear", "convert_to_deconv", "PatchStatistics", "set_allow_tf32",
+__all__ = ["Deconv2d", "ChannelDeconv", "Delinear", "convert_to_deconv", "convert_sync_deconv", "PatchStatistics", "set_allow_tf32",
            "allow_tf32", "set_cuda_graphs", "GROUPINGS", "SAMPLINGS", "COVARIANCES"]
 
 SAMPLINGS = ("grid", "reference")
@@ -170,7 +173,7 @@ def _gram(X: torch.Tensor) -> torch.Tensor:
 
 
 class _CentredMoments(torch.autograd.Function):
-    """``(mean (K, F), Cov = X_c^T X_c / n (K, F, F))`` of the rows ``X (K, n, F)`` of a source.
+    """``(mean (K, F), Cov = X_c^T X_c / n (K, F, F), n)`` of the rows ``X (K, n, F)`` of a source.
 
     Forward: (with ``rows.pad``: the padded channels-last copy, also returned), one gather, the
     mean, an in-place centring and the symmetric product.  Backward: ``dX = X_c (G + G^T) / n +
@@ -179,33 +182,57 @@ class _CentredMoments(torch.autograd.Function):
     transposed back to the source's layout in one pass.  One product and two passes, where
     autograd through the reference code's ``unfold``, ``mean`` and ``addmm`` takes two products
     and several passes.
+
+    With a process ``group`` the statistics are those of the union of every rank's rows, as
+    :class:`torch.nn.SyncBatchNorm` makes them: one all-reduce of ``(sum_r x_r, n)`` (float64)
+    gives the global mean, every rank centres its rows on it, and one all-reduce of the centred
+    cross-products ``X_c^T X_c`` gives the global ``M2`` (``F^2 + F + 1`` numbers per block, no
+    ``E[xx^T] - mu mu^T`` cancellation); ``n`` is then the global count (a tensor).  The backward
+    all-reduces ``(g_mu, G)``, the gradient of the global loss (the sum of the ranks' losses) with
+    respect to the shared statistics, and the formula above holds with the global ``n``: the
+    centring term vanishes over the union of the rows, which is where the columns sum to zero.
     """
 
     @staticmethod
-    def forward(ctx, src, rows, dtype):
+    def forward(ctx, src, rows, dtype, group):
         base = src if rows.pad is None else rows.prepare(src)
         X = rows.gather(base, dtype)
         n = X.shape[1]
-        mean = X.mean(dim=1)
+        if group is None:
+            mean = X.mean(dim=1)
+        else:
+            K, f = X.shape[0], X.shape[2]
+            sums = torch.cat([X.sum(dim=1, dtype=torch.float64).reshape(-1), X.new_full((1,), n, dtype=torch.float64)])
+            dist.all_reduce(sums, group=group)
+            n = sums[-1]
+            mean = (sums[:-1] / n).to(dtype).reshape(K, f)
         X.sub_(mean[:, None])
-        cov = _gram(X).div_(n)
+        cov = _gram(X)
+        if group is not None:
+            dist.all_reduce(cov, group=group)
+        cov.div_(n)
         ctx.save_for_backward(X)
-        ctx.rows, ctx.meta = rows, (base.shape, base.dtype)
+        ctx.rows, ctx.meta, ctx.n, ctx.group = rows, (base.shape, base.dtype), n, group
         if rows.pad is None:
-            return mean, cov
+            return mean, cov, n
         ctx.memory_format = _memory_format(src)
-        return mean, cov, base
+        return mean, cov, n, base
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, gmean, gcov, gbase=None):
+    def backward(ctx, gmean, gcov, gn=None, gbase=None):
         X, = ctx.saved_tensors
-        n = X.shape[1]
-        dX = torch.matmul(X, (gcov + gcov.transpose(1, 2)).to(X.dtype)).div_(n)
-        dX.add_(gmean.to(X.dtype)[:, None], alpha=1.0 / n)
+        n = ctx.n
+        gmean, gcov = gmean.to(X.dtype), gcov.to(X.dtype)
+        if ctx.group is not None:
+            flat = torch.cat([gmean.reshape(-1), gcov.reshape(-1)])
+            dist.all_reduce(flat, group=ctx.group)
+            gmean, gcov = flat[:gmean.numel()].view(gmean.shape), flat[gmean.numel():].view(gcov.shape)
+        dX = torch.matmul(X, gcov + gcov.transpose(1, 2)).div_(n)
+        dX.add_(gmean[:, None] / n)
         rows = ctx.rows
         if rows.pad is None:
-            return rows.scatter(dX, *ctx.meta), None, None
+            return rows.scatter(dX, *ctx.meta), None, None, None
         # the copy's gradient (from the convolution) is a fresh buffer only this function sees: dX is added
         # into it in place, then one pass transposes its interior back to the source's layout
         own = gbase is not None and gbase.is_contiguous() and gbase.dtype == ctx.meta[1]
@@ -217,14 +244,27 @@ class _CentredMoments(torch.autograd.Function):
         gx = torch.empty((N, C, Hp - 2 * ph, Wp - 2 * pw), dtype=d.dtype, device=d.device,
                          memory_format=ctx.memory_format)
         gx.copy_(d[:, ph:Hp - ph, pw:Wp - pw].permute(0, 3, 1, 2))
-        return gx, None, None
+        return gx, None, None, None
 
 
-def _moments(src, rows):
-    """``_CentredMoments`` in float32 at least, autocast off: ``(mean, cov)`` (+ the padded copy)."""
+def _sync_group(layer: nn.Module):
+    """The process group a training forward of ``layer`` all-reduces over, or ``None``.
+
+    The rule of :class:`torch.nn.SyncBatchNorm`: only in training, only with ``torch.distributed``
+    initialised, and only when the group has more than one rank (``process_group=None`` on a
+    synchronised layer means the default group).  Everything else computes local statistics.
+    """
+    if not (getattr(layer, "sync", False) and layer.training and dist.is_available() and dist.is_initialized()):
+        return None
+    group = layer.process_group if layer.process_group is not None else dist.group.WORLD
+    return group if dist.get_world_size(group) > 1 else None
+
+
+def _moments(src, rows, group=None):
+    """``_CentredMoments`` in float32 at least, autocast off: ``(mean, cov, n)`` (+ the padded copy)."""
     work = torch.promote_types(src.dtype, torch.float32)
     with torch.autocast(device_type=src.device.type, enabled=False), matmul_precision(src.device):
-        return _CentredMoments.apply(src, rows, work)
+        return _CentredMoments.apply(src, rows, work, group)
 
 
 def _whiten(mean, cov, *, eps, method, n_iter, tol, order=None, centred=True):
@@ -287,7 +327,16 @@ def _solver_repr(m) -> str:
     s = f"n_iter={m.n_iter}, eps={m.eps:g}, momentum={m.momentum:g}"
     if m.method != "coupled" or m.tol is not None:
         s += f", method={m.method!r}, tol={m.tol}"
-    return s
+    return s + (", sync=True" if m.sync else "")
+
+
+def _set_sync(layer: nn.Module, process_group, sync: bool) -> None:
+    """``layer.sync`` / ``layer.process_group``: whether, and over which group, training statistics are
+    all-reduced (``process_group=None`` with ``sync=True``: the default group, looked up at forward time)."""
+    if process_group is not None and not (dist.is_available() and isinstance(process_group, dist.ProcessGroup)):
+        raise TypeError(f"expected process_group to be a torch.distributed.ProcessGroup or None, got "
+                        f"{type(process_group).__name__}; create one with torch.distributed.new_group(ranks)")
+    layer.process_group, layer.sync = process_group, bool(sync)
 
 
 def _add_missing_counter(module, state_dict, prefix, key="running_mean"):
@@ -361,6 +410,11 @@ class Deconv2d(nn.Module):
         :func:`nsiter.inv_sqrtm` (differentiable; its input checks cost host syncs).
     tol : float, optional
         Stopping tolerance for :func:`nsiter.inv_sqrtm`.
+    process_group : torch.distributed.ProcessGroup, optional
+        Training statistics over the global batch of this group's ranks (see
+        :func:`convert_sync_deconv`, which also synchronises over the default group); ``None``
+        (default): statistics of the local batch.  Attribute ``sync`` says whether the layer
+        synchronises.
     device, dtype
         Factory keywords of the parameters and buffers.
 
@@ -404,9 +458,10 @@ class Deconv2d(nn.Module):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
                  bias=True, block_size=None, sampling_stride=3, n_iter=5, eps=1e-5, momentum=0.1,
                  grouping="reference", *, freeze=False, freeze_iter=100, track_running_stats=True,
-                 sampling="grid", method="coupled", tol=None, device=None, dtype=None):
+                 sampling="grid", method="coupled", tol=None, process_group=None, device=None, dtype=None):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
+        _set_sync(self, process_group, process_group is not None)
         in_channels = check_positive_int(in_channels, "in_channels")
         out_channels = check_positive_int(out_channels, "out_channels")
         groups = check_positive_int(groups, "groups")
@@ -573,7 +628,7 @@ class Deconv2d(nn.Module):
     def _statistics(self, x: torch.Tensor):
         """``(mean, D, xs)``: the batch statistics and the padded channels-last copy ``xs`` they read."""
         rows, order = self._sample_rows(x)
-        mean, cov, xs = _moments(x, rows)
+        mean, cov, _, xs = _moments(x, rows, _sync_group(self))
         mean, D = _whiten(mean, cov, eps=self.eps, method=self.method, n_iter=self.n_iter, tol=self.tol,
                           order=order)
         G, S = self.groups, self._shared
@@ -676,7 +731,7 @@ class ChannelDeconv(nn.Module):
     covariance : {"uncentred", "centred"}, default "uncentred"
         See :data:`COVARIANCES`; ``"uncentred"`` is what the reference code and the paper's
         experiments used.
-    method, tol
+    method, tol, process_group
         As in :class:`Deconv2d`.
     device, dtype
         Factory keywords of the buffers.
@@ -697,9 +752,10 @@ class ChannelDeconv(nn.Module):
     """
 
     def __init__(self, block, eps=1e-2, n_iter=5, momentum=0.1, sampling_stride=3, *, covariance="uncentred",
-                 method="coupled", tol=None, device=None, dtype=None):
+                 method="coupled", tol=None, process_group=None, device=None, dtype=None):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
+        _set_sync(self, process_group, process_group is not None)
         self.block = check_positive_int(block, "block")
         self.method, self.n_iter, self.tol, self.eps, self.momentum = _check_solver(method, n_iter, tol, eps,
                                                                                    momentum)
@@ -738,7 +794,8 @@ class ChannelDeconv(nn.Module):
         x1 = x[:, :c].transpose(0, 1).reshape(B, -1)  # row k: channels [k c/B, (k+1) c/B) x (N, H, W)
         if self.training:
             rows = _Rows(lambda t: t[:, ::step].t()[None], 1, covers=step == 1)
-            mean1, D = _whiten(*_moments(x1, rows), eps=self.eps, method=self.method, n_iter=self.n_iter,
+            group = _sync_group(self)
+            mean1, D = _whiten(*_moments(x1, rows, group)[:2], eps=self.eps, method=self.method, n_iter=self.n_iter,
                                tol=self.tol, centred=self.covariance == "centred")
             mean1, D = mean1[0][:, None], D[0]
             first = self.num_batches_tracked == 0
@@ -751,14 +808,16 @@ class ChannelDeconv(nn.Module):
         if c != C:  # the remaining channels: one mean and variance
             rest = x[:, c:]
             if self.training:
-                xs = rest.reshape(N, -1)[:, ::step]
-                mean2, var = xs.mean(), xs.var()
+                # one feature: the (N, (C - c) H W) values, every step-th of each sample's, as one column
+                view = lambda t: t.reshape(N, -1)[:, ::step][None, :, :, None]  # noqa: E731
+                mean2, m2, n2 = _moments(rest, _Rows(view, 2, covers=step == 1), group)
+                mean2, var = mean2.reshape(()), m2.reshape(()) * (n2 / (n2 - 1))  # unbiased, as xs.var()
                 with torch.no_grad():
                     _lerp_first_copy(self.running_mean2, mean2, self.momentum, first)
                     _lerp_first_copy(self.running_var, var, self.momentum, first)
             else:
                 mean2, var = self.running_mean2, self.running_var
-            y = torch.cat([y, (rest - mean2) / (var + self.eps).sqrt()], dim=1)
+            y = torch.cat([y, ((rest - mean2) / (var + self.eps).sqrt()).to(x.dtype)], dim=1)
         if self.training:
             self.num_batches_tracked += 1
         return y.reshape(shape) if len(shape) == 2 else y
@@ -783,7 +842,7 @@ class Delinear(nn.Module):
     block : int, default 512
         ``B``, clamped to ``in_features``; it must divide ``in_features`` (an error names the gcd,
         which the reference code takes with a printed note).
-    method, tol
+    method, tol, process_group
         As in :class:`Deconv2d`.
     device, dtype
         Factory keywords.
@@ -799,9 +858,10 @@ class Delinear(nn.Module):
     """
 
     def __init__(self, in_features, out_features, bias=True, eps=1e-5, n_iter=5, momentum=0.1, block=512, *,
-                 method="coupled", tol=None, device=None, dtype=None):
+                 method="coupled", tol=None, process_group=None, device=None, dtype=None):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
+        _set_sync(self, process_group, process_group is not None)
         self.in_features = check_positive_int(in_features, "in_features")
         self.out_features = check_positive_int(out_features, "out_features")
         self.method, self.n_iter, self.tol, self.eps, self.momentum = _check_solver(method, n_iter, tol, eps,
@@ -847,7 +907,7 @@ class Delinear(nn.Module):
         B = self.block
         if self.training:
             src = x.contiguous()
-            mean, D = _whiten(*_moments(src, _Rows(lambda t: t.view(1, -1, B), 1)), eps=self.eps,
+            mean, D = _whiten(*_moments(src, _Rows(lambda t: t.view(1, -1, B), 1), _sync_group(self))[:2], eps=self.eps,
                               method=self.method, n_iter=self.n_iter, tol=self.tol)
             mean, D = mean[0], D[0]
             with torch.no_grad():
@@ -948,6 +1008,37 @@ def convert_to_deconv(model: nn.Module, *, block_size=64, sampling_stride=3, n_i
 
     convert(model)
     return model
+
+
+def convert_sync_deconv(module: nn.Module, process_group=None) -> nn.Module:
+    r"""Synchronise every deconvolution layer of ``module`` over ``process_group``, in place.
+
+    The counterpart of :meth:`torch.nn.SyncBatchNorm.convert_sync_batchnorm`: every
+    :class:`Deconv2d`, :class:`ChannelDeconv` and :class:`Delinear` inside ``module`` (``module``
+    itself included) computes its training statistics over the whole batch of all ranks of
+    ``process_group`` (``None``: the default group, looked up at each forward).  The count, the sums
+    and the centred cross-products are all-reduced before ``inv_sqrtm`` (``F^2 + F + 1`` numbers per
+    block and step) and their gradients are all-reduced in the backward, so outputs, input
+    gradients and running statistics are those of one process holding the global batch, and
+    weight gradients summed over the ranks (what ``DistributedDataParallel`` all-reduces) are the
+    global batch's.  The patches of a rank's images are its samples: with the default grid
+    sampling the union over ranks is the global batch's sample set.
+
+    As for ``SyncBatchNorm``, synchronisation happens in training mode only, with
+    ``torch.distributed`` initialised and the group holding more than one rank; otherwise the
+    layers compute local statistics.  Every rank must run the same sequence of training forwards
+    and backwards (each is a collective).  Convert before wrapping in ``DistributedDataParallel``.
+
+    Returns
+    -------
+    nn.Module
+        ``module`` (converted in place; a returned value, so that ``model =
+        convert_sync_deconv(model)`` reads as the batch-norm idiom does).
+    """
+    for m in module.modules():
+        if isinstance(m, (Deconv2d, ChannelDeconv, Delinear)):
+            _set_sync(m, process_group, True)
+    return module
 
 
 # ---- streaming statistics ----------------------------------------------------------------------
