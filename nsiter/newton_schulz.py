@@ -1002,7 +1002,13 @@ def _solve_tracked(be, arr, A3, spec, method, n_max, tol, tol_used, stop_early, 
         label = "auto:" + "+".join(m for m, on in (("accelerated", not use_eigh.all()), ("eigh", use_eigh.any()))
                                    if on)
 
-    Y0, Y0_64 = _initial(be, A64, c, dtype)
+    # the backend's fused solver takes the prepared input to the result (Y_0 and the scaling
+    # back formed per matrix inside it); otherwise Y_0 here and the result by _finish
+    solver = getattr(be.linalg, "coupled_solver", None)
+    solver = solver(n) if solver is not None and spec.runner == "coupled" else None
+    Y0 = Y0_64 = None
+    if solver is None:
+        Y0, Y0_64 = _initial(be, A64, c, dtype)
     ns_idx, eig_idx = np.flatnonzero(~use_eigh), np.flatnonzero(use_eigh)
     n_done = np.ones(nb, dtype=np.int64)
     best_iter = np.ones(nb, dtype=np.int64)
@@ -1015,7 +1021,14 @@ def _solve_tracked(be, arr, A3, spec, method, n_max, tol, tol_used, stop_early, 
         D, best_r[eig_idx], kappa[eig_idx] = _eigh_subset(be, be.take(A64, eig_idx), dtype, delta[eig_idx],
                                                           fro[eig_idx], eps, want, eigh_residual, s[eig_idx])
         parts.append((eig_idx, D))
-    if ns_idx.size:
+    if ns_idx.size and solver is not None:
+        out_ns, n_d, b_it, div, b_r, h_ns = _solve_fused(
+            be, solver, be.take(A64, ns_idx), be.take(c, ns_idx), be.take(s_arr, ns_idx), dtype, want,
+            None if coefs is None else coefs[ns_idx], n_max, tol_used, return_info, stop_early,
+            None if k_last is None else k_last[ns_idx])
+        n_run = int(n_d.max())
+        parts.append((ns_idx, out_ns))
+    elif ns_idx.size:
         Y0s, Y0s_64 = be.take(Y0, ns_idx), be.take(Y0_64, ns_idx)
         if spec.runner == "uncoupled":
             Z, n_d, n_run, b_it, div, b_r, h_ns = _run_uncoupled(be, Y0s, Y0s_64, n_max, tol=tol_used,
@@ -1029,6 +1042,7 @@ def _solve_tracked(be, arr, A3, spec, method, n_max, tol, tol_used, stop_early, 
             n_run = int(n_d.max())
         parts.append((ns_idx, _finish(be, Z, Y, be.take(A64, ns_idx), be.take(c, ns_idx), be.take(s_arr, ns_idx), want,
                                       dtype)))
+    if ns_idx.size:
         n_done[ns_idx], best_iter[ns_idx], diverged[ns_idx], best_r[ns_idx] = n_d, b_it, div, b_r
         if return_info:
             hist = np.empty((nb, n_run))
@@ -1081,6 +1095,26 @@ def _iterate_coupled(be, Y0, Y0_64, coefs, n_max, tol, record, stop_early, k_las
         b_it, b_r, div = b_it.copy(), b_r.copy(), div.copy()
         b_it[j], b_r[j], div[j] = it_r, r_r, True
     return Z, Y, n_d, b_it, div, b_r, hist
+
+
+def _solve_fused(be, solver, A64, c, s, dtype, want, coefs, n_max, tol, record, stop_early, k_last):
+    """:func:`_iterate_coupled` and :func:`_finish` in one call of the backend's fused solver
+    (``A = s A64``, ``Y_0 = A64 / c``): the same decisions, the same rerun with residuals of a
+    blown-up matrix.  Returns ``(out, n_done, best_iter, diverged, best_r, hist)``."""
+    out, n_d, b_it, div, b_r, hist, finite = solver(A64, c, s, dtype, want, coefs, n_max, tol=tol, record=record,
+                                                    stop_early=stop_early, k_last=k_last)
+    if record:
+        return out, n_d, b_it, div, b_r, hist
+    redo = div | ~finite
+    if redo.any():
+        j = np.flatnonzero(redo)
+        o_r, _, it_r, _, r_r, _, _ = solver(be.take(A64, j), be.take(c, j), be.take(s, j), dtype, want,
+                                            None if coefs is None else coefs[j], max(int(n_d[j].max()), 1),
+                                            tol=None, record=True, stop_early=False)
+        out = be.put(out, j, o_r)
+        b_it, b_r, div = b_it.copy(), b_r.copy(), div.copy()
+        b_it[j], b_r[j], div[j] = it_r, r_r, True
+    return out, n_d, b_it, div, b_r, hist
 
 
 def inv_sqrtm(A, *, method="coupled", n_iter=None, tol=None, scaling="fro", eps=0.0, return_info=False):

@@ -9,12 +9,17 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from .._config import jit, prange
 from .._policy import BLOWUP_GROWTH, BLOWUP_SQRT_N, STAGNATION_BELOW, STAGNATION_RATIO
 
 __all__ = [
     "_psd_probe", "_psd_probe_serial", "_spectrum_estimates_serial", "_coupled_ns_parallel", "_coupled_ns_serial",
+    "_coupled_solve_parallel", "_coupled_solve_serial",
     "_eigh_power", "_eigh_power_serial", "_prepare", "_prepare_serial",
 ]
 
@@ -206,6 +211,98 @@ def _mm(A, B, C):
                 C[i, j] += a * B[k, j]
 
 
+# ---------------------------------------------------------------- register-blocked products
+# The products of the fused iteration run on zero-padded C-contiguous buffers: columns padded
+# to a multiple of one 64-byte vector (16 float32 / 8 float64 lanes), rows to a multiple of
+# TILE_ROWS.  Zero padding is closed under the iteration's products and its entrywise steps on
+# the leading n x n block, so the padding stays zero and the leading block is the product.
+TILE_ROWS = 4
+_VECTOR_BYTES = 64
+_I32 = ir.IntType(32)
+
+
+def _tile_product(rows, vecs):
+    """An intrinsic ``tile(A, B, C, i0, j0, k_end)``: ``C[i0:i0+rows, j0:j0+vecs*L] =
+    A[i0:i0+rows, :k_end] @ B[:k_end, j0:j0+vecs*L]`` (``L`` lanes of one 64-byte vector) for
+    C-contiguous 2-D arrays of one float dtype, no bounds checks.
+
+    ``rows x vecs`` accumulator vectors stay in registers over the whole ``k`` loop (one
+    vector load per column block and one broadcast per row each step), each entry summed in
+    ``k`` order with correctly rounded fused multiply-adds (``llvm.fma``, what BLAS does;
+    not a fastmath flag).  Written at the LLVM level because neither of LLVM's vectorisers
+    keeps loop-carried accumulators of Numba code in vector registers.
+    """
+    @intrinsic
+    def tile(typingctx, A, B, C, i0, j0, k_end):
+        sig = types.void(A, B, C, i0, j0, k_end)
+
+        def codegen(context, builder, signature, args):
+            a_arr, b_arr, c_arr = (context.make_array(t)(context, builder, v)
+                                   for t, v in zip(signature.args[:3], args[:3]))
+            i0v, j0v, kend = args[3], args[4], args[5]
+            ety = context.get_value_type(signature.args[0].dtype)
+            size = context.get_abi_sizeof(ety)
+            lanes = _VECTOR_BYTES // size
+            vty = ir.VectorType(ety, lanes)
+            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty, vty, vty]),
+                                                 f"llvm.fma.v{lanes}f{8 * size}")
+            lda, ldb, ldc = (cgutils.unpack_tuple(builder, arr.shape, 2)[1] for arr in (a_arr, b_arr, c_arr))
+            zero = ir.Constant(vty, [ir.Constant(ety, 0.0)] * lanes)
+            undef = ir.Constant(vty, ir.Undefined)
+            splat = ir.Constant(ir.VectorType(_I32, lanes), [ir.Constant(_I32, 0)] * lanes)
+            idx = i0v.type
+            accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(vecs)] for _ in range(rows)]
+            a_rows = [builder.gep(a_arr.data, [builder.mul(builder.add(i0v, ir.Constant(idx, r)), lda)])
+                      for r in range(rows)]
+            with cgutils.for_range(builder, kend) as loop:
+                k = loop.index
+                brow = builder.gep(b_arr.data, [builder.add(builder.mul(k, ldb), j0v)])
+                bs = [builder.load(builder.bitcast(builder.gep(brow, [ir.Constant(idx, v * lanes)]),
+                                                   vty.as_pointer()), align=size) for v in range(vecs)]
+                for r in range(rows):
+                    a = builder.load(builder.gep(a_rows[r], [k]))
+                    s = builder.shuffle_vector(builder.insert_element(undef, a, ir.Constant(_I32, 0)), undef, splat)
+                    for v in range(vecs):
+                        builder.store(builder.call(fma, [s, bs[v], builder.load(accs[r][v])]), accs[r][v])
+            for r in range(rows):
+                crow = builder.gep(c_arr.data, [builder.add(builder.mul(builder.add(i0v, ir.Constant(idx, r)), ldc),
+                                                            j0v)])
+                for v in range(vecs):
+                    dst = builder.bitcast(builder.gep(crow, [ir.Constant(idx, v * lanes)]), vty.as_pointer())
+                    builder.store(builder.load(accs[r][v]), dst, align=size)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return tile
+
+
+_tile_2v = _tile_product(TILE_ROWS, 2)
+_tile_1v = _tile_product(TILE_ROWS, 1)
+
+
+@jit
+def _padded_shape(n, itemsize):
+    """``(rows, cols)`` of the padded buffer of an ``n x n`` matrix (see :func:`_mm_padded`)."""
+    lanes = _VECTOR_BYTES // itemsize
+    return -(-n // TILE_ROWS) * TILE_ROWS, -(-n // lanes) * lanes
+
+
+@jit
+def _mm_padded(A, B, C, n):
+    """``C = A[:, :n] @ B[:n]`` on padded buffers (:func:`_padded_shape`, one dtype): row tiles of
+    :data:`TILE_ROWS`, column tiles of two vectors and a one-vector tail."""
+    rows, cols = C.shape
+    step = 2 * (_VECTOR_BYTES // C.itemsize)
+    for i0 in range(0, rows, TILE_ROWS):
+        j0 = 0
+        while j0 + step <= cols:
+            _tile_2v(A, B, C, i0, j0, n)
+            j0 += step
+        if j0 < cols:
+            _tile_1v(A, B, C, i0, j0, n)
+
+
 @jit
 def _sum_squares(row, lo, hi):
     """``sum(row[lo:hi]**2)`` in float64 with four independent chains (a reduction cannot be
@@ -260,7 +357,8 @@ def _coupled_ns_one(Y0, Y0_64, coefs, n_max, k_last, record, stop_early, tol,
     Step ``k``: ``M = Z Y``, ``T = a_k I + b_k M + c_k M^2``, ``Y <- Y T``, ``Z <- T Z`` with
     ``(a_k, b_k, c_k) = coefs[k]`` (working dtype, ``n_max`` rows; the classic step is
     ``(3/2, -1/2, 0)``).  Step 0 uses ``Z_0 = I`` (``M = Y_0``, ``Z_1 = T``: two products
-    saved, bit-identical).
+    saved, bit-identical).  The iterates live in zero-padded buffers and every product is
+    the register-blocked :func:`_mm_padded` (no BLAS call per product).
 
     ``record`` stores the float64 residual ``r_k = ||Z_k Z_k Y_0 - I||_F`` of every iterate
     in ``hist[k-1]``.  ``stop_early`` stops the matrix at the first iterate whose free
@@ -280,13 +378,16 @@ def _coupled_ns_one(Y0, Y0_64, coefs, n_max, k_last, record, stop_early, tol,
     ``info_f = [residual r of the returned iterate]`` (``nan`` when not evaluated).
     """
     n = Y0.shape[0]
-    Y = Y0.copy()
-    Z = np.zeros_like(Y0)
+    shape = _padded_shape(n, Y0.itemsize)  # every product on zero-padded buffers
+    Y = np.zeros(shape, dtype=Y0.dtype)
+    Z = np.zeros(shape, dtype=Y0.dtype)
     for i in range(n):
         Z[i, i] = 1.0
-    M = np.empty_like(Y0)
-    T = np.empty_like(Y0)
-    W = np.empty_like(Y0)
+        for j in range(n):
+            Y[i, j] = Y0[i, j]
+    M = np.zeros(shape, dtype=Y0.dtype)
+    T = np.zeros(shape, dtype=Y0.dtype)
+    W = np.zeros(shape, dtype=Y0.dtype)
     Zb = Z.copy()
     Yb = Y.copy()
     R1 = np.empty((n, n))
@@ -310,9 +411,9 @@ def _coupled_ns_one(Y0, Y0_64, coefs, n_max, k_last, record, stop_early, tol,
                 for j in range(n):
                     M[i, j] = Y[i, j]
         else:
-            _mm(Z, Y, M)
+            _mm_padded(Z, Y, M, n)
         if stop_early and k >= 1 and not use_metric:
-            rho = _fro_minus_identity(M)  # residual of iterate k, for free
+            rho = _fro_minus_identity(M[:n, :n])  # residual of iterate k, for free
             if not np.isfinite(rho) or rho > BLOWUP_GROWTH * best or rho > big:
                 # without ``record`` no copies are kept: the caller reruns with ``record``
                 diverged = True
@@ -325,7 +426,7 @@ def _coupled_ns_one(Y0, Y0_64, coefs, n_max, k_last, record, stop_early, tol,
             prev = rho
             if rho <= tol or stag:
                 if not record:
-                    r = _residual_one(Z, Y0_64, R1, R2)
+                    r = _residual_one(Z[:n, :n], Y0_64, R1, R2)
                 if r <= tol or stag:
                     best_r = r
                     best_k = k
@@ -343,7 +444,7 @@ def _coupled_ns_one(Y0, Y0_64, coefs, n_max, k_last, record, stop_early, tol,
         b = coefs[k, 1]
         c = coefs[k, 2]
         if c != 0.0:
-            _mm(M, M, T)
+            _mm_padded(M, M, T, n)
             for i in range(n):
                 for j in range(n):
                     T[i, j] = c * T[i, j] + b * M[i, j]
@@ -358,11 +459,11 @@ def _coupled_ns_one(Y0, Y0_64, coefs, n_max, k_last, record, stop_early, tol,
                 for j in range(n):
                     Z[i, j] = T[i, j]
         else:
-            _mm(T, Z, W)
+            _mm_padded(T, Z, W, n)
             Z, W = W, Z
         done = k + 1
         if record or use_metric or (stop_early and done == k_last):
-            r = _residual_one(Z, Y0_64, R1, R2)
+            r = _residual_one(Z[:n, :n], Y0_64, R1, R2)
             if record:
                 hist[k] = r
             if stop_early and done == k_last and not use_metric and r <= tol:
@@ -371,7 +472,7 @@ def _coupled_ns_one(Y0, Y0_64, coefs, n_max, k_last, record, stop_early, tol,
                 best_k = done
                 stopped = True
                 break
-        _mm(Y, T, W)
+        _mm_padded(Y, T, W, n)
         Y, W = W, Y
         if record or use_metric:
             finite = np.isfinite(r)
@@ -393,20 +494,20 @@ def _coupled_ns_one(Y0, Y0_64, coefs, n_max, k_last, record, stop_early, tol,
                     break
                 prev = r
     if restore or (diverged and record and not stop_early):
-        Z_out[:, :] = Zb
-        Y_out[:, :] = Yb
+        Z_out[:, :] = Zb[:n, :n]
+        Y_out[:, :] = Yb[:n, :n]
         best_k = best_mk
         best_r = best_m
     else:
-        Z_out[:, :] = Z
-        Y_out[:, :] = Y
+        Z_out[:, :] = Z[:n, :n]
+        Y_out[:, :] = Y[:n, :n]
         if not stopped and not diverged:
             # fixed count, or the cap was reached: the last iterate
             best_k = done
             if record:
                 best_r = r
             elif stop_early:
-                best_r = _residual_one(Z, Y0_64, R1, R2)
+                best_r = _residual_one(Z[:n, :n], Y0_64, R1, R2)
             else:
                 best_r = np.nan
     info_i[0] = done
@@ -431,6 +532,65 @@ def _coupled_ns_serial(Y0, Y0_64, coefs, n_max, k_last, record, stop_early, tol,
     for b in range(Y0.shape[0]):
         _coupled_ns_one(Y0[b], Y0_64[b], coefs[b], n_max, k_last[b], record, stop_early, tol,
                         Z_out[b], Y_out[b], hist[b], info_i[b], info_f[b])
+
+
+@jit
+def _coupled_solve_one(A64, c, s, want_sqrt, coefs, n_max, k_last, record, stop_early, tol,
+                       out, hist, info_i, info_f):
+    """:func:`_coupled_ns_one` from ``A = s A64`` to the result, in one pass per matrix.
+
+    ``Y_0 = A64 / c`` is formed here as the driver's ``_initial`` forms it (in the working
+    dtype of ``out``: entries rounded to it, then divided by ``c`` rounded to it; its float64
+    twin only when a residual is evaluated), and ``out = Z / (sqrt(c) sqrt(s))`` or
+    ``Y (sqrt(c) sqrt(s))`` (``want_sqrt``) as ``_finish`` forms it (in float64, rounded once
+    to the working dtype): bit-identical to the three separate passes, without their batch
+    temporaries.  ``info_i[3] = 1`` when the returned ``Z`` is finite.
+    """
+    n = A64.shape[0]
+    Y0 = np.empty((n, n), dtype=out.dtype)
+    cw = np.empty(1, dtype=out.dtype)
+    cw[0] = c
+    for i in range(n):
+        for j in range(n):
+            Y0[i, j] = A64[i, j]
+            Y0[i, j] = Y0[i, j] / cw[0]
+    if record or stop_early:
+        Y0_64 = np.empty((n, n))
+        for i in range(n):
+            for j in range(n):
+                Y0_64[i, j] = A64[i, j] / c
+    else:
+        Y0_64 = np.empty((0, 0))
+    Z = np.empty_like(Y0)
+    Y = np.empty_like(Y0)
+    _coupled_ns_one(Y0, Y0_64, coefs, n_max, k_last, record, stop_early, tol, Z, Y, hist, info_i, info_f)
+    f = np.sqrt(c) * np.sqrt(s)  # sqrt(s) is a power of two: f is sqrt(c) scaled exactly
+    finite = True
+    for i in range(n):
+        for j in range(n):
+            z = Z[i, j]
+            if not np.isfinite(z):
+                finite = False
+            out[i, j] = float(Y[i, j]) * f if want_sqrt else float(z) / f
+    info_i[3] = 1 if finite else 0
+
+
+@jit(parallel=True)
+def _coupled_solve_parallel(A64, c, s, want_sqrt, coefs, n_max, k_last, record, stop_early, tol,
+                            out, hist, info_i, info_f):
+    """:func:`_coupled_solve_one` over the batch, one matrix per thread."""
+    for b in prange(A64.shape[0]):
+        _coupled_solve_one(A64[b], c[b], s[b], want_sqrt, coefs[b], n_max, k_last[b], record, stop_early, tol,
+                           out[b], hist[b], info_i[b], info_f[b])
+
+
+@jit
+def _coupled_solve_serial(A64, c, s, want_sqrt, coefs, n_max, k_last, record, stop_early, tol,
+                          out, hist, info_i, info_f):
+    """:func:`_coupled_solve_one` over the batch in order (a single matrix: no thread pool)."""
+    for b in range(A64.shape[0]):
+        _coupled_solve_one(A64[b], c[b], s[b], want_sqrt, coefs[b], n_max, k_last[b], record, stop_early, tol,
+                           out[b], hist[b], info_i[b], info_f[b])
 
 
 @jit

@@ -16,6 +16,8 @@ import numpy as np
 from ._newton_schulz import (
     _coupled_ns_parallel,
     _coupled_ns_serial,
+    _coupled_solve_parallel,
+    _coupled_solve_serial,
     _eigh_power,
     _eigh_power_serial,
     _prepare,
@@ -25,7 +27,7 @@ from ._newton_schulz import (
     _spectrum_estimates_serial,
 )
 
-__all__ = ["prepare", "probe", "eigh_power", "coupled_kernel", "auto_may_use_eigh"]
+__all__ = ["prepare", "probe", "eigh_power", "coupled_kernel", "coupled_solver", "auto_may_use_eigh"]
 
 # One matrix per Numba thread for a batch up to this size; above it the batch runs in
 # order and the BLAS library's own threads share each product.
@@ -129,6 +131,46 @@ def _coupled_fused(Y0, Y0_64, coefs, n_max, *, tol, record, stop_early, k_last=N
     kernel(np.ascontiguousarray(Y0), np.ascontiguousarray(Y0_64), coefs, n_max, k_last, record, stop_early,
            float(tol or 0.0), Z, Y, hist, info_i, info_f)
     return Z, Y, info_i[:, 0], info_i[:, 1], info_i[:, 2].astype(bool), info_f[:, 0], hist
+
+
+def _coupled_solve(A64, c, s, dtype, want, coefs, n_max, *, tol, record, stop_early, k_last=None):
+    """:func:`_coupled_fused` from the prepared input to the result (``_coupled_solve_one``:
+    ``Y_0`` and the scaled result formed per matrix, no batch temporaries).  Returns
+    ``(out, n_done, returned_iter, diverged, returned_r, hist, finite)``, ``finite``: the
+    returned ``Z`` is finite."""
+    nb, n, _ = A64.shape
+    dtype = np.dtype(dtype)
+    out = np.empty((nb, n, n), dtype=dtype)
+    hist = np.full((nb, n_max if record else 1), np.nan)
+    info_i = np.zeros((nb, 4), dtype=np.int64)
+    info_f = np.zeros((nb, 1))
+    if coefs is None:
+        coefs = np.ascontiguousarray(np.broadcast_to(_classic_coefs(dtype, n_max), (nb, n_max, 3)))
+    else:
+        coefs = np.ascontiguousarray(coefs[:, :n_max], dtype=dtype)
+    k_last = _NO_K_LAST[:1].repeat(nb) if k_last is None else np.ascontiguousarray(k_last, dtype=np.int64)
+    kernel = _coupled_solve_parallel if _use_thread_pool(n, nb) else _coupled_solve_serial
+    kernel(np.ascontiguousarray(A64), np.ascontiguousarray(c, dtype=np.float64),
+           np.ascontiguousarray(s, dtype=np.float64), want == "sqrt", coefs, n_max, k_last, record, stop_early,
+           float(tol or 0.0), out, hist, info_i, info_f)
+    return out, info_i[:, 0], info_i[:, 1], info_i[:, 2].astype(bool), info_f[:, 0], hist, info_i[:, 3].astype(bool)
+
+
+_NO_K_LAST = np.zeros(1, dtype=np.int64)
+
+
+@functools.lru_cache(maxsize=64)
+def _classic_coefs(dtype, n_max):
+    """The classic step's ``(3/2, -1/2, 0)`` for ``n_max`` steps, read-only."""
+    coefs = np.tile(np.array([1.5, -0.5, 0.0], dtype=dtype), (n_max, 1))
+    coefs.flags.writeable = False
+    return coefs
+
+
+def coupled_solver(n: int):
+    """The fused Numba iteration for size ``n`` taking the prepared input to the result
+    (:func:`_coupled_solve`), or ``None``."""
+    return _coupled_solve if n <= NUMBA_MAX_N else None
 
 
 def coupled_kernel(n: int):
