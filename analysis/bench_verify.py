@@ -2,11 +2,13 @@
 
 Goal (issue 5): the CLI check of a 27 x 27 covariance completes well under a second once the
 Numba cache is warm.  Measured in the same run:
-- in process: ``verify_whitening`` (default: coupled + uncoupled + eigh, 50 iterations), its
-  parts (one ``inv_sqrtm`` call, the float64 ``eigh`` reference) and a scipy peer
-  (``inv(sqrtm(C))``);
+- in process: ``verify_whitening`` (default: coupled + uncoupled + eigh, 50 iterations; it runs
+  on the numpy backend's array kernels, see ``nsiter._backend``), its parts (one ``inv_sqrtm``
+  call on each kernel set, the float64 ``eigh`` reference) and a scipy peer (``inv(sqrtm(C))``);
 - CLI wall time (fresh ``python -m nsiter.cli verify`` processes after two warm-up runs), next
   to its floors: ``python -c "import numpy"`` and ``nsiter --version`` (Python + package import).
+Start-up itself (issue 17: ``import nsiter``, ``nsiter verify`` as whole processes, many repeats):
+``analysis/bench_startup.py``.
 """
 from __future__ import annotations
 
@@ -33,6 +35,13 @@ def image_covariance(path=None) -> np.ndarray:
     return (C + C.T) / 2
 
 
+def _on_array_kernels(fn):
+    from nsiter._backend import numpy_kernels
+
+    with numpy_kernels("array"):
+        return fn()
+
+
 def wall(cmd, repeat: int) -> float:
     for _ in range(2):  # warm the Numba cache and the OS file cache
         subprocess.run(cmd, capture_output=True, check=False)
@@ -57,8 +66,10 @@ def main(argv=None):
     cases = [
         ("verify_whitening, 3 methods x 50 iterations", lambda: nsiter.verify_whitening(C)),
         ("verify_whitening, coupled + eigh", lambda: nsiter.verify_whitening(C, methods=("coupled", "eigh"))),
-        ("  inv_sqrtm coupled, 50 iterations + residuals",
+        ("  inv_sqrtm coupled, 50 iterations + residuals (Numba kernels)",
          lambda: nsiter.inv_sqrtm(C, method="coupled", n_iter=50, return_info=True)),
+        ("  inv_sqrtm coupled, 50 iterations + residuals (array kernels)", lambda: _on_array_kernels(
+            lambda: nsiter.inv_sqrtm(C, method="coupled", n_iter=50, return_info=True))),
         ("  numpy eigh (the float64 reference)", lambda: np.linalg.eigh(C)),
         ("  peer: scipy inv(sqrtm(C))", lambda: scipy.linalg.inv(scipy.linalg.sqrtm(C))),
     ]

@@ -6,7 +6,7 @@ dispatched to an optional backend.
 """
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version as _version
+import sys as _sys
 
 from . import data
 from ._warnings import IllConditionedWarning, NewtonSchulzDivergenceWarning, NsiterWarning
@@ -20,10 +20,11 @@ from .newton_schulz import NewtonSchulzInfo, inv_sqrtm, sqrtm_psd
 from .verification import WhiteningReport, verify_whitening
 from .whitening import deconvolution_kernel, deconvolve_image, fold_deconvolution, whiten
 
-try:
-    __version__ = _version("nsiter")
-except PackageNotFoundError:  # running from a source tree without installation
-    __version__ = "0.0.0+unknown"
+# Numba, SciPy, matplotlib, torch and Dask load on first use, and nsiter's Numba kernels with the
+# first call that needs them.  A process that imported Numba already gets nsiter's threading-layer
+# choice now, before its own parallel kernels can fix the layer (nsiter._config).
+if "numba" in _sys.modules:
+    from . import _config  # noqa: F401
 
 __all__ = [
     "__version__",
@@ -61,10 +62,27 @@ __all__ = [
 ]
 
 
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("nsiter")
+    except PackageNotFoundError:  # running from a source tree without installation
+        return "0.0.0+unknown"
+
+
 def __getattr__(name):
-    """``nsiter.deconvnet`` loads on first use: its Numba kernels stay out of ``import nsiter``."""
+    """Loaded on first use, to keep ``import nsiter`` short: ``nsiter.deconvnet`` (its Numba
+    kernels) and ``nsiter.__version__`` (:mod:`importlib.metadata` reads the installed metadata)."""
     if name == "deconvnet":
         import importlib
 
         return importlib.import_module("nsiter.deconvnet")
+    if name == "__version__":
+        globals()["__version__"] = value = _package_version()
+        return value
     raise AttributeError(f"module 'nsiter' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -10,11 +10,29 @@ eigh, fused iterations) and ``be.patches`` (im2col, col2im, patch moments), from
 
 ``import nsiter`` never imports torch: :func:`backend` returns the torch backend only for
 tensors (:func:`nsiter._validation.is_tensor` checks ``sys.modules`` first), and imports
-:mod:`nsiter._torch` lazily then.
+:mod:`nsiter._torch` lazily then.  Nor does it import Numba: a kernel module loads on first use
+(``be.linalg``, ``be.patches``), and the Numba kernels it defines with it.
+
+Kernel selection of the numpy backend
+-------------------------------------
+numpy arrays have two kernel sets for the linear algebra (``be.linalg``), one algorithm:
+
+* ``"numba"`` (the default): :mod:`nsiter._numba.linalg`, the fused Numba kernels;
+* ``"array"``: :mod:`nsiter._numpy.linalg`, the same kernels written with numpy (LAPACK, BLAS
+  ``@``), whose iteration is the array code of :mod:`nsiter.newton_schulz`.  Same decisions,
+  results equal up to rounding (``tests/test_startup.py``).
+
+The rule: the one-off check, :func:`nsiter.verify_whitening` (hence ``nsiter verify``), selects
+``"array"`` with :func:`numpy_kernels`: it runs each method once on one matrix, where loading
+Numba and its cached kernels costs far more than the kernels save (``analysis/results/startup.md``).
+Every other call takes ``"numba"``, whatever its size, so that a matrix gets the same bits alone
+or in a batch; the choice never depends on what the process has loaded before.
+``be.patches`` is :mod:`nsiter._numba.patches` in both sets.
 """
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import importlib
 
@@ -22,31 +40,37 @@ import numpy as np
 
 from ._validation import is_tensor
 
-__all__ = ["Backend", "backend", "is_tensor"]
+__all__ = ["Backend", "backend", "is_tensor", "numpy_kernels", "NUMPY_KERNELS"]
+
+#: The numpy backend's kernel sets: name -> the module of its ``be.linalg`` (see the module docstring).
+NUMPY_KERNELS = {"numba": "nsiter._numba.linalg", "array": "nsiter._numpy.linalg"}
+_NUMPY_KERNELS = contextvars.ContextVar("nsiter_numpy_kernels", default="numba")
 
 
 class Backend:
     """Operations on the arrays of one library (see the module docstring)."""
 
-    def __init__(self, name: str, xp, package: str):
+    def __init__(self, name: str, xp, package: str, linalg: str | None = None, kernels: str = ""):
         self.name = name
         self.xp = xp
         self.torch = name == "torch"
         self._package = package
+        self._linalg = linalg or package + ".linalg"
+        self.kernels = kernels  #: the kernel set (numpy: a key of :data:`NUMPY_KERNELS`)
         self.base = importlib.import_module(package)
 
     @functools.cached_property
     def linalg(self):
-        """Kernel module of the Newton–Schulz and eigh paths."""
-        return importlib.import_module(self._package + ".linalg")
+        """Kernel module of the Newton–Schulz and eigh paths (imported on first use)."""
+        return importlib.import_module(self._linalg)
 
     @functools.cached_property
     def patches(self):
-        """Kernel module of im2col, col2im and the patch moments."""
+        """Kernel module of im2col, col2im and the patch moments (imported on first use)."""
         return importlib.import_module(self._package + ".patches")
 
     def __repr__(self) -> str:
-        return f"<nsiter backend {self.name!r}>"
+        return f"<nsiter backend {self.name!r}" + (f" kernels={self.kernels!r}>" if self.kernels else ">")
 
     # ------------------------------------------------------------------ transfers
     def host(self, a) -> np.ndarray:
@@ -108,10 +132,10 @@ class Backend:
 
 
 @functools.lru_cache(maxsize=None)
-def _numpy_backend() -> Backend:
+def _numpy_backend(kernels: str = "numba") -> Backend:
     import array_api_compat.numpy as xp
 
-    return Backend("numpy", xp, "nsiter._numba")
+    return Backend("numpy", xp, "nsiter._numba", NUMPY_KERNELS[kernels], kernels)
 
 
 @functools.lru_cache(maxsize=None)
@@ -122,5 +146,19 @@ def _torch_backend() -> Backend:
 
 
 def backend(*arrays) -> Backend:
-    """The backend of ``arrays``: torch if any is a tensor, else numpy."""
-    return _torch_backend() if is_tensor(*arrays) else _numpy_backend()
+    """The backend of ``arrays``: torch if any is a tensor, else numpy (with the kernel set of
+    :func:`numpy_kernels`)."""
+    return _torch_backend() if is_tensor(*arrays) else _numpy_backend(_NUMPY_KERNELS.get())
+
+
+@contextlib.contextmanager
+def numpy_kernels(kernels: str):
+    """Within the block, numpy arrays use the kernel set ``kernels`` (a key of
+    :data:`NUMPY_KERNELS`) in this thread or task (a :mod:`contextvars` variable); restored after."""
+    if kernels not in NUMPY_KERNELS:
+        raise ValueError(f"unknown numpy kernel set {kernels!r}; choose from: {', '.join(NUMPY_KERNELS)}")
+    token = _NUMPY_KERNELS.set(kernels)
+    try:
+        yield
+    finally:
+        _NUMPY_KERNELS.reset(token)

@@ -14,8 +14,10 @@ Numba picks the layer that runs ``prange`` loops when the first parallel kernel 
 default it takes GNU OpenMP on Linux, which is not fork-safe: a ``multiprocessing`` fork pool
 or a torch ``DataLoader(num_workers > 0)`` whose workers call nsiter then dies with "fork()
 called from a process already using GNU OpenMP".  ``workqueue`` is fork-safe but not
-thread-safe (two Python threads in parallel kernels abort the process).  So, at import and
-before any kernel is defined:
+thread-safe (two Python threads in parallel kernels abort the process).  So, when this module
+is imported, which happens before any kernel is defined (every kernel module imports it first;
+``import nsiter`` imports no Numba, and imports this module only when Numba is imported already,
+so that a user's own parallel kernels run under nsiter's choice too):
 
 1. TBB (fork- and thread-safe) is made loadable: the ``tbb`` wheel, a dependency of nsiter
    where wheels exist, puts ``libtbb`` in ``sys.prefix/lib``, where the dynamic loader does
@@ -25,15 +27,15 @@ before any kernel is defined:
    interface version checked against Numba's minimum, and ``tbbpool`` imported.
 2. The layer: a layer the user chose (``NUMBA_THREADING_LAYER`` or
    ``NUMBA_THREADING_LAYER_PRIORITY``, in the environment, ``.numba_config.yaml`` or
-   ``numba.config`` before importing nsiter) is kept; else ``"tbb"`` when
+   ``numba.config`` before nsiter's kernels load) is kept; else ``"tbb"`` when
    step 1 worked (as fast as OpenMP); else ``"workqueue"``: fork-safe, but with more overhead
    per parallel region on small batched ``inv_sqrtm`` -- fork safety first; a user who never
    forks may set ``NUMBA_THREADING_LAYER=omp`` (measurements: ``analysis/results/threading.md``).  Under workqueue the parallel kernel calls are
    serialised process-wide by :data:`_KERNEL_LOCK`, so concurrent Python threads wait instead
    of aborting.  The lock is held across ``os.fork`` so a child never inherits it locked nor a
    parallel region half-run.  It also serialises user-chosen layers that may turn out to be
-   ``workqueue``.  If a parallel Numba kernel ran before nsiter was imported, the layer is
-   fixed already and only reported.
+   ``workqueue``.  If a parallel Numba kernel ran before this module was imported, the
+   layer is fixed already and only reported.
 
 :data:`THREADING` records the decision; ``numba.threading_layer()`` confirms it once a parallel
 kernel has run (``tests/test_parallel.py``; speed: ``analysis/results/threading.md``).
@@ -126,7 +128,7 @@ def _choose_threading_layer() -> ThreadingChoice:
     return ThreadingChoice(layer, source, tbb, not (layer in _THREAD_SAFE_LAYERS or takes_tbb))
 
 
-#: The threading-layer decision, made once at import.
+#: The threading-layer decision, made once, when this module is imported.
 THREADING = _choose_threading_layer()
 
 #: Held by every parallel kernel call when :attr:`ThreadingChoice.serialised` (and across ``os.fork``).

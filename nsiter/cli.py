@@ -7,10 +7,6 @@ import json
 import platform
 import sys
 
-import numba
-import numpy
-
-from . import __version__
 from ._cli_common import EXIT_INTERRUPTED, EXIT_OK, EXIT_OUTPUT, EXIT_USAGE, _Parser, _UsageError, write_stdout
 from ._stats_cli import add_stats_parser
 from ._verify_cli import add_verify_parser
@@ -19,7 +15,13 @@ __all__ = ["main"]
 
 
 def _cmd_info(args) -> int:
-    import scipy  # on first use, as in nsiter.kernel_estimation
+    # on first use: ``nsiter verify`` and ``nsiter --version`` load none of them
+    import numba
+    import numpy
+    import scipy
+
+    from . import __version__
+    from ._config import THREADING  # noqa: F401  (nsiter's threading-layer choice, made as its kernels load)
 
     info = {
         "nsiter": __version__,
@@ -44,9 +46,27 @@ def _cmd_info(args) -> int:
     return write_stdout("nsiter info", text + "\n") or EXIT_OK
 
 
+class _VersionAction(argparse.Action):
+    """``--version``: argparse's version action, with the version read (:mod:`importlib.metadata`)
+    only when it is asked for."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS,
+                 help="show program's version number and exit"):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from . import __version__
+
+        try:  # as argparse prints it; main() flushes and reports a failed write
+            sys.stdout.write(f"nsiter {__version__}\n")
+        except (AttributeError, OSError):
+            pass
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="nsiter", description="Network-deconvolution numerics: whitening checks and tools.")
-    parser.add_argument("--version", action="version", version=f"nsiter {__version__}")
+    parser.add_argument("--version", action=_VersionAction)
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     p_info = sub.add_parser("info", help="versions, Numba threads, torch/CUDA availability")
     p_info.add_argument("--json", action="store_true", help="print as JSON")

@@ -27,7 +27,6 @@ import numpy as np
 
 from ._backend import backend
 from ._conventions import Geometry, geometry
-from ._numba import _conv as _numba_conv
 from ._validation import as_float_array, as_pair, check_ndim, check_nonempty, check_option, check_positive_int, \
     is_tensor
 from ._validation import check_finite as _count_non_finite
@@ -217,7 +216,9 @@ def _kernel(be, name: str):
         from ._torch import conv as torch_conv
 
         return torch_conv.KERNELS.get(name)
-    return _numba_conv.KERNELS.get(name)
+    from ._numba import _conv as numba_conv  # Numba loads with the first convolution, not with nsiter
+
+    return numba_conv.KERNELS.get(name)
 
 
 def _fresh(be, out, src):

@@ -25,7 +25,6 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ._config import THREADING
 from ._validation import as_float_array, as_pair, check_option, check_positive_int, is_tensor, result_float_dtype
 from .covariance import GROUPINGS, PatchStatistics
 from .data import _to_float, load_image
@@ -306,6 +305,8 @@ def _scheduler(scheduler):
             except ValueError:  # no client running
                 pass
         # the threaded scheduler, unless Numba's parallel kernels are serialised process-wide (workqueue layer)
+        from ._config import THREADING  # (Numba's configuration: imported when a scheduler is chosen)
+
         return "local", "processes" if THREADING.serialised else "threads", False
     if isinstance(scheduler, str):
         name = _SCHEDULER_ALIASES.get(scheduler, scheduler)

@@ -17,7 +17,6 @@ import numpy as np
 
 from ._backend import backend
 from ._conventions import Geometry, as_images, geometry
-from ._numba._kernel_estimation import ROWS_PER_PARTIAL, _correlate, _correlate_adjoint
 from ._validation import (as_float_array, check_nonempty, check_nonnegative_float, check_option,
                           check_positive_float, check_positive_int, is_tensor, result_float_dtype)
 from ._warnings import IllConditionedWarning, NsiterWarning, warn
@@ -31,6 +30,13 @@ def _sla():
     import scipy.linalg  # on first use, so that ``import nsiter`` stays fast
 
     return scipy.linalg
+
+
+def _kernels():
+    """The Numba correlation kernels, imported on first use (``import nsiter`` loads no Numba)."""
+    from ._numba import _kernel_estimation
+
+    return _kernel_estimation
 
 
 #: Solver registry of :func:`estimate_kernel`.
@@ -104,15 +110,16 @@ class _Problem:
     def xw(self, w: np.ndarray) -> np.ndarray:
         g = self.g
         out = np.empty((g.n, g.oh, g.ow))
-        _correlate(self.xp, np.ascontiguousarray(w, dtype=np.float64).reshape(g.c, g.kh, g.kw),
+        _kernels()._correlate(self.xp, np.ascontiguousarray(w, dtype=np.float64).reshape(g.c, g.kh, g.kw),
                    g.sh, g.sw, g.dh, g.dw, out)
         return out
 
     def xtr(self, r: np.ndarray) -> np.ndarray:
         g = self.g
-        n_blocks = -(-(g.n * g.oh) // ROWS_PER_PARTIAL)
+        kernels = _kernels()
+        n_blocks = -(-(g.n * g.oh) // kernels.ROWS_PER_PARTIAL)
         partial = np.empty((n_blocks, g.c, g.kh, g.kw))
-        _correlate_adjoint(self.xp, np.ascontiguousarray(r, dtype=np.float64).reshape(g.n, g.oh, g.ow),
+        kernels._correlate_adjoint(self.xp, np.ascontiguousarray(r, dtype=np.float64).reshape(g.n, g.oh, g.ow),
                            g.sh, g.sw, g.dh, g.dw, partial)
         return partial.reshape(n_blocks, -1).sum(axis=0)
 

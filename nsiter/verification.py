@@ -3,6 +3,11 @@ r"""Accuracy certificate for whitening a covariance: :func:`verify_whitening`.
 How well does each inverse-square-root method whiten a covariance ``C``?  For every method
 ``D ≈ (C + εI)^{-1/2}`` is computed with :func:`nsiter.inv_sqrtm` and measured in float64.
 
+A check runs each method once on one matrix, so numpy input takes the numpy backend's array
+kernels (the kernel-selection rule of :mod:`nsiter._backend`): the same algorithm and decisions
+as the Numba kernels, results equal up to rounding, without loading Numba (whose load would
+dominate ``nsiter verify`` on a small matrix).
+
 Why :math:`\kappa u` is a floor: storing ``C`` in the working precision perturbs it by
 :math:`\Delta C`, :math:`\|\Delta C\|_2 \lesssim u \|C\|_2`, and a backward-stable method
 (``eigh`` is one) returns the exact answer for some such perturbed matrix.  The relative
@@ -27,6 +32,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from ._backend import numpy_kernels
 from ._policy import BLOWUP_GROWTH, BLOWUP_SQRT_N
 from ._validation import (as_float_array, check_finite, check_nonnegative_float, check_option, check_positive_float,
                           check_positive_int, check_square, check_symmetric, is_tensor, result_float_dtype)
@@ -432,6 +438,8 @@ def verify_whitening(C, *, methods: Sequence[str] = DEFAULT_METHODS, n_iter: int
     Residuals refer to the matrix the methods saw (``C`` in the working dtype, plus ``eps*I``);
     the forward error to the input ``C + eps*I`` as given, so for a float64 ``C`` checked in
     float32 it includes the rounding of ``C``.
+    numpy input runs on the numpy backend's array kernels (module docstring): the numbers equal
+    those of ``inv_sqrtm`` on the Numba kernels up to rounding.
 
     Examples
     --------
@@ -499,7 +507,8 @@ def verify_whitening(C, *, methods: Sequence[str] = DEFAULT_METHODS, n_iter: int
     for i, m in enumerate(methods, start=2):
         progress(m if m == "eigh" else f"{m} ({n_iter} iterations)", i, total)
         t0 = time.perf_counter()
-        with warnings.catch_warnings():
+        # (numpy_kernels: the one-off check's kernel set, see the module docstring)
+        with warnings.catch_warnings(), numpy_kernels("array"):
             # divergence and ill-conditioning are what the report measures and states
             warnings.simplefilter("ignore", NewtonSchulzDivergenceWarning)
             warnings.simplefilter("ignore", IllConditionedWarning)

@@ -183,3 +183,101 @@ def test_cli_imports_run_one_way():
     assert not graph["nsiter._cli_common"], "the shared CLI module imports no nsiter module"
     assert "nsiter._verify_cli" in graph["nsiter.cli"]
     assert "nsiter.cli" not in graph.get("nsiter._verify_cli", set())
+
+
+# ----------------------------------------------------------------------------- what ``import nsiter`` runs
+
+#: Packages that load on first use only: ``import nsiter`` must not run an import of them.
+LAZY_PACKAGES = ("numba", "scipy", "matplotlib", "torch", "dask", "distributed", "PIL", "threadpoolctl")
+
+
+def _guarded_by_sys_modules(test: ast.expr) -> bool:
+    """``if "x" in sys.modules:``: an import that runs only when the package is loaded already."""
+    return (isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.In)
+            and isinstance(test.comparators[0], ast.Attribute) and test.comparators[0].attr == "modules")
+
+
+def _module_level_imports(tree: ast.Module):
+    """The Import / ImportFrom nodes that run when the module is imported: its top-level statements
+    and the blocks of top-level ``if``/``try``/``with`` (not function or class bodies, not
+    ``if TYPE_CHECKING:`` nor ``if "x" in sys.modules:``)."""
+    stack = list(tree.body)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            yield node
+        elif isinstance(node, ast.If):
+            if not (_is_type_checking(node.test) or _guarded_by_sys_modules(node.test)):
+                stack.extend(node.body)
+            stack.extend(node.orelse)
+        elif isinstance(node, ast.Try):
+            stack.extend(node.body + node.orelse + node.finalbody + [s for h in node.handlers for s in h.body])
+        elif isinstance(node, ast.With):
+            stack.extend(node.body)
+
+
+def eager_imports(modules: dict[str, Path] | None = None) -> dict[str, tuple[set[str], set[str]]]:
+    """``{module: (nsiter modules, top-level packages)}`` imported when the module is imported."""
+    modules = _modules() if modules is None else modules
+    out = {}
+    for mod, path in modules.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        is_package = path.name == "__init__.py"
+        internal, external = set(), set()
+        for node in _module_level_imports(tree):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                target = _resolve(node, mod, is_package)
+                if target is None:
+                    continue
+                names = [f"{target}.{a.name}" if f"{target}.{a.name}" in modules else target for a in node.names]
+            for t in names:
+                if t == PACKAGE or t.startswith(PACKAGE + "."):
+                    while t and t not in modules:
+                        t = t.rpartition(".")[0]
+                    if t and t != mod:
+                        internal.add(t)
+                        # ``import nsiter.a.b`` runs nsiter.a's __init__ too
+                        parent = t.rpartition(".")[0]
+                        while parent and parent != PACKAGE:
+                            internal.add(parent)
+                            parent = parent.rpartition(".")[0]
+                else:
+                    external.add(t.partition(".")[0])
+        out[mod] = (internal, external)
+    return out
+
+
+def test_import_nsiter_runs_no_import_of_the_lazy_packages():
+    """The static twin of ``tests/test_startup.py``: following only the imports that run at module
+    level from ``nsiter/__init__.py``, no module imports Numba, SciPy, matplotlib, torch or Dask,
+    and no kernel module (``nsiter._numba``, ``nsiter._torch``) is reached."""
+    eager = eager_imports()
+    seen, todo = {PACKAGE}, [PACKAGE]
+    while todo:
+        for dep in eager[todo.pop()][0]:
+            if dep not in seen:
+                seen.add(dep)
+                todo.append(dep)
+    kernels = sorted(m for m in seen if m.startswith((f"{PACKAGE}._numba", f"{PACKAGE}._torch")))
+    assert not kernels, f"import nsiter runs the kernel modules {kernels}: import them inside the function"
+    offenders = {m: sorted(eager[m][1] & set(LAZY_PACKAGES)) for m in sorted(seen)}
+    offenders = {m: v for m, v in offenders.items() if v}
+    assert not offenders, ("modules run by `import nsiter` import packages that must load on first use "
+                           f"(move the import into the function that needs it): {offenders}")
+
+
+def test_the_eager_import_scan_skips_functions_and_loaded_package_guards(tmp_path):
+    pkg = tmp_path / PACKAGE
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("import sys\nfrom . import a\nif 'numba' in sys.modules:\n    from . import b\n")
+    (pkg / "a.py").write_text("import numpy\ntry:\n    import scipy\nexcept ImportError:\n    pass\n"
+                              "def f():\n    import numba\n    from . import b\n")
+    (pkg / "b.py").write_text("import numba\n")
+    modules = {".".join((PACKAGE,) + p.relative_to(pkg).with_suffix("").parts).removesuffix(".__init__"): p
+               for p in pkg.rglob("*.py")}
+    eager = eager_imports(modules)
+    assert eager["nsiter"] == ({"nsiter.a"}, {"sys"})
+    assert eager["nsiter.a"] == (set(), {"numpy", "scipy"})
+    assert eager["nsiter.b"] == (set(), {"numba"})
