@@ -56,6 +56,7 @@ def jit_latency() -> dict:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--rounds", type=int, default=9, help="interleaved rounds of the out=/copyto comparison")
     args = ap.parse_args(argv)
     try:
         import torch
@@ -68,6 +69,7 @@ def main(argv=None):
     bw = memcpy_gbps()
     progress(f"memcpy {bw:.1f} GB/s")
     rows = []
+    side = side_by_side(rng, args.rounds)
     for label, n, c, h, w, k, s, p in CASES:
         x = rng.standard_normal((n, c, h, w), dtype=np.float32)
         X = nsiter.im2col(x, k, stride=s, padding=p)
@@ -96,7 +98,84 @@ def main(argv=None):
             "dtype": "float32", "machine": machine_info()}
     path = write_results("im2col", rows, meta=meta, columns=cols,
                          title="im2col (float32, CPU): nsiter vs numpy sliding_window_view vs torch unfold")
+    scols = ["case", "out_MB", "copyto_ms", "out_ms", "alloc_ms", "numpy_ms", "out_fraction_of_copy",
+             "alloc_fraction_of_copy", "out_fraction_of_copy_rw", "alloc_fraction_of_copy_rw", "alloc_speedup_vs_numpy",
+             "out_speedup_vs_numpy", "foreign_cores_max"]
+    smeta = {"rounds": args.rounds, "definition": SIDE_DEFINITION, "machine": machine_info()}
+    spath = write_results("im2col_bandwidth", side, meta=smeta, columns=scols,
+                          title="im2col output bandwidth against np.copyto (ABAB rounds, medians of per-round ratios)")
     print(path.read_text())
+    print(spath.read_text())
+
+
+SIDE_DEFINITION = ("*_fraction_of_copy = t(np.copyto of a preallocated buffer of the output's size) / t(im2col): "
+                   "output bytes written per second over bytes copied per second; *_rw: the same against copyto's "
+                   "read+write byte rate (bytes read plus bytes written), as the memcpy_GBps column of im2col.md "
+                   "counts it, i.e. half of it; out = im2col(..., out=buf), alloc = a fresh result each call; "
+                   "numpy = sliding_window_view + copy; per round each call is timed A B B A (min of 3 calls), "
+                   "ratios are medians over rounds of the per-round ratios")
+
+
+def _cpu_busy():
+    """(busy jiffies of the machine, all jiffies, jiffies of this process) from /proc (Linux), or None."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(t) for t in f.readline().split()[1:]]
+    except OSError:
+        return None
+    t = os.times()
+    return sum(v) - v[3] - v[4], sum(v), (t.user + t.system) * os.sysconf("SC_CLK_TCK")
+
+
+def side_by_side(rng, rounds):
+    """The goal cases timed in interleaved rounds against np.copyto into a preallocated buffer and numpy."""
+    import time
+
+    def best(fn, k=3):
+        ts = []
+        for _ in range(k):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        return min(ts)
+
+    rows = []
+    for label, n, c, h, w, k, s, p in [CASES[0], CASES[4]]:
+        x = rng.standard_normal((n, c, h, w), dtype=np.float32)
+        X = nsiter.im2col(x, k, stride=s, padding=p)
+        src, buf = X.copy(), np.empty_like(X)
+        assert nsiter.im2col(x, k, stride=s, padding=p, out=buf) is buf and np.array_equal(buf, X)
+        fns = {"copyto": lambda: np.copyto(buf, src), "out": lambda: nsiter.im2col(x, k, stride=s, padding=p, out=buf),
+               "alloc": lambda: nsiter.im2col(x, k, stride=s, padding=p), "numpy": lambda: numpy_im2col(x, k, s, p)}
+        rec = {key: [] for key in fns}
+        foreign = []
+        for _ in range(rounds):
+            c0 = _cpu_busy()
+            got = {key: [] for key in fns}
+            for order in (list(fns), list(fns)[::-1]):
+                for key in order:
+                    got[key].append(best(fns[key]))
+            for key in fns:
+                rec[key].append(float(np.mean(got[key])))
+            c1 = _cpu_busy()
+            if c0 and c1:
+                busy, total, own = (b - a for a, b in zip(c0, c1))
+                foreign.append((busy - own) / max(total, 1) * (os.cpu_count() or 1))
+        t = {key: np.array(v) for key, v in rec.items()}
+
+        def med(a):
+            return float(np.median(a))
+
+        row = {"case": label, "out_MB": X.nbytes / 1e6, **{f"{key}_ms": 1e3 * med(v) for key, v in t.items()},
+               "out_fraction_of_copy": med(t["copyto"] / t["out"]), "alloc_fraction_of_copy": med(t["copyto"] / t["alloc"]),
+               "out_fraction_of_copy_rw": med(t["copyto"] / t["out"]) / 2,
+               "alloc_fraction_of_copy_rw": med(t["copyto"] / t["alloc"]) / 2,
+               "alloc_speedup_vs_numpy": med(t["numpy"] / t["alloc"]), "out_speedup_vs_numpy": med(t["numpy"] / t["out"]),
+               "foreign_cores_max": max(foreign) if foreign else float("nan")}
+        rows.append(row)
+        progress(f"{label}: out= {row['out_ms']:.2f} ms, alloc {row['alloc_ms']:.2f} ms, copyto {row['copyto_ms']:.2f} ms, "
+                 f"numpy {row['numpy_ms']:.2f} ms (other processes: up to {row['foreign_cores_max']:.2f} cores)")
+    return rows
 
 
 if __name__ == "__main__":

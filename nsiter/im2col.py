@@ -7,6 +7,9 @@ paper's ``y = X w``, Fig. 3); layouts as in :mod:`nsiter._conventions`.
 from __future__ import annotations
 
 import math
+import sys
+
+import numpy as np
 
 from ._backend import backend
 from ._conventions import as_images, check_budget, geometry
@@ -30,7 +33,7 @@ def _shape_geometry(image_shape, kernel_size, stride, padding, dilation):
     return shape, geometry(shape4, kernel_size, stride, padding, dilation, name="image_shape")
 
 
-def im2col(x, kernel_size, *, stride=1, padding=0, dilation=1):
+def im2col(x, kernel_size, *, stride=1, padding=0, dilation=1, out=None):
     r"""Patch matrix of a convolution: ``X[n*L + oh*W_out + ow, c*kh*kw + i*kw + j]``.
 
     .. math::
@@ -46,20 +49,27 @@ def im2col(x, kernel_size, *, stride=1, padding=0, dilation=1):
         Channels-first images.  Any strides are accepted; ``x`` is never modified.
     kernel_size, stride, padding, dilation : int or (int, int)
         Kernel size, step between patches, zero padding on both sides (``>= 0``), tap spacing.
+    out : ndarray or Tensor, optional
+        Where to write the result (as numpy's ``out=``): exactly shape ``(N * H_out * W_out, C * kh *
+        kw)`` and the result dtype, C-contiguous, writeable, not sharing memory with ``x`` (a tensor
+        for tensor input, on its device).  Reusing one buffer skips the allocation and the page
+        faults of a fresh result.  Tensors: the result is computed, then copied into ``out``.
 
     Returns
     -------
     X : ndarray or Tensor, shape (N * H_out * W_out, C * kh * kw)
         float32 for float32/float16 input, float64 otherwise; NaN/inf are copied as they are.
         ``C*kh*kw / (sh*sw)`` times the size of ``x``: :func:`nsiter.patch_covariance` never builds it.
+        ``out`` itself when given.
 
     Raises
     ------
     ValueError
         Wrong ndim, empty input, bad sizes, kernel larger than the padded image, a result beyond
-        :data:`nsiter._conventions.MAX_ELEMENTS` (refused before allocating).
+        :data:`nsiter._conventions.MAX_ELEMENTS` (refused before allocating); an ``out`` of another
+        shape or dtype, not C-contiguous, read-only, or overlapping ``x``.
     TypeError
-        Complex, non-numeric or masked input.
+        Complex, non-numeric or masked input; ``out`` not a plain ndarray (a tensor for tensors).
 
     Examples
     --------
@@ -74,7 +84,67 @@ def im2col(x, kernel_size, *, stride=1, padding=0, dilation=1):
     check_budget(g.n * g.n_patches * g.n_features, "MAX_ELEMENTS", f"the im2col matrix of {g.n * g.n_patches} patches "
                  f"x {g.n_features} features", "use nsiter.patch_covariance (it never forms the matrix), fewer images "
                  "per call, a larger stride or less padding")
-    return backend(imgs).patches.im2col(imgs, g)
+    be = backend(imgs)
+    if out is None:
+        return be.patches.im2col(imgs, g)
+    _check_out(out, (x, imgs), (g.n * g.n_patches, g.n_features), imgs.dtype, be.torch)
+    if be.torch:
+        return out.copy_(be.patches.im2col(imgs, g))
+    return be.patches.im2col(imgs, g, out)
+
+
+def _check_out(out, sources, shape: tuple, dtype, torch: bool) -> None:
+    """Refuse an ``out`` that :func:`im2col` cannot write its result into (what came, what fits, the fix)."""
+    kind = "torch.Tensor" if torch else "numpy.ndarray"
+    alloc = f"torch.empty({shape}, dtype={dtype})" if torch else f"np.empty({shape}, dtype=np.{dtype})"
+    if torch:
+        tt = sys.modules["torch"]
+        if not isinstance(out, tt.Tensor):
+            raise TypeError(f"expected out to be a torch.Tensor (x is a tensor), got {type(out).__name__}; "
+                            f"pass {alloc} on x's device")
+    elif type(out) is not np.ndarray:
+        raise TypeError(f"expected out to be a numpy.ndarray, got {type(out).__name__} "
+                        "(subclasses such as masked arrays and np.matrix are refused); "
+                        f"pass {alloc}")
+    if tuple(out.shape) != shape:
+        raise ValueError(f"out has shape {tuple(out.shape)}, expected {shape} (N*H_out*W_out patches x C*kh*kw "
+                         f"features) for this x and geometry; pass {alloc}")
+    if out.dtype != dtype:
+        raise ValueError(f"out has dtype {out.dtype}, expected {dtype} (the result dtype of this x: float32 for "
+                         f"float32/float16 input, float64 otherwise); pass {alloc}")
+    if torch:
+        src = sources[1]
+        if out.device != src.device:
+            raise ValueError(f"out is on {out.device}, expected x's device {src.device}; allocate out there")
+        if not out.is_contiguous():
+            raise ValueError(f"out is not contiguous (strides {out.stride()}); pass a contiguous {kind}, e.g. {alloc}")
+        lo, hi = out.data_ptr(), out.data_ptr() + out.numel() * out.element_size()
+        for a in sources:
+            if isinstance(a, tt.Tensor) and a.numel():
+                span = a.untyped_storage()
+                if lo < span.data_ptr() + span.nbytes() and span.data_ptr() < hi:
+                    raise ValueError("out shares storage with x; pass a separate buffer (im2col reads x while "
+                                     "writing out, and never modifies its input)")
+        if out.requires_grad:
+            raise ValueError("out requires grad; pass a buffer that does not (out=... is not differentiable)")
+        return
+    if not out.flags.c_contiguous or not out.flags.aligned:
+        raise ValueError(f"out is not C-contiguous and aligned (strides {out.strides}); pass a fresh {kind}, "
+                         f"e.g. {alloc}")
+    if not out.flags.writeable:
+        raise ValueError(f"out is read-only; pass a writeable {kind}, e.g. {alloc}")
+    for a in sources:
+        if isinstance(a, np.ndarray) and _overlaps(out, a):
+            raise ValueError("out shares memory with x; pass a separate buffer (im2col reads x while writing out, "
+                             "and never modifies its input)")
+
+
+def _overlaps(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether ``a`` and ``b`` share memory (exact, or True when the exact answer is too costly)."""
+    try:
+        return bool(np.shares_memory(a, b, max_work=10**6))
+    except np.exceptions.TooHardError:
+        return True
 
 
 def col2im(X, image_shape, kernel_size, *, stride=1, padding=0, dilation=1):

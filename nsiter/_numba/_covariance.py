@@ -243,13 +243,19 @@ def _subtract_outer(M, z):
 def _centre_padded(M, z, A, m, K):
     """``M[(c, t), (c', t')] += (m[c'] A[c, t, t'] + m[c] A[c', t', t] + m[c] m[c'] K[t, t']) - z[c, t] z[c', t']``
     in place: :func:`_subtract_outer` with the padding terms of
-    :func:`nsiter._numba.patches._finish_padded`, in one pass; exactly symmetric."""
+    :func:`nsiter._numba.patches._finish_padded`, in one pass.  The term is symmetric in its two
+    indices (``K`` is), so the upper triangle is computed and mirrored: exactly symmetric, as ``M``."""
     cb, taps, _ = A.shape
+    f = cb * taps
     for c in range(cb):
         for t in range(taps):
-            row = M[c * taps + t]
+            a = c * taps + t
+            row = M[a]
             zi = z[c, t]
-            for c2 in range(cb):
+            for c2 in range(c, cb):
                 mm = m[c] * m[c2]
-                for t2 in range(taps):
+                for t2 in range(t if c2 == c else 0, taps):
                     row[c2 * taps + t2] += (m[c2] * A[c, t, t2] + m[c] * A[c2, t2, t] + mm * K[t, t2]) - zi * z[c2, t2]
+    for a in range(f):
+        for b in range(a + 1, f):
+            M[b, a] = M[a, b]

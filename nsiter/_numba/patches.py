@@ -47,9 +47,11 @@ _SCRATCH_MAX = 8 * 2**20  # work buffers up to this size are kept per thread and
 _RATE_MAC = {np.dtype(k): v for k, v in _tuning.COV_RATE_MAC.items()}  # keyed by dtype: a cheap lookup
 
 
-def im2col(imgs: np.ndarray, g) -> np.ndarray:
-    """The ``(N*L, C*kh*kw)`` patch matrix (Numba, parallel over image rows)."""
-    out = np.empty((g.n * g.n_patches, g.n_features), dtype=imgs.dtype)
+def im2col(imgs: np.ndarray, g, out: np.ndarray | None = None) -> np.ndarray:
+    """The ``(N*L, C*kh*kw)`` patch matrix (Numba, parallel over image rows), written into ``out``
+    (C-contiguous, ``imgs``' dtype, not overlapping it: the caller checked) when given."""
+    if out is None:
+        out = np.empty((g.n * g.n_patches, g.n_features), dtype=imgs.dtype)
     _im2col(np.ascontiguousarray(imgs), g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.oh, g.ow, out)
     return out
 
@@ -366,14 +368,16 @@ def _rowshift_moments(imgs: np.ndarray, g, plan: Plan):
                             np.matmul(A.T, B, out=tmp)
                         run += tmp
                     # window i spans rows [i dh, i dh + oh): add the running sum at its end,
-                    # subtract it at its start (the first start has run == 0)
+                    # subtract it at its start (the first start has run == 0); blocks i <= i + di only
+                    win = run.reshape(cb, kw, cb, kw)
                     for i, u in enumerate(starts):
-                        sign = (u + oh == u1) - (u == u1)
-                        if sign:
-                            win = run.reshape(cb, kw, cb, kw)
-                            acc[blk, :, i, :, :, i + di, :] += sign * win
-                            if di:
-                                acc[blk, :, i + di, :, :, i, :] += sign * win.transpose(2, 3, 0, 1)
+                        if u + oh == u1:
+                            np.add(acc[blk, :, i, :, :, i + di, :], win, out=acc[blk, :, i, :, :, i + di, :])
+                        if u == u1:
+                            np.subtract(acc[blk, :, i, :, :, i + di, :], win, out=acc[blk, :, i, :, :, i + di, :])
+    for di in range(1, kh):  # the lower block triangle, mirrored once: the same floats as the upper one
+        for i in range(kh - di):
+            acc[:, :, i + di, :, :, i, :] = acc[:, :, i, :, :, i + di, :].transpose(0, 3, 4, 1, 2)
     fb = cb * kh * kw
     n, local, m2, shift = _finish_padded(g, m_c, tsum, acc.reshape(blocks, fb, fb), rh, rw)
     if plan.mode == "contiguous":

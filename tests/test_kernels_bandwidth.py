@@ -1,0 +1,145 @@
+"""im2col's ``out=`` contract and the vector-run im2col / symmetric covariance kernels against references."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import nsiter
+import reference
+
+
+def _cases():
+    rng = np.random.default_rng(17)
+    out = [((8, 64, 12, 12), 3, 1, 1, 1), ((2, 3, 40, 41), 7, 3, 0, 1), ((1, 2, 9, 30), (2, 13), (1, 3), (3, 0), (2, 1)),
+           ((1, 1, 8, 40), (3, 17), 1, 2, 1), ((2, 3, 11, 19), (3, 5), 2, (1, 2), 2), ((1, 5, 7, 7), 1, 1, 0, 1),
+           ((3, 2, 5, 6), (5, 6), 1, 2, 1), ((1, 130, 4, 5), 3, 1, 1, 1)]
+    for _ in range(12):  # odd sizes, strides, dilations, paddings
+        k = tuple(int(v) for v in rng.integers(1, 10, 2))
+        d = tuple(int(v) for v in rng.integers(1, 3, 2))
+        p = tuple(int(v) for v in rng.integers(0, 4, 2))
+        s = tuple(int(v) for v in rng.integers(1, 4, 2))
+        hw = [max(1, d[a] * (k[a] - 1) + 1 - 2 * p[a] + int(rng.integers(0, 9))) for a in range(2)]
+        out.append(((int(rng.integers(1, 3)), int(rng.integers(1, 5)), *hw), k, s, p, d))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", _cases())
+def test_im2col_with_and_without_out_equals_loop_reference(case, dtype):
+    shape, k, s, p, d = case
+    x = np.random.default_rng(1).standard_normal(shape).astype(dtype)
+    want = reference.im2col(x, k, s, p, d).astype(dtype)
+    got = nsiter.im2col(x, k, stride=s, padding=p, dilation=d)
+    np.testing.assert_array_equal(got, want)
+    out = np.full(want.shape, np.nan, dtype)
+    res = nsiter.im2col(x, k, stride=s, padding=p, dilation=d, out=out)
+    assert res is out
+    np.testing.assert_array_equal(out, want)
+
+
+def test_im2col_out_is_reused_and_overwritten_completely():
+    rng = np.random.default_rng(2)
+    out = np.full((2 * 100, 27), 7.0, np.float32)
+    for _ in range(2):
+        x = rng.standard_normal((2, 3, 10, 10), dtype=np.float32)
+        nsiter.im2col(x, 3, padding=1, out=out)
+        np.testing.assert_array_equal(out, nsiter.im2col(x, 3, padding=1))
+
+
+def test_im2col_out_does_not_modify_the_input():
+    x = np.random.default_rng(3).standard_normal((1, 2, 6, 6))
+    keep = x.copy()
+    nsiter.im2col(x, 3, out=np.empty((16, 18)))
+    np.testing.assert_array_equal(x, keep)
+
+
+def test_im2col_out_float16_input_takes_a_float32_out():
+    x = np.random.default_rng(4).standard_normal((1, 1, 5, 5)).astype(np.float16)
+    out = np.empty((9, 9), np.float32)
+    assert nsiter.im2col(x, 3, out=out) is out
+    with pytest.raises(ValueError, match=r"out has dtype float16, expected float32"):
+        nsiter.im2col(x, 3, out=np.empty((9, 9), np.float16))
+
+
+@pytest.mark.parametrize("bad, match", [
+    (np.empty((16, 19), np.float32), r"out has shape \(16, 19\), expected \(16, 18\).*np\.empty\(\(16, 18\), dtype=np\.float32\)"),
+    (np.empty((288,), np.float32), r"out has shape \(288,\), expected \(16, 18\)"),
+    (np.empty((16, 18)), r"out has dtype float64, expected float32.*pass np\.empty"),
+    (np.empty((16, 18), ">f4"), r"out has dtype >f4, expected float32"),
+    (np.empty((18, 16), np.float32).T, r"not C-contiguous"),
+    (np.empty((16, 36), np.float32)[:, ::2], r"not C-contiguous"),
+])
+def test_im2col_out_of_wrong_shape_dtype_or_layout_is_refused(bad, match):
+    x = np.zeros((1, 2, 6, 6), np.float32)
+    with pytest.raises(ValueError, match=match):
+        nsiter.im2col(x, 3, out=bad)
+
+
+def test_im2col_read_only_out_is_refused():
+    out = np.empty((16, 18), np.float32)
+    out.flags.writeable = False
+    with pytest.raises(ValueError, match="out is read-only; pass a writeable"):
+        nsiter.im2col(np.zeros((1, 2, 6, 6), np.float32), 3, out=out)
+
+
+@pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")
+@pytest.mark.parametrize("bad", [[[0.0] * 18] * 16, np.ma.zeros((16, 18), np.float32),
+                                 np.asmatrix(np.zeros((16, 18), np.float32))])
+def test_im2col_out_that_is_not_a_plain_ndarray_is_refused(bad):
+    with pytest.raises(TypeError, match="expected out to be a numpy.ndarray"):
+        nsiter.im2col(np.zeros((1, 2, 6, 6), np.float32), 3, out=bad)
+
+
+def test_im2col_out_overlapping_the_input_is_refused():
+    buf = np.zeros(2000, np.float32)
+    x = buf[:72].reshape(1, 2, 6, 6)
+    with pytest.raises(ValueError, match="out shares memory with x"):
+        nsiter.im2col(x, 3, out=buf[40:40 + 288].reshape(16, 18))
+    # disjoint parts of one buffer are fine
+    out = buf[100:100 + 288].reshape(16, 18)
+    assert nsiter.im2col(x, 3, out=out) is out
+
+
+def test_im2col_out_overlapping_an_input_that_is_converted_is_refused():
+    buf = np.zeros(4000, np.float32)
+    x = buf[:72].view(np.float16)[:72].reshape(1, 2, 6, 6)  # float16 view of the buffer: converted to float32
+    with pytest.raises(ValueError, match="out shares memory with x"):
+        nsiter.im2col(x, 3, out=buf[:288].reshape(16, 18))
+
+
+def test_im2col_out_with_tensors():
+    torch = pytest.importorskip("torch")
+    x = torch.from_numpy(np.random.default_rng(5).standard_normal((2, 3, 7, 7), dtype=np.float32))
+    out = torch.empty(2 * 25, 27)
+    assert nsiter.im2col(x, 3, out=out) is out
+    assert torch.equal(out, nsiter.im2col(x, 3))
+    with pytest.raises(TypeError, match="expected out to be a torch.Tensor"):
+        nsiter.im2col(x, 3, out=np.empty((50, 27), np.float32))
+    with pytest.raises(ValueError, match="out has dtype torch.float64, expected torch.float32"):
+        nsiter.im2col(x, 3, out=torch.empty(50, 27, dtype=torch.float64))
+    with pytest.raises(ValueError, match="not contiguous"):
+        nsiter.im2col(x, 3, out=torch.empty(27, 50).T)
+    buf = torch.zeros(4000)  # tensors: any part of x's storage is refused
+    with pytest.raises(ValueError, match="shares storage"):
+        nsiter.im2col(buf[:294].reshape(2, 3, 7, 7), 3, out=buf[1000:1000 + 1350].reshape(50, 27))
+
+
+@pytest.mark.parametrize("kernel", ["rowshift", "shifted", "gemm"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("geom", [(3, 1, 1), ((3, 5), (2, 0), 1), (3, 2, 2), (5, (1, 3), (2, 1))])
+def test_symmetric_covariance_kernels_equal_the_reference_and_are_exactly_symmetric(kernel, dtype, geom):
+    from nsiter._moments import plan as _plan
+    from nsiter._numba.patches import patch_moments
+    from nsiter.covariance import _sampled_geometry
+
+    k, p, d = geom
+    x = (np.random.default_rng(6).standard_normal((2, 3, 11, 13)) + 3.0).astype(dtype)
+    g = _sampled_geometry(x.shape, k, 1, p, d, 1)
+    n, mean, m2 = patch_moments(x, g, _plan(g.c, g.kh * g.kw, None, "contiguous"), kernel)
+    X = reference.im2col(x.astype(np.float64), k, 1, p, d)
+    mu = X.mean(axis=0)
+    want = (X - mu).T @ (X - mu)
+    tol = 1e-4 if dtype == np.float32 else 1e-11
+    np.testing.assert_allclose(mean[0], mu, rtol=tol, atol=tol)
+    np.testing.assert_allclose(m2[0], want, rtol=tol, atol=tol * np.abs(want).max())
+    np.testing.assert_array_equal(m2[0], m2[0].T)
