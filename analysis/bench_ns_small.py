@@ -5,7 +5,8 @@ matrices ``Q diag(lambda) Q^T`` (cond 1e3) of size n = 27, 48, 64, float32 and f
 Rate convention: ``6 n^3`` flops per iteration per matrix.  Side by side in one run, in
 ABAB rounds (each round times every function once; ratios are medians of per-round ratios):
 
-- the public call ``inv_sqrtm`` and the fused kernel alone (``linalg._coupled_solve`` on the
+- the public call ``inv_sqrtm``, the one Numba call it makes (``linalg._coupled_pipeline``:
+  prepare, probe and iteration) and the fused solver alone (``linalg._coupled_solve`` on the
   prepared input);
 - numpy's batched ``eigh``-based inverse square root in the input dtype (the peer);
 - the ceiling: numpy 1024^3 matmul GFLOP/s in the dtype (SGEMM / DGEMM), and for context
@@ -28,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _bench import first_call_time, gemm_gflops, median_time, memcpy_gbps, progress, write_results  # noqa: E402
 
 import nsiter  # noqa: E402
+from nsiter import newton_schulz as ns  # noqa: E402
 from nsiter._numba import linalg  # noqa: E402
 
 BATCH = 64
@@ -81,19 +83,23 @@ def main(argv=None):
             t_first = first_call_time(lambda: nsiter.inv_sqrtm(A, n_iter=N_ITER))
             B = A.copy()
             out = np.empty_like(A)
+            rel = float(10.0 * n * np.finfo(dtype).eps)
             fns = [lambda: nsiter.inv_sqrtm(A, n_iter=N_ITER),
                    lambda: linalg._coupled_solve(A64, fro, stats[:, 5], A.dtype, "isqrt", None, N_ITER, tol=None,
                                                  record=False, stop_early=False),
                    lambda: numpy_eigh_isqrt(A),
-                   lambda: np.matmul(A, B, out=out)]
+                   lambda: np.matmul(A, B, out=out),
+                   lambda: linalg._coupled_pipeline(A, 0.0, rel, ns._PROBE_INVERSE_STEPS, 0, False, A.dtype, "isqrt",
+                                                    N_ITER, tol=None, record=False, stop_early=False)]
             t = rounds(fns, n_rounds)
             flops = 6.0 * n ** 3 * N_ITER * BATCH
-            t_pub, t_ker, t_eig, t_mm = np.median(t, axis=0)
+            t_pub, t_ker, t_eig, t_mm, t_pipe = np.median(t, axis=0)
             ceil = ceiling[dtype] * 1e9
             rows.append(dict(
-                n=n, dtype=np.dtype(dtype).name, public_ms=1e3 * t_pub, kernel_ms=1e3 * t_ker,
+                n=n, dtype=np.dtype(dtype).name, public_ms=1e3 * t_pub, pipeline_ms=1e3 * t_pipe, kernel_ms=1e3 * t_ker,
                 numpy_eigh_ms=1e3 * t_eig,
                 public_frac_gemm=float(np.median(flops / t[:, 0] / ceil)),
+                pipeline_frac_gemm=float(np.median(flops / t[:, 4] / ceil)),
                 kernel_frac_gemm=float(np.median(flops / t[:, 1] / ceil)),
                 x_numpy_eigh=float(np.median(t[:, 2] / t[:, 0])),
                 public_GFLOPs=flops / t_pub / 1e9, gemm_GFLOPs=ceiling[dtype],
@@ -101,8 +107,8 @@ def main(argv=None):
                 first_call_s=t_first,
             ))
     path = write_results("ns_small", rows, meta=meta, title="inv_sqrtm, 64 small SPD matrices, 5 coupled iterations",
-                         columns=["n", "dtype", "public_ms", "kernel_ms", "numpy_eigh_ms", "public_frac_gemm",
-                                  "kernel_frac_gemm", "x_numpy_eigh", "public_GFLOPs", "gemm_GFLOPs",
+                         columns=["n", "dtype", "public_ms", "pipeline_ms", "kernel_ms", "numpy_eigh_ms",
+                                  "public_frac_gemm", "pipeline_frac_gemm", "kernel_frac_gemm", "x_numpy_eigh", "public_GFLOPs", "gemm_GFLOPs",
                                   "batched_matmul_GFLOPs", "first_call_s"])
     print(path.read_text())
     return 0

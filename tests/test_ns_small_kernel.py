@@ -1,9 +1,11 @@
-"""The register-blocked products and the fused small-matrix solver of the Numba backend.
+"""The register-blocked products, the fused small-matrix solver and the pipeline kernel of the Numba backend.
 
 ``_mm_padded`` is checked against a float64 loop-free reference for every size 1..70
 (multiples and non-multiples of the row tile and of the vector width); the fused solver
 ``_coupled_solve`` against float64 ``eigh`` on matrices of chosen condition number, and
-against the three-pass route (``_initial``, the fused iteration, ``_finish``) it replaces.
+against the three-pass route (``_initial``, the fused iteration, ``_finish``) it replaces; the
+pipeline (prepare, probe and solver in one call) against the three calls, bit for bit, and its
+left-looking Cholesky against the right-looking triangle loops.
 """
 from __future__ import annotations
 
@@ -99,3 +101,77 @@ def test_fused_solver_reruns_a_blown_up_matrix_and_warns():
     out, n_d, it, div, r, _ = ns._solve_fused(backend(A), linalg._coupled_solve, A64, fro, stats[:, 5], A.dtype,
                                               "isqrt", coefs, 40, None, False, False, None)
     assert div.all() and np.isfinite(out).all() and (it >= 1).all()
+
+
+def _cholesky_triangle(S):
+    """The right-looking Cholesky on the upper triangle, loop by loop (the order the kernel keeps)."""
+    n = S.shape[0]
+    U = np.triu(S).astype(np.float64)
+    for j in range(n):
+        if not U[j, j] > 0:
+            return U, False
+        inv = 1.0 / np.sqrt(U[j, j])
+        U[j, j:] *= inv
+        for i in range(j + 1, n):
+            U[i, i:] -= U[j, i] * U[j, i:]
+    return U, True
+
+
+def test_left_looking_cholesky_has_the_bits_of_the_right_looking_triangle_loops():
+    rng = np.random.default_rng(21)
+    for n in (1, 2, 7, 8, 9, 27, 40):
+        S = spd_with_condition(n, 1e4, rng, batch=(1,), dtype=np.float64)[0]
+        for shift in (0.0, 1e-3):
+            ref, ok_ref = _cholesky_triangle(S + shift * np.eye(n))
+            U = np.empty((n, -(-n // 8) * 8))
+            ok = kern._cholesky_rows(S, shift, U)
+            assert ok == ok_ref
+            np.testing.assert_array_equal(np.triu(U[:, :n]), np.triu(ref))
+    S = np.diag([1.0, -1.0, 2.0])
+    assert not kern._cholesky_rows(S, 1e-3, np.empty((3, 8)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_abs_max_reads_the_largest_magnitude_and_finiteness_from_the_bits(dtype):
+    rng = np.random.default_rng(22)
+    A = rng.standard_normal((27, 27)).astype(dtype)
+    A[3, 4] = -7.5
+    assert kern._abs_max(A) == (7.5, True)
+    assert kern._abs_max(np.zeros((3, 3), dtype=dtype)) == (0.0, True)
+    for bad in (np.inf, -np.inf, np.nan):
+        B = A.copy()
+        B[5, 1] = bad
+        assert not kern._abs_max(B)[1]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("want", ["isqrt", "sqrt"])
+@pytest.mark.parametrize("nb", [1, 2, 7, 9, 64])  # one and two matrices per step, odd batches
+def test_pipeline_is_bit_identical_to_prepare_probe_and_the_fused_solver(dtype, want, nb):
+    rng = np.random.default_rng(300 + nb)
+    n = 27
+    A = spd_with_condition(n, 1e3, rng, batch=(nb,), dtype=dtype)
+    if nb > 1:
+        A[1] -= np.asarray(0.5 * np.eye(n), dtype=dtype)  # indefinite: its Cholesky fails
+    rel = float(10.0 * n * np.finfo(dtype).eps)
+    for spectral in (False, True):
+        n_power = ns._PROBE_POWER_STEPS if spectral else 0
+        for record, stop_early, tol in ((False, False, None), (True, False, None), (False, True, 1e-3)):
+            A64, stats, probe, c, solved = linalg._coupled_pipeline(
+                A, 0.0, rel, ns._PROBE_INVERSE_STEPS, n_power, spectral, dtype, want, 6, tol=tol, record=record,
+                stop_early=stop_early)
+            A64_r, fro, stats_r = linalg.prepare(A, 0.0)
+            np.testing.assert_array_equal(A64, A64_r)
+            np.testing.assert_array_equal(stats, stats_r)
+            delta = ns._delta(fro, n, dtype)
+            ok, lmin, lmax = linalg.probe(A64_r, delta, ns._PROBE_INVERSE_STEPS, n_power)
+            np.testing.assert_array_equal(probe[:, 0] > 0, ok)
+            np.testing.assert_array_equal(probe[:, 1], lmin)
+            np.testing.assert_array_equal(probe[:, 2], lmax)
+            c_r = ns._scale(backend(A), A64_r, "spectral" if spectral else "fro", lmax, fro)
+            np.testing.assert_array_equal(c, c_r)
+            good = ok.nonzero()[0]
+            ref = linalg._coupled_solve(A64_r[good], c_r[good], stats_r[good, 5], dtype, want, None, 6, tol=tol,
+                                        record=record, stop_early=stop_early)
+            for got, exp in zip(solved, ref):
+                np.testing.assert_array_equal(got[good], exp)

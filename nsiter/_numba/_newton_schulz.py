@@ -19,9 +19,13 @@ from .._policy import BLOWUP_GROWTH, BLOWUP_SQRT_N, STAGNATION_BELOW, STAGNATION
 
 __all__ = [
     "_psd_probe", "_psd_probe_serial", "_spectrum_estimates_serial", "_coupled_ns_parallel", "_coupled_ns_serial",
-    "_coupled_solve_parallel", "_coupled_solve_serial",
+    "_coupled_solve_parallel", "_coupled_solve_serial", "_coupled_pipeline_parallel", "_coupled_pipeline_serial",
     "_eigh_power", "_eigh_power_serial", "_prepare", "_prepare_serial",
 ]
+
+# the vector width of the hand-vectorised loops (one AVX-512 register)
+_VECTOR_BYTES = 64
+_I32 = ir.IntType(32)
 
 
 @jit
@@ -63,19 +67,33 @@ def _power_one(a, n_steps, v, w):
 def _inverse_lu(L, U, n_steps, v, w):
     """``n_steps`` of inverse iteration with the Cholesky factor ``L`` (lower, and its
     transpose ``U``): an estimate ``>= lambda_min(L L^T)`` (also bounded by the smallest
-    pivot ``L_jj^2``).
+    pivot ``L_jj^2``); :func:`_inverse_upper` from :func:`_inverse_start`."""
+    _inverse_start(v)
+    return _inverse_upper(U, n_steps, v, w)
 
-    Both triangular solves are column oriented: contiguous ``axpy`` updates written as
-    0-based loops over row views, the form LLVM vectorises (the forward solve on rows of
-    ``U``, the backward one on rows of ``L``).
+
+@jit
+def _inverse_start(v):
+    """The start vector of :func:`_inverse_lu` (the same for every matrix of one size)."""
+    for i in range(v.shape[0]):
+        v[i] = np.cos(2.3 * i + 0.7) + 0.25
+
+
+@jit
+def _inverse_upper(U, n_steps, v, w):
+    """:func:`_inverse_lu` from the upper factor ``U`` alone (its leading ``n x n`` block), ``v``
+    holding the start vector.
+
+    Both triangular solves are column oriented: the forward one a contiguous ``axpy`` on rows
+    of ``U`` (the form LLVM vectorises), the backward one on columns of ``U`` (``L``'s rows,
+    without forming ``L``), each column from the entry the next division needs on.
     """
-    n = L.shape[0]
+    n = U.shape[0]
     min_pivot = np.inf
     for i in range(n):
-        p = L[i, i] * L[i, i]
+        p = U[i, i] * U[i, i]
         if p < min_pivot:
             min_pivot = p
-        v[i] = np.cos(2.3 * i + 0.7) + 0.25
     inv_est = 0.0
     for _ in range(n_steps):
         nv = _norm2(v)
@@ -89,16 +107,68 @@ def _inverse_lu(L, U, n_steps, v, w):
             for k in range(n - j - 1):
                 tail[k] -= urow[k] * yj
         for i in range(n - 1, -1, -1):  # backward: L^T x = y
-            w[i] /= L[i, i]
+            w[i] /= U[i, i]
             xi = w[i]
-            lrow = L[i]
-            for k in range(i):
-                w[k] -= lrow[k] * xi
+            for k in range(i - 1, -1, -1):
+                w[k] -= U[k, i] * xi
         inv_est = _norm2(w)
         for i in range(n):
             v[i] = w[i]
     est = 1.0 / inv_est if inv_est > 0.0 else min_pivot
     return min(est, min_pivot)
+
+
+@jit
+def _inverse_upper2(U1, U2, n_steps, v1, w1, v2, w2):
+    """:func:`_inverse_upper` on two factors of one size in lockstep: ``(estimate 1, estimate 2)``,
+    each with the operations, so the bits, of its own call.  The solves are chains of
+    dependent divisions; two independent chains in one loop overlap in the processor."""
+    n = U1.shape[0]
+    min1 = np.inf
+    min2 = np.inf
+    for i in range(n):
+        p = U1[i, i] * U1[i, i]
+        if p < min1:
+            min1 = p
+        p = U2[i, i] * U2[i, i]
+        if p < min2:
+            min2 = p
+    inv1 = 0.0
+    inv2 = 0.0
+    for _ in range(n_steps):
+        nv1 = _norm2(v1)
+        nv2 = _norm2(v2)
+        for i in range(n):
+            v1[i] /= nv1
+            v2[i] /= nv2
+        for j in range(n):  # forward: L y = v (v is overwritten)
+            y1 = v1[j] / U1[j, j]
+            y2 = v2[j] / U2[j, j]
+            w1[j] = y1
+            w2[j] = y2
+            tail1 = v1[j + 1:]
+            urow1 = U1[j, j + 1:]
+            tail2 = v2[j + 1:]
+            urow2 = U2[j, j + 1:]
+            for k in range(n - j - 1):
+                tail1[k] -= urow1[k] * y1
+                tail2[k] -= urow2[k] * y2
+        for i in range(n - 1, -1, -1):  # backward: L^T x = y
+            w1[i] /= U1[i, i]
+            w2[i] /= U2[i, i]
+            x1 = w1[i]
+            x2 = w2[i]
+            for k in range(i - 1, -1, -1):
+                w1[k] -= U1[k, i] * x1
+                w2[k] -= U2[k, i] * x2
+        inv1 = _norm2(w1)
+        inv2 = _norm2(w2)
+        for i in range(n):
+            v1[i] = w1[i]
+            v2[i] = w2[i]
+    est1 = 1.0 / inv1 if inv1 > 0.0 else min1
+    est2 = 1.0 / inv2 if inv2 > 0.0 else min2
+    return min(est1, min1), min(est2, min2)
 
 
 @jit
@@ -126,50 +196,166 @@ def _spectrum_estimates_serial(A, L, shift, n_inverse, n_power, lmin, lmax):
         lmin[b] = _inverse_one(L[b], n_inverse, v, w) - shift[b]
 
 
+@intrinsic
+def _scale_row(typingctx, U, i, v0, alpha):
+    """An intrinsic ``_scale_row(U, i, v0, alpha)`` on a C-contiguous 2-D float array whose rows
+    are whole 64-byte vectors (``v0`` a multiple of the lanes): ``U[i, v0:] *= alpha``, one
+    vector at a time, no bounds checks."""
+    def codegen(context, builder, signature, args):
+        u = context.make_array(signature.args[0])(context, builder, args[0])
+        iv, v0v = args[1], args[2]
+        ety = context.get_value_type(signature.args[0].dtype)
+        size = context.get_abi_sizeof(ety)
+        lanes = _VECTOR_BYTES // size
+        vty = ir.VectorType(ety, lanes)
+        undef = ir.Constant(vty, ir.Undefined)
+        splat = ir.Constant(ir.VectorType(_I32, lanes), [ir.Constant(_I32, 0)] * lanes)
+        alpha = context.cast(builder, args[3], signature.args[3], signature.args[0].dtype)
+        s = builder.shuffle_vector(builder.insert_element(undef, alpha, ir.Constant(_I32, 0)), undef, splat)
+        ld = cgutils.unpack_tuple(builder, u.shape, 2)[1]
+        idx = iv.type
+        count = builder.udiv(builder.sub(ld, v0v), ir.Constant(idx, lanes))
+        row_i = builder.gep(u.data, [builder.add(builder.mul(iv, ld), v0v)])
+        with cgutils.for_range(builder, count) as loop:
+            pi = builder.bitcast(builder.gep(row_i, [builder.mul(loop.index, ir.Constant(idx, lanes))]),
+                                 vty.as_pointer())
+            builder.store(builder.fmul(builder.load(pi, align=size), s), pi, align=size)
+        return context.get_dummy_value()
+
+    return types.void(U, i, v0, alpha), codegen
+_LANES64 = _VECTOR_BYTES // 8
+_DOWNDATE_VECS = 4
+
+
+@intrinsic
+def _row_downdate(typingctx, U, i, v0, vecs):
+    """An intrinsic ``_row_downdate(U, i, v0, vecs)`` on a C-contiguous 2-D float64 array:
+    ``U[i, v0:v0+vecs*L] -= U[0, i] U[0, v0:...]``, then ``-= U[1, i] U[1, v0:...]``, ... down
+    to row ``i - 1``, in that order (each product rounded, then subtracted), ``vecs`` (1 to
+    :data:`_DOWNDATE_VECS`) vectors of ``L`` lanes kept in registers over the rows, no bounds
+    checks: the updates row ``i`` gets from the rows above it in a right-looking Cholesky,
+    applied at once (left-looking)."""
+    def codegen(context, builder, signature, args):
+        u = context.make_array(signature.args[0])(context, builder, args[0])
+        iv, v0v, nvec = args[1], args[2], args[3]
+        ety = context.get_value_type(signature.args[0].dtype)
+        size = context.get_abi_sizeof(ety)
+        lanes = _VECTOR_BYTES // size
+        vty = ir.VectorType(ety, lanes)
+        undef = ir.Constant(vty, ir.Undefined)
+        splat = ir.Constant(ir.VectorType(_I32, lanes), [ir.Constant(_I32, 0)] * lanes)
+        ld = cgutils.unpack_tuple(builder, u.shape, 2)[1]
+        idx = iv.type
+        row_i = builder.gep(u.data, [builder.add(builder.mul(iv, ld), v0v)])
+        for vecs in range(1, _DOWNDATE_VECS + 1):
+            with builder.if_then(builder.icmp_signed("==", nvec, ir.Constant(nvec.type, vecs))):
+                ptrs = [builder.bitcast(builder.gep(row_i, [ir.Constant(idx, v * lanes)]), vty.as_pointer())
+                        for v in range(vecs)]
+                accs = [cgutils.alloca_once(builder, vty) for _ in range(vecs)]
+                for v in range(vecs):
+                    builder.store(builder.load(ptrs[v], align=size), accs[v])
+                with cgutils.for_range(builder, iv) as loop:
+                    row_j = builder.gep(u.data, [builder.mul(loop.index, ld)])
+                    a = builder.load(builder.gep(row_j, [iv]))
+                    s = builder.shuffle_vector(builder.insert_element(undef, a, ir.Constant(_I32, 0)), undef, splat)
+                    src = builder.gep(row_j, [v0v])
+                    for v in range(vecs):
+                        b = builder.load(builder.bitcast(builder.gep(src, [ir.Constant(idx, v * lanes)]),
+                                                         vty.as_pointer()), align=size)
+                        builder.store(builder.fsub(builder.load(accs[v]), builder.fmul(s, b)), accs[v])
+                for v in range(vecs):
+                    builder.store(builder.load(accs[v]), ptrs[v], align=size)
+        return context.get_dummy_value()
+
+    return types.void(U, i, v0, vecs), codegen
+
+
 @jit
-def _psd_probe_one(a, shift, n_inverse, n_power, out):
-    """Right-looking Cholesky of ``a + shift I`` (trailing updates over contiguous rows,
-    vectorisable) and the estimates of :func:`_power_one` / :func:`_inverse_one`.
+def _cholesky_rows(a, shift, U):
+    """Cholesky ``U^T U = a + shift I`` in the upper triangle of ``U`` (``n`` rows, whole float64
+    vectors per row), left-looking (:func:`_row_downdate`); returns ``False`` at the first pivot
+    ``<= 0`` or NaN.
+
+    Each entry of the upper triangle gets the operations of the right-looking triangle-only
+    loops in the same order (the same bits); the updates run over whole vectors from the one
+    holding the diagonal on, so the strictly lower part holds finite by-products, never read.
+    """
+    n = a.shape[0]
+    cols = U.shape[1]
+    for i in range(n):
+        urow = U[i]
+        arow = a[i]
+        for k in range(n):
+            urow[k] = arow[k]
+        for k in range(n, cols):
+            urow[k] = 0.0
+        urow[i] += shift
+    for i in range(n):
+        v0 = i - i % _LANES64
+        c0 = v0
+        while c0 < cols:
+            vecs = min(_DOWNDATE_VECS, (cols - c0) // _LANES64)
+            _row_downdate(U, i, c0, vecs)
+            c0 += vecs * _LANES64
+        d = U[i, i]
+        if not (d > 0.0):
+            return False
+        _scale_row(U, i, v0, 1.0 / np.sqrt(d))
+    return True
+
+
+@jit
+def _psd_probe_one(a, shift, n_inverse, n_power, v0, out):
+    """Cholesky of ``a + shift I`` (:func:`_cholesky_rows`) and the estimates of
+    :func:`_power_one` / :func:`_inverse_one` (``v0``: the start vector of :func:`_inverse_start`).
 
     ``out = [ok, lambda_min estimate, lambda_max estimate]``; ``ok = 0`` when a pivot is
     ``<= 0`` or NaN: ``a`` has an eigenvalue below ``-shift`` (``lambda_min = nan``).
     """
     n = a.shape[0]
-    U = np.empty((n, n))
+    U = np.empty((n, -(-n // _LANES64) * _LANES64))
     v = np.empty(n)
     w = np.empty(n)
-    for i in range(n):  # the upper triangle of a + shift I
-        urow = U[i, i:]
-        arow = a[i, i:]
-        for k in range(n - i):
-            urow[k] = arow[k]
-        U[i, i] += shift
-    good = True
-    for j in range(n):  # right-looking on the upper triangle: U^T U = a + shift I
-        d = U[j, j]
-        if not (d > 0.0):
-            good = False
-            break
-        inv = 1.0 / np.sqrt(d)
-        head = U[j, j:]
-        for k in range(n - j):
-            head[k] *= inv
-        for i in range(j + 1, n):
-            uji = U[j, i]
-            row = U[i, i:]
-            src = U[j, i:]
-            for k in range(n - i):
-                row[k] -= uji * src[k]
+    good = _cholesky_rows(a, shift, U)
     out[0] = 1.0 if good else 0.0
     out[2] = _power_one(a, n_power, v, w) if n_power > 0 else 0.0
     if good:
-        L = np.empty((n, n))
-        for i in range(n):
-            for k in range(i, n):
-                L[k, i] = U[i, k]
-        out[1] = _inverse_lu(L, U, n_inverse, v, w) - shift
+        v[:] = v0
+        out[1] = _inverse_upper(U, n_inverse, v, w) - shift
     else:
         out[1] = np.nan
+
+
+@jit
+def _psd_probe_pair(a1, a2, shift1, shift2, n_inverse, n_power, v0, out1, out2):
+    """:func:`_psd_probe_one` on two matrices of one size, the inverse iterations in lockstep
+    (:func:`_inverse_upper2`) when both factorisations succeed: the same outputs."""
+    n = a1.shape[0]
+    cols = -(-n // _LANES64) * _LANES64
+    U1 = np.empty((n, cols))
+    U2 = np.empty((n, cols))
+    v1 = np.empty(n)
+    w1 = np.empty(n)
+    v2 = np.empty(n)
+    w2 = np.empty(n)
+    good1 = _cholesky_rows(a1, shift1, U1)
+    good2 = _cholesky_rows(a2, shift2, U2)
+    out1[0] = 1.0 if good1 else 0.0
+    out2[0] = 1.0 if good2 else 0.0
+    out1[2] = _power_one(a1, n_power, v1, w1) if n_power > 0 else 0.0
+    out2[2] = _power_one(a2, n_power, v2, w2) if n_power > 0 else 0.0
+    v1[:] = v0
+    v2[:] = v0
+    out1[1] = np.nan
+    out2[1] = np.nan
+    if good1 and good2:
+        e1, e2 = _inverse_upper2(U1, U2, n_inverse, v1, w1, v2, w2)
+        out1[1] = e1 - shift1
+        out2[1] = e2 - shift2
+    elif good1:
+        out1[1] = _inverse_upper(U1, n_inverse, v1, w1) - shift1
+    elif good2:
+        out2[1] = _inverse_upper(U2, n_inverse, v2, w2) - shift2
 
 
 @jit(parallel=True)
@@ -178,15 +364,19 @@ def _psd_probe(A, shift, n_inverse, n_power, out):
 
     Cost: ``n^3/3 + (n_inverse + n_power) 2 n^2`` flops per matrix.
     """
+    v0 = np.empty(A.shape[1])
+    _inverse_start(v0)
     for b in prange(A.shape[0]):
-        _psd_probe_one(A[b], shift[b], n_inverse, n_power, out[b])
+        _psd_probe_one(A[b], shift[b], n_inverse, n_power, v0, out[b])
 
 
 @jit
 def _psd_probe_serial(A, shift, n_inverse, n_power, out):
     """:func:`_psd_probe` in batch order (a single matrix: no thread pool)."""
+    v0 = np.empty(A.shape[1])
+    _inverse_start(v0)
     for b in range(A.shape[0]):
-        _psd_probe_one(A[b], shift[b], n_inverse, n_power, out[b])
+        _psd_probe_one(A[b], shift[b], n_inverse, n_power, v0, out[b])
 
 
 # hand-written products below this size, BLAS (np.dot) from it on: the per-call overhead of
@@ -214,71 +404,127 @@ def _mm(A, B, C):
 # ---------------------------------------------------------------- register-blocked products
 # The products of the fused iteration run on zero-padded C-contiguous buffers: columns padded
 # to a multiple of one 64-byte vector (16 float32 / 8 float64 lanes), rows to a multiple of
-# TILE_ROWS.  Zero padding is closed under the iteration's products and its entrywise steps on
-# the leading n x n block, so the padding stays zero and the leading block is the product.
+# TILE_ROWS.  The leading n x n block of a product reads only the leading blocks of its
+# operands (k < n), so it is the product whatever finite values the padding holds: the
+# general iteration keeps it zero, the fixed-count one (_coupled_fixed_one) lets it run.
 TILE_ROWS = 4
-_VECTOR_BYTES = 64
-_I32 = ir.IntType(32)
 
 
-def _tile_product(rows, vecs):
-    """An intrinsic ``tile(A, B, C, i0, j0, k_end)``: ``C[i0:i0+rows, j0:j0+vecs*L] =
-    A[i0:i0+rows, :k_end] @ B[:k_end, j0:j0+vecs*L]`` (``L`` lanes of one 64-byte vector) for
-    C-contiguous 2-D arrays of one float dtype, no bounds checks.
+# register tiles: 8 rows by one or two vectors for narrow matrices, else 6 rows by up to four
+# vectors (at most 24 of AVX-512's 32 registers as accumulators: enough independent chains to
+# cover the latency of fma); a last block of TILE_ROWS rows, overlapping the one before when
+# the rows are not a multiple (recomputed rows get the same values)
+_NARROW_ROWS = 8
+_WIDE_ROWS = 6
+_WIDE_VECS = 4
 
-    ``rows x vecs`` accumulator vectors stay in registers over the whole ``k`` loop (one
-    vector load per column block and one broadcast per row each step), each entry summed in
-    ``k`` order with correctly rounded fused multiply-adds (``llvm.fma``, what BLAS does;
-    not a fastmath flag).  Written at the LLVM level because neither of LLVM's vectorisers
-    keeps loop-carried accumulators of Numba code in vector registers.
+
+def _emit_tile(builder, fma, vty, arrs, lds, i0v, j0v, kend, alpha, rows, vecs):
+    """IR of one register tile: ``C[i0:i0+rows, j0:j0+vecs*L] = alpha * (A[i0:i0+rows, :k_end] @
+    B[:k_end, j0:j0+vecs*L])``: ``rows x vecs`` accumulator vectors kept in registers over the
+    whole ``k`` loop (one vector load per column block and one broadcast per row each step),
+    each entry summed in ``k`` order with correctly rounded fused multiply-adds (``llvm.fma``,
+    what BLAS does; not a fastmath flag), then rounded and multiplied by ``alpha``."""
+    (a_data, b_data, c_data), (lda, ldb, ldc) = arrs, lds
+    lanes = vty.count
+    size = _VECTOR_BYTES // lanes
+    zero = ir.Constant(vty, [ir.Constant(vty.element, 0.0)] * lanes)
+    undef = ir.Constant(vty, ir.Undefined)
+    splat = ir.Constant(ir.VectorType(_I32, lanes), [ir.Constant(_I32, 0)] * lanes)
+    idx = i0v.type
+    accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(vecs)] for _ in range(rows)]
+    for r in range(rows):
+        for v in range(vecs):
+            builder.store(zero, accs[r][v])
+    a_rows = [builder.gep(a_data, [builder.mul(builder.add(i0v, ir.Constant(idx, r)), lda)]) for r in range(rows)]
+    with cgutils.for_range(builder, kend) as loop:
+        k = loop.index
+        brow = builder.gep(b_data, [builder.add(builder.mul(k, ldb), j0v)])
+        bs = [builder.load(builder.bitcast(builder.gep(brow, [ir.Constant(idx, v * lanes)]), vty.as_pointer()),
+                           align=size) for v in range(vecs)]
+        for r in range(rows):
+            a = builder.load(builder.gep(a_rows[r], [k]))
+            s = builder.shuffle_vector(builder.insert_element(undef, a, ir.Constant(_I32, 0)), undef, splat)
+            for v in range(vecs):
+                builder.store(builder.call(fma, [s, bs[v], builder.load(accs[r][v])]), accs[r][v])
+    for r in range(rows):
+        crow = builder.gep(c_data, [builder.add(builder.mul(builder.add(i0v, ir.Constant(idx, r)), ldc), j0v)])
+        for v in range(vecs):
+            dst = builder.bitcast(builder.gep(crow, [ir.Constant(idx, v * lanes)]), vty.as_pointer())
+            builder.store(builder.fmul(alpha, builder.load(accs[r][v])), dst, align=size)
+
+
+@intrinsic
+def _mm_tiles(typingctx, A, B, C, k_end, alpha):
+    """An intrinsic ``_mm_tiles(A, B, C, k_end, alpha)``: ``C = alpha * (A[:, :k_end] @ B[:k_end])``
+    for C-contiguous 2-D arrays of one float dtype, ``C`` apart from ``A`` and ``B``, whose rows
+    are whole 64-byte vectors and whose row count is a multiple of :data:`TILE_ROWS` (the
+    padded buffers of :func:`_padded_shape`); no bounds checks.  Every entry is the same
+    ``k``-ordered fma chain, rounded, then scaled, whatever its tile (``alpha = 1``: exact).
+
+    One intrinsic for the whole product, tiles and loops inlined where it is called: a Numba
+    call per product (array arguments reference-counted) costs as much as a small tile.
+    Written at the LLVM level because neither of LLVM's vectorisers keeps loop-carried
+    accumulators of Numba code in vector registers.
     """
-    @intrinsic
-    def tile(typingctx, A, B, C, i0, j0, k_end):
-        sig = types.void(A, B, C, i0, j0, k_end)
+    def codegen(context, builder, signature, args):
+        arrays = [context.make_array(t)(context, builder, v) for t, v in zip(signature.args[:3], args[:3])]
+        kend = args[3]
+        ety = context.get_value_type(signature.args[0].dtype)
+        size = context.get_abi_sizeof(ety)
+        lanes = _VECTOR_BYTES // size
+        vty = ir.VectorType(ety, lanes)
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty, vty, vty]),
+                                             f"llvm.fma.v{lanes}f{8 * size}")
+        undef = ir.Constant(vty, ir.Undefined)
+        splat = ir.Constant(ir.VectorType(_I32, lanes), [ir.Constant(_I32, 0)] * lanes)
+        alpha = context.cast(builder, args[4], signature.args[4], signature.args[0].dtype)
+        alpha = builder.shuffle_vector(builder.insert_element(undef, alpha, ir.Constant(_I32, 0)), undef, splat)
+        datas = tuple(arr.data for arr in arrays)
+        lds = tuple(cgutils.unpack_tuple(builder, arr.shape, 2)[1] for arr in arrays)
+        rows = cgutils.unpack_tuple(builder, arrays[2].shape, 2)[0]
+        cols = lds[2]
+        idx = cols.type
 
-        def codegen(context, builder, signature, args):
-            a_arr, b_arr, c_arr = (context.make_array(t)(context, builder, v)
-                                   for t, v in zip(signature.args[:3], args[:3]))
-            i0v, j0v, kend = args[3], args[4], args[5]
-            ety = context.get_value_type(signature.args[0].dtype)
-            size = context.get_abi_sizeof(ety)
-            lanes = _VECTOR_BYTES // size
-            vty = ir.VectorType(ety, lanes)
-            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty, vty, vty]),
-                                                 f"llvm.fma.v{lanes}f{8 * size}")
-            lda, ldb, ldc = (cgutils.unpack_tuple(builder, arr.shape, 2)[1] for arr in (a_arr, b_arr, c_arr))
-            zero = ir.Constant(vty, [ir.Constant(ety, 0.0)] * lanes)
-            undef = ir.Constant(vty, ir.Undefined)
-            splat = ir.Constant(ir.VectorType(_I32, lanes), [ir.Constant(_I32, 0)] * lanes)
-            idx = i0v.type
-            accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(vecs)] for _ in range(rows)]
-            a_rows = [builder.gep(a_arr.data, [builder.mul(builder.add(i0v, ir.Constant(idx, r)), lda)])
-                      for r in range(rows)]
-            with cgutils.for_range(builder, kend) as loop:
-                k = loop.index
-                brow = builder.gep(b_arr.data, [builder.add(builder.mul(k, ldb), j0v)])
-                bs = [builder.load(builder.bitcast(builder.gep(brow, [ir.Constant(idx, v * lanes)]),
-                                                   vty.as_pointer()), align=size) for v in range(vecs)]
-                for r in range(rows):
-                    a = builder.load(builder.gep(a_rows[r], [k]))
-                    s = builder.shuffle_vector(builder.insert_element(undef, a, ir.Constant(_I32, 0)), undef, splat)
-                    for v in range(vecs):
-                        builder.store(builder.call(fma, [s, bs[v], builder.load(accs[r][v])]), accs[r][v])
-            for r in range(rows):
-                crow = builder.gep(c_arr.data, [builder.add(builder.mul(builder.add(i0v, ir.Constant(idx, r)), ldc),
-                                                            j0v)])
-                for v in range(vecs):
-                    dst = builder.bitcast(builder.gep(crow, [ir.Constant(idx, v * lanes)]), vty.as_pointer())
-                    builder.store(builder.load(accs[r][v]), dst, align=size)
-            return context.get_dummy_value()
+        def const(v):
+            return ir.Constant(idx, v)
 
-        return sig, codegen
+        def tile(i0, j0, r, v):
+            _emit_tile(builder, fma, vty, datas, lds, i0, j0, kend, alpha, r, v)
 
-    return tile
+        def block(i0, r):  # rows i0 .. i0 + r, every column: four-vector tiles, then the rest
+            nv = builder.udiv(cols, const(lanes))
+            full = builder.udiv(nv, const(_WIDE_VECS))
+            with cgutils.for_range(builder, full) as loop:
+                tile(i0, builder.mul(loop.index, const(_WIDE_VECS * lanes)), r, _WIDE_VECS)
+            j0 = builder.mul(full, const(_WIDE_VECS * lanes))
+            rem = builder.urem(nv, const(_WIDE_VECS))
+            for v in range(1, _WIDE_VECS):
+                with builder.if_then(builder.icmp_unsigned("==", rem, const(v))):
+                    tile(i0, j0, r, v)
 
+        nv = builder.udiv(cols, const(lanes))
+        with builder.if_else(builder.icmp_unsigned("<=", nv, const(2))) as (narrow, wide):
+            with narrow:
+                two = builder.icmp_unsigned("==", nv, const(2))
+                for r, start, count in ((_NARROW_ROWS, None, builder.udiv(rows, const(_NARROW_ROWS))),
+                                        (TILE_ROWS, builder.sub(rows, const(TILE_ROWS)),
+                                         builder.udiv(builder.urem(rows, const(_NARROW_ROWS)), const(TILE_ROWS)))):
+                    with cgutils.for_range(builder, count) as loop:
+                        i0 = builder.mul(loop.index, const(r)) if start is None else start
+                        with builder.if_else(two) as (v2, v1):
+                            with v2:
+                                tile(i0, const(0), r, 2)
+                            with v1:
+                                tile(i0, const(0), r, 1)
+            with wide:
+                with cgutils.for_range(builder, builder.udiv(rows, const(_WIDE_ROWS))) as loop:
+                    block(builder.mul(loop.index, const(_WIDE_ROWS)), _WIDE_ROWS)
+                with builder.if_then(builder.icmp_unsigned("!=", builder.urem(rows, const(_WIDE_ROWS)), const(0))):
+                    block(builder.sub(rows, const(TILE_ROWS)), TILE_ROWS)
+        return context.get_dummy_value()
 
-_tile_2v = _tile_product(TILE_ROWS, 2)
-_tile_1v = _tile_product(TILE_ROWS, 1)
+    return types.void(A, B, C, k_end, alpha), codegen
 
 
 @jit
@@ -290,17 +536,9 @@ def _padded_shape(n, itemsize):
 
 @jit
 def _mm_padded(A, B, C, n):
-    """``C = A[:, :n] @ B[:n]`` on padded buffers (:func:`_padded_shape`, one dtype): row tiles of
-    :data:`TILE_ROWS`, column tiles of two vectors and a one-vector tail."""
-    rows, cols = C.shape
-    step = 2 * (_VECTOR_BYTES // C.itemsize)
-    for i0 in range(0, rows, TILE_ROWS):
-        j0 = 0
-        while j0 + step <= cols:
-            _tile_2v(A, B, C, i0, j0, n)
-            j0 += step
-        if j0 < cols:
-            _tile_1v(A, B, C, i0, j0, n)
+    """``C = A[:, :n] @ B[:n]`` on padded buffers (:func:`_padded_shape`, one dtype; the tiled
+    :func:`_mm_tiles`)."""
+    _mm_tiles(A, B, C, n, 1.0)
 
 
 @jit
@@ -358,7 +596,7 @@ def _coupled_ns_one(Y0, Y0_64, coefs, n_max, k_last, record, stop_early, tol,
     ``(a_k, b_k, c_k) = coefs[k]`` (working dtype, ``n_max`` rows; the classic step is
     ``(3/2, -1/2, 0)``).  Step 0 uses ``Z_0 = I`` (``M = Y_0``, ``Z_1 = T``: two products
     saved, bit-identical).  The iterates live in zero-padded buffers and every product is
-    the register-blocked :func:`_mm_padded` (no BLAS call per product).
+    the register-blocked :func:`_mm_tiles` (no BLAS call per product).
 
     ``record`` stores the float64 residual ``r_k = ||Z_k Z_k Y_0 - I||_F`` of every iterate
     in ``hist[k-1]``.  ``stop_early`` stops the matrix at the first iterate whose free
@@ -411,7 +649,7 @@ def _coupled_ns_one(Y0, Y0_64, coefs, n_max, k_last, record, stop_early, tol,
                 for j in range(n):
                     M[i, j] = Y[i, j]
         else:
-            _mm_padded(Z, Y, M, n)
+            _mm_tiles(Z, Y, M, n, 1.0)
         if stop_early and k >= 1 and not use_metric:
             rho = _fro_minus_identity(M[:n, :n])  # residual of iterate k, for free
             if not np.isfinite(rho) or rho > BLOWUP_GROWTH * best or rho > big:
@@ -444,7 +682,7 @@ def _coupled_ns_one(Y0, Y0_64, coefs, n_max, k_last, record, stop_early, tol,
         b = coefs[k, 1]
         c = coefs[k, 2]
         if c != 0.0:
-            _mm_padded(M, M, T, n)
+            _mm_tiles(M, M, T, n, 1.0)
             for i in range(n):
                 for j in range(n):
                     T[i, j] = c * T[i, j] + b * M[i, j]
@@ -459,7 +697,7 @@ def _coupled_ns_one(Y0, Y0_64, coefs, n_max, k_last, record, stop_early, tol,
                 for j in range(n):
                     Z[i, j] = T[i, j]
         else:
-            _mm_padded(T, Z, W, n)
+            _mm_tiles(T, Z, W, n, 1.0)
             Z, W = W, Z
         done = k + 1
         if record or use_metric or (stop_early and done == k_last):
@@ -472,7 +710,7 @@ def _coupled_ns_one(Y0, Y0_64, coefs, n_max, k_last, record, stop_early, tol,
                 best_k = done
                 stopped = True
                 break
-        _mm_padded(Y, T, W, n)
+        _mm_tiles(Y, T, W, n, 1.0)
         Y, W = W, Y
         if record or use_metric:
             finite = np.isfinite(r)
@@ -535,6 +773,104 @@ def _coupled_ns_serial(Y0, Y0_64, coefs, n_max, k_last, record, stop_early, tol,
 
 
 @jit
+def _coupled_fixed_one(A64, c, s, want_sqrt, coefs, n_max, out):
+    """:func:`_coupled_ns_one` with a fixed count (no residual, no decision) from ``Y_0 = A64 / c``
+    to ``out`` as :func:`_coupled_solve_one` forms it; returns whether the last ``Z`` is finite.
+
+    The same products in the same order, so the same bits, with less work around them: the
+    classic step's ``T = b M + a I`` stored by the product ``Z Y`` itself
+    (:func:`_mm_tiles` with ``alpha = b``), ``Z_1 = T`` without a copy, no ``Y`` update after the last
+    step for the inverse root, the result read from the padded buffers.  The buffers' padding
+    is finite but not zero: the leading ``n x n`` block of each product never reads it.
+    """
+    n = A64.shape[0]
+    rows, cols = _padded_shape(n, out.itemsize)
+    quadratic = False
+    for k in range(n_max):
+        if coefs[k, 2] != 0.0:
+            quadratic = True
+    buf = np.empty((5 if quadratic else 4, rows, cols), dtype=out.dtype)
+    Y = buf[0]
+    Z = buf[1]
+    T = buf[2]
+    W = buf[3]
+    M = buf[4] if quadratic else buf[3]
+    cw = np.empty(1, dtype=out.dtype)
+    cw[0] = c
+    for i in range(rows):  # Y_0 = A64 / c, rounded as _initial rounds it; zero padding
+        yrow = Y[i]
+        if i < n:
+            arow = A64[i]
+            for j in range(n):
+                yrow[j] = arow[j]
+                yrow[j] = yrow[j] / cw[0]
+            for j in range(n, cols):
+                yrow[j] = 0.0
+        else:
+            for j in range(cols):
+                yrow[j] = 0.0
+    for k in range(n_max):
+        a = coefs[k, 0]
+        b = coefs[k, 1]
+        q = coefs[k, 2]
+        need_y = want_sqrt or k < n_max - 1
+        if k == 0:  # M = Y_0, Z_1 = T
+            if q != 0.0:
+                _mm_tiles(Y, Y, T, n, 1.0)
+                for i in range(rows):
+                    trow = T[i]
+                    yrow = Y[i]
+                    for j in range(cols):
+                        trow[j] = q * trow[j] + b * yrow[j]
+            else:
+                for i in range(rows):
+                    trow = T[i]
+                    yrow = Y[i]
+                    for j in range(cols):
+                        trow[j] = b * yrow[j]
+            for i in range(n):
+                T[i, i] += a
+            Z, T = T, Z
+            if need_y:
+                _mm_tiles(Y, Z, W, n, 1.0)
+                Y, W = W, Y
+            continue
+        if q != 0.0:
+            _mm_tiles(Z, Y, M, n, 1.0)
+            _mm_tiles(M, M, T, n, 1.0)
+            for i in range(rows):
+                trow = T[i]
+                mrow = M[i]
+                for j in range(cols):
+                    trow[j] = q * trow[j] + b * mrow[j]
+        else:
+            _mm_tiles(Z, Y, T, n, b)
+        for i in range(n):
+            T[i, i] += a
+        _mm_tiles(T, Z, W, n, 1.0)
+        Z, W = W, Z
+        if need_y:
+            _mm_tiles(Y, T, W, n, 1.0)
+            Y, W = W, Y
+    f = np.sqrt(c) * np.sqrt(s)  # as in _coupled_solve_one
+    finite = True
+    for i in range(n):
+        zrow = Z[i]
+        orow = out[i]
+        for j in range(n):
+            if not np.isfinite(zrow[j]):
+                finite = False
+        if want_sqrt:
+            yrow = Y[i]
+            for j in range(n):
+                orow[j] = float(yrow[j]) * f
+        else:
+            for j in range(n):
+                orow[j] = float(zrow[j]) / f
+    return finite
+
+
+@jit
 def _coupled_solve_one(A64, c, s, want_sqrt, coefs, n_max, k_last, record, stop_early, tol,
                        out, hist, info_i, info_f):
     """:func:`_coupled_ns_one` from ``A = s A64`` to the result, in one pass per matrix.
@@ -544,9 +880,17 @@ def _coupled_solve_one(A64, c, s, want_sqrt, coefs, n_max, k_last, record, stop_
     twin only when a residual is evaluated), and ``out = Z / (sqrt(c) sqrt(s))`` or
     ``Y (sqrt(c) sqrt(s))`` (``want_sqrt``) as ``_finish`` forms it (in float64, rounded once
     to the working dtype): bit-identical to the three separate passes, without their batch
-    temporaries.  ``info_i[3] = 1`` when the returned ``Z`` is finite.
+    temporaries.  ``info_i[3] = 1`` when the returned ``Z`` is finite.  A fixed count (neither
+    ``record`` nor ``stop_early``) takes :func:`_coupled_fixed_one`.
     """
     n = A64.shape[0]
+    if not (record or stop_early):
+        info_i[0] = n_max
+        info_i[1] = n_max
+        info_i[2] = 0
+        info_f[0] = np.nan
+        info_i[3] = 1 if _coupled_fixed_one(A64, c, s, want_sqrt, coefs, n_max, out) else 0
+        return
     Y0 = np.empty((n, n), dtype=out.dtype)
     cw = np.empty(1, dtype=out.dtype)
     cw[0] = c
@@ -594,6 +938,83 @@ def _coupled_solve_serial(A64, c, s, want_sqrt, coefs, n_max, k_last, record, st
 
 
 @jit
+def _pipeline_shift(rel, stats):
+    """The probe's shift ``delta = rel ||A64||_F`` (1 for the zero matrix), as ``_delta`` forms it."""
+    fro = stats[3]
+    return rel * fro if fro > 0.0 else 1.0
+
+
+@jit
+def _pipeline_solve(A64, stats, probe, spectral, want_sqrt, coefs, n_max, record, stop_early, tol, c_out, out, hist,
+                    info_i, info_f):
+    """The scaling ``c`` (``"fro"``: ``||A64||_F``; ``spectral``: the power estimate kept within
+    ``[||A64||_F / sqrt(n), ||A64||_F]``; 1 where it is 0: the driver's ``_scale``) into
+    ``c_out[0]``, and :func:`_coupled_solve_one` unless the matrix has a non-finite entry or
+    failed its Cholesky (the driver raises for it)."""
+    n = A64.shape[0]
+    fro = stats[3]
+    c = fro
+    if spectral:
+        c = min(max(probe[2], fro / np.sqrt(n)), fro)
+    if not (c > 0.0):
+        c = 1.0
+    c_out[0] = c
+    if stats[0] > 0.0 and probe[0] > 0.0:
+        _coupled_solve_one(A64, c, stats[5], want_sqrt, coefs, n_max, 0, record, stop_early, tol,
+                           out, hist, info_i, info_f)
+    else:
+        info_i[:] = 0
+        info_f[0] = np.nan
+
+
+@jit
+def _coupled_pipeline_two(A, b, width, eps, rel, n_inverse, n_power, v0, spectral, want_sqrt, coefs, n_max, record,
+                          stop_early, tol, A64, stats, probe, c, out, hist, info_i, info_f):
+    """:func:`_prepare_one`, the probe and :func:`_coupled_solve_one` on matrix ``b``, and on
+    ``b + 1`` too when ``width == 2`` and it exists (two probes in lockstep:
+    :func:`_psd_probe_pair`).
+
+    The probe's shift (:func:`_pipeline_shift`) and the scaling (:func:`_pipeline_solve`) are
+    formed as the driver forms them, and every output of the three kernels is kept, so that
+    the driver checks, raises and warns from them as after three calls.
+    """
+    _prepare_one(A[b], eps, A64[b], stats[b])
+    end = min(b + width, A.shape[0])
+    if end == b + 2:
+        _prepare_one(A[b + 1], eps, A64[b + 1], stats[b + 1])
+        _psd_probe_pair(A64[b], A64[b + 1], _pipeline_shift(rel, stats[b]), _pipeline_shift(rel, stats[b + 1]),
+                        n_inverse, n_power, v0, probe[b], probe[b + 1])
+    else:
+        _psd_probe_one(A64[b], _pipeline_shift(rel, stats[b]), n_inverse, n_power, v0, probe[b])
+    for i in range(b, end):
+        _pipeline_solve(A64[i], stats[i], probe[i], spectral, want_sqrt, coefs, n_max, record, stop_early, tol,
+                        c[i:i + 1], out[i], hist[i], info_i[i], info_f[i])
+
+
+@jit(parallel=True)
+def _coupled_pipeline_parallel(A, width, eps, rel, n_inverse, n_power, spectral, want_sqrt, coefs, n_max, record,
+                               stop_early, tol, A64, stats, probe, c, out, hist, info_i, info_f):
+    """:func:`_coupled_pipeline_two` over the batch, ``width`` (1 or 2) matrices per thread at a
+    time: one parallel region (``coefs (n_max, 3)``, one step for every matrix, no ``k_last``)."""
+    v0 = np.empty(A.shape[1])
+    _inverse_start(v0)
+    for p in prange((A.shape[0] + width - 1) // width):
+        _coupled_pipeline_two(A, width * p, width, eps, rel, n_inverse, n_power, v0, spectral, want_sqrt, coefs,
+                              n_max, record, stop_early, tol, A64, stats, probe, c, out, hist, info_i, info_f)
+
+
+@jit
+def _coupled_pipeline_serial(A, width, eps, rel, n_inverse, n_power, spectral, want_sqrt, coefs, n_max, record,
+                             stop_early, tol, A64, stats, probe, c, out, hist, info_i, info_f):
+    """:func:`_coupled_pipeline_parallel` in batch order (a single matrix: no thread pool)."""
+    v0 = np.empty(A.shape[1])
+    _inverse_start(v0)
+    for b in range(0, A.shape[0], width):
+        _coupled_pipeline_two(A, b, width, eps, rel, n_inverse, n_power, v0, spectral, want_sqrt, coefs, n_max,
+                              record, stop_early, tol, A64, stats, probe, c, out, hist, info_i, info_f)
+
+
+@jit
 def _eigh_power_one(a, power, out, lam_out):
     """``out = V diag(lambda^power) V^T`` from LAPACK ``eigh`` of ``a`` (float64);
     eigenvalues ``<= 0`` contribute 0; ``lam_out`` gets them (ascending).
@@ -629,6 +1050,33 @@ def _eigh_power_serial(A, power, out, lam_out):
 
 
 @jit
+def _abs_max(a):
+    """``(max|a_ij|, all finite)`` of a C-contiguous float32/float64 matrix from the bits of its
+    entries: with the sign bit cleared, the order of IEEE values is that of unsigned integers,
+    infinities and NaNs above every finite value, so one integer max (order-free: LLVM
+    vectorises it without fastmath) gives both."""
+    if a.itemsize == 4:
+        bits = a.view(np.uint32)
+        top = np.uint32(0)
+        for i in range(bits.shape[0]):
+            row = bits[i]
+            for j in range(row.shape[0]):
+                top = max(top, row[j] & np.uint32(0x7FFFFFFF))
+        box = np.empty(1, dtype=np.uint32)
+        box[0] = top
+        return float(box.view(np.float32)[0]), top < np.uint32(0x7F800000)
+    bits = a.view(np.uint64)
+    top = np.uint64(0)
+    for i in range(bits.shape[0]):
+        row = bits[i]
+        for j in range(row.shape[0]):
+            top = max(top, row[j] & np.uint64(0x7FFFFFFFFFFFFFFF))
+    box = np.empty(1, dtype=np.uint64)
+    box[0] = top
+    return float(box.view(np.float64)[0]), top < np.uint64(0x7FF0000000000000)
+
+
+@jit
 def _prepare_one(a, eps, out, stats):
     """``out = ((a + a^T)/2 + eps I) / s`` in float64 with ``s = 4^k`` the power of four that
     brings ``max(max|a_ij|, eps)`` into ``[1, 4)``, and
@@ -637,20 +1085,13 @@ def _prepare_one(a, eps, out, stats):
     Dividing by a power of four is exact and keeps ``sqrt(s) = 2^k`` exact, so norms and
     products of ``out`` can neither overflow nor underflow at any representable scale (the
     scaling LAPACK's ``nrm2`` does), and results scale back exactly.  Two passes over ``a``:
-    the checks and ``max|a_ij|``, then the scaled symmetric part.
+    ``max|a_ij|`` and the finiteness check (:func:`_abs_max`), then the scaled symmetric part
+    and ``max|a_ij - a_ji|``.  (With a non-finite entry, which the driver rejects, ``max|a_ij|``
+    and ``max|a_ij - a_ji|`` are unspecified.)
     """
     n = a.shape[0]
-    finite = True
-    amax = 0.0
+    amax, finite = _abs_max(a)
     asym = 0.0
-    for i in range(n):
-        for j in range(i, n):
-            x = float(a[i, j])
-            y = float(a[j, i])
-            if not (np.isfinite(x) and np.isfinite(y)):
-                finite = False
-            amax = max(amax, max(abs(x), abs(y)))
-            asym = max(asym, abs(x - y))
     scale = 1.0
     top = max(amax, eps)
     if finite and top > 0.0:
@@ -665,6 +1106,7 @@ def _prepare_one(a, eps, out, stats):
         fro2 += d * d
         rows[i] += abs(d)
         for j in range(i + 1, n):
+            asym = max(asym, abs(float(a[i, j]) - float(a[j, i])))
             v = (float(a[i, j]) + float(a[j, i])) * 0.5
             if not np.isfinite(v):  # |a_ij + a_ji| above the largest float: halve first
                 v = float(a[i, j]) * 0.5 + float(a[j, i]) * 0.5

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import functools
 
+import numba
 import numpy as np
 
 from ._newton_schulz import (
     _coupled_ns_parallel,
+    _coupled_pipeline_parallel,
+    _coupled_pipeline_serial,
     _coupled_ns_serial,
     _coupled_solve_parallel,
     _coupled_solve_serial,
@@ -27,11 +30,15 @@ from ._newton_schulz import (
     _spectrum_estimates_serial,
 )
 
-__all__ = ["prepare", "probe", "eigh_power", "coupled_kernel", "coupled_solver", "auto_may_use_eigh"]
+__all__ = ["prepare", "probe", "eigh_power", "coupled_kernel", "coupled_solver", "coupled_pipeline",
+           "auto_may_use_eigh"]
 
 # One matrix per Numba thread for a batch up to this size; above it the batch runs in
 # order and the BLAS library's own threads share each product.
 PARALLEL_MAX_N = 64
+# The pipeline kernel pairs matrices (two probes in lockstep) when the batch has at least this
+# many per Numba thread (pairs are the units the threads share).
+PAIRED_MIN_PER_THREAD = 4
 # The fused Numba iteration up to this size; above it the array-code runner of
 # nsiter.newton_schulz on numpy ``@``: one BLAS library (numpy's) for probe and iteration,
 # instead of numpy's and SciPy's OpenBLAS thread pools competing.
@@ -171,6 +178,44 @@ def coupled_solver(n: int):
     """The fused Numba iteration for size ``n`` taking the prepared input to the result
     (:func:`_coupled_solve`), or ``None``."""
     return _coupled_solve if n <= NUMBA_MAX_N else None
+
+
+def _coupled_pipeline(A3, eps, rel, n_inverse, n_power, spectral, dtype, want, n_max, *, tol, record, stop_early):
+    """:func:`prepare`, :func:`probe` and :func:`_coupled_solve` (the classic step, no
+    ``k_last``) in ONE Numba call per batch (``_coupled_pipeline_two``): the probe's shift
+    ``delta = rel ||A64||_F`` and the scaling ``c`` (``||A64||_F``, or the clipped power
+    estimate when ``spectral``) formed inside it as ``newton_schulz._delta`` / ``_scale`` form them.
+    Returns ``(A64, stats, probe, c, solved)``: the outputs of :func:`prepare` (``stats``) and
+    of the probe kernel (``probe (nb, 3) = [ok, lmin, lmax]``), ``c``, and ``solved`` as
+    :func:`_coupled_solve` returns it (unset for a matrix with a non-finite entry or a failed
+    Cholesky, which the driver rejects)."""
+    src = np.ascontiguousarray(A3)
+    nb, n, _ = src.shape
+    dtype = np.dtype(dtype)
+    A64 = np.empty((nb, n, n))
+    stats = np.empty((nb, 6))
+    probe_out = np.empty((nb, 3))
+    c = np.empty(nb)
+    out = np.empty((nb, n, n), dtype=dtype)
+    hist = np.full((nb, n_max if record else 1), np.nan)
+    info_i = np.zeros((nb, 4), dtype=np.int64)
+    info_f = np.zeros((nb, 1))
+    pool = _use_thread_pool(n, nb)
+    # two matrices per step (their probes in lockstep) where that still gives every thread work
+    width = 2 if not pool or nb >= PAIRED_MIN_PER_THREAD * numba.get_num_threads() else 1
+    (_coupled_pipeline_parallel if pool else _coupled_pipeline_serial)(
+        src, width, float(eps), float(rel), int(n_inverse), int(n_power), bool(spectral), want == "sqrt",
+        _classic_coefs(dtype, n_max), n_max, record, stop_early, float(tol or 0.0), A64, stats, probe_out, c, out,
+        hist, info_i, info_f)
+    solved = (out, info_i[:, 0], info_i[:, 1], info_i[:, 2].astype(bool), info_f[:, 0], hist,
+              info_i[:, 3].astype(bool))
+    return A64, stats, probe_out, c, solved
+
+
+def coupled_pipeline(n: int):
+    """:func:`_coupled_pipeline` (prepare, probe and the fused classic iteration in one call)
+    for size ``n``, or ``None``."""
+    return _coupled_pipeline if n <= NUMBA_MAX_N else None
 
 
 def coupled_kernel(n: int):
