@@ -93,7 +93,10 @@ def _moments(compute, arr, name: str):
     with np.errstate(over="ignore", invalid="ignore", under="ignore"):
         stats = compute(arr)
         m2 = stats[2]
-        top = float(abs(m2.detach() if is_tensor(m2) else m2).max()) / stats[0]
+        # M2 is positive semidefinite, so |M2_ij| <= sqrt(M2_ii M2_jj) <= max_i M2_ii: the diagonal
+        # bounds every entry (and overflows or turns NaN first), at O(F) instead of O(F^2)
+        d = m2.diagonal(0, -2, -1)
+        top = float(abs(d.detach() if is_tensor(d) else d).max()) / stats[0]
         fi = _finfo(arr.dtype)
         if 2.0 ** (fi.minexp // 2) <= top <= 2.0 ** (fi.maxexp // 2):  # False for inf and NaN
             return stats, 0
@@ -173,10 +176,13 @@ def _finish(be, stats, plan, eps: float, dtype, e: int = 0, check: bool = False)
     Always fresh arrays, never the caller's statistics."""
     n, mean, m2 = stats
     xp = be.xp
-    cov = m2 / n
-    if e or check:
-        cov, mean = _unscale(cov, 2 * e, dtype, "the covariance"), _ldexp(mean, e)
-    cov = xp.astype(cov, dtype, copy=False)
+    if isinstance(m2, np.ndarray) and not (e or check):  # one pass: divided in float64, rounded once
+        cov = np.divide(m2, n, out=np.empty(m2.shape, dtype), casting="same_kind")
+    else:
+        cov = m2 / n
+        if e or check:
+            cov, mean = _unscale(cov, 2 * e, dtype, "the covariance"), _ldexp(mean, e)
+        cov = xp.astype(cov, dtype, copy=False)
     if eps:
         cov = cov + eps * be.eye(cov.shape[-1], cov)
     mean = xp.astype(mean, dtype, copy=True)

@@ -246,7 +246,6 @@ def _centre_padded(M, z, A, m, K):
     :func:`nsiter._numba.patches._finish_padded`, in one pass.  The term is symmetric in its two
     indices (``K`` is), so the upper triangle is computed and mirrored: exactly symmetric, as ``M``."""
     cb, taps, _ = A.shape
-    f = cb * taps
     for c in range(cb):
         for t in range(taps):
             a = c * taps + t
@@ -256,6 +255,18 @@ def _centre_padded(M, z, A, m, K):
                 mm = m[c] * m[c2]
                 for t2 in range(t if c2 == c else 0, taps):
                     row[c2 * taps + t2] += (m[c2] * A[c, t, t2] + m[c] * A[c2, t2, t] + mm * K[t, t2]) - zi * z[c2, t2]
-    for a in range(f):
-        for b in range(a + 1, f):
-            M[b, a] = M[a, b]
+    _mirror_upper(M)
+
+
+@jit
+def _mirror_upper(M):
+    """``M[b, a] = M[a, b]`` for ``a < b``, in 32 x 32 tiles (a whole-column write per row would miss
+    the cache on every element)."""
+    f = M.shape[0]
+    for a0 in range(0, f, 32):
+        a1 = min(a0 + 32, f)
+        for b0 in range(a0, f, 32):
+            b1 = min(b0 + 32, f)
+            for a in range(a0, a1):
+                for b in range(max(b0, a + 1), b1):
+                    M[b, a] = M[a, b]
