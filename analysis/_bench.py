@@ -21,7 +21,7 @@ FIGURES = Path(__file__).resolve().parent.parent / "figures"
 
 __all__ = [
     "RESULTS", "FIGURES", "median_time", "first_call_time", "memcpy_gbps", "gemm_gflops",
-    "machine_info", "write_results", "markdown_table", "progress",
+    "machine_info", "write_results", "markdown_table", "progress", "spd", "numpy_eigh_isqrt",
 ]
 
 
@@ -50,6 +50,25 @@ def median_time(fn, *, repeat: int = 7, warmup: int = 1, min_time: float = 0.0) 
                 break
         samples.append(dt / n)
     return float(np.median(samples))
+
+
+def spd(n, cond, batch, dtype, seed):
+    """``batch`` SPD matrices ``Q diag(lambda) Q^T``, eigenvalues log-spaced in ``[1/cond, 1]``."""
+    rng = np.random.default_rng(seed)
+    lam = np.logspace(-np.log10(cond), 0.0, n)
+    out = np.empty((batch, n, n))
+    for b in range(batch):
+        q, r = np.linalg.qr(rng.standard_normal((n, n)))
+        q = q * np.sign(np.diag(r))
+        a = (q * lam) @ q.T
+        out[b] = (a + a.T) / 2
+    return out.astype(dtype)
+
+
+def numpy_eigh_isqrt(A):
+    """The peer: ``A^{-1/2}`` by numpy's batched ``eigh``."""
+    lam, V = np.linalg.eigh(A)
+    return (V * lam[..., None, :] ** -0.5) @ np.swapaxes(V, -1, -2)
 
 
 def first_call_time(fn) -> float:

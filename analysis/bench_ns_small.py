@@ -26,7 +26,8 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _bench import first_call_time, gemm_gflops, median_time, memcpy_gbps, progress, write_results  # noqa: E402
+from _bench import (first_call_time, gemm_gflops, median_time, memcpy_gbps, numpy_eigh_isqrt, progress,  # noqa: E402
+                    spd, write_results)
 
 import nsiter  # noqa: E402
 from nsiter import newton_schulz as ns  # noqa: E402
@@ -34,23 +35,6 @@ from nsiter._numba import linalg  # noqa: E402
 
 BATCH = 64
 N_ITER = 5
-
-
-def spd(n, cond, batch, dtype, seed):
-    rng = np.random.default_rng(seed)
-    lam = np.logspace(-np.log10(cond), 0.0, n)
-    out = np.empty((batch, n, n))
-    for b in range(batch):
-        q, r = np.linalg.qr(rng.standard_normal((n, n)))
-        q = q * np.sign(np.diag(r))
-        a = (q * lam) @ q.T
-        out[b] = (a + a.T) / 2
-    return out.astype(dtype)
-
-
-def numpy_eigh_isqrt(A):
-    lam, V = np.linalg.eigh(A)
-    return (V * lam[..., None, :] ** -0.5) @ np.swapaxes(V, -1, -2)
 
 
 def rounds(fns, n_rounds):

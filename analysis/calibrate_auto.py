@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _bench import progress, write_results  # noqa: E402
-from bench_newton_schulz import spd  # noqa: E402
+from _bench import spd  # noqa: E402
 
 from nsiter import newton_schulz as ns  # noqa: E402
 from nsiter._backend import backend  # noqa: E402
