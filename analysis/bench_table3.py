@@ -132,7 +132,7 @@ def main(argv=None) -> int:
                 ratios[(i, n)].append((t_cov + t_inv) / t_conv)
                 oh = (h + 2 * (k // 2) - k) // s + 1
                 ow = (w + 2 * (k // 2) - k) // s + 1
-                extra[(i, n)] = {"sample_rows": n * oh * ow * groups, "cov_dtype": str(cov.dtype)}
+                extra[(i, n)] = n * oh * ow * groups  # sampled rows (the reference grouping stacks groups)
             del x
             progress(f"round {r + 1}/{rounds} row {i}: " + ", ".join(
                 f"b{n} {np.median(ratios[(i, n)]):.3f}" for n in batches))
@@ -146,7 +146,7 @@ def main(argv=None) -> int:
         paper = (row[7] + row[8] + row[9]) / row[10]
         for n in batches:
             med = {part: float(np.median(times[(i, n, part)])) for part in ("cov", "inv", "conv")}
-            n_rows = extra[(i, n)]["sample_rows"]
+            n_rows = extra[(i, n)]
             cov_gflops = 2.0 * n_rows * fb * fb / med["cov"] / 1e9
             inv_gflops = 5 * 6.0 * fb ** 3 / med["inv"] / 1e9
             conv_gflops = 2.0 * n * cout * h * w * cin * k * k / med["conv"] / 1e9

@@ -73,6 +73,29 @@ def _lut_shrink(v, s, p, w_t, w0, dw, table, out):
             out[e] = s * u if a > 0 else -s * u
 
 
+@jit
+def _woodbury(dmat, minv, f, b, t, m, x):
+    """At frequency ``f`` (``D = dmat[f]``, C x K): ``t = D b``, ``m = minv[f] t``, ``x = b - D^H m`` —
+    with ``minv = (rho I + D D^H)^-1``, ``x / rho`` solves ``(D^H D + rho I) x / rho = b`` and
+    ``D x / rho = m`` (Woodbury).  ``t``, ``m``, ``x``: outputs of lengths C, C, K."""
+    n_c, n_k = dmat.shape[1], dmat.shape[2]
+    for c in range(n_c):
+        s = 0j
+        for k in range(n_k):
+            s += dmat[f, c, k] * b[k]
+        t[c] = s
+    for c in range(n_c):
+        s = 0j
+        for c2 in range(n_c):
+            s += minv[f, c, c2] * t[c2]
+        m[c] = s
+    for k in range(n_k):
+        s = 0j
+        for c in range(n_c):
+            s += np.conj(dmat[f, c, k]) * m[c]
+        x[k] = b[k] - s
+
+
 @jit(parallel=True)
 def _zsolve_circular(dmat, minv, dhy, vhat, rho, yhat, weights, out, partial):
     """ADMM z-step of the circular problem, per frequency ``f`` (Woodbury; ``D = dmat[f]``, C x K):
@@ -89,27 +112,17 @@ def _zsolve_circular(dmat, minv, dhy, vhat, rho, yhat, weights, out, partial):
         b = np.empty(n_k, dtype=np.complex128)
         t = np.empty(n_c, dtype=np.complex128)
         m = np.empty(n_c, dtype=np.complex128)
+        x = np.empty(n_k, dtype=np.complex128)
         for f in range(blk * CHUNK, min(n_f, (blk + 1) * CHUNK)):
             for i in range(n_img):
                 for k in range(n_k):
                     b[k] = dhy[i, k, f] + rho * vhat[i, k, f]
+                _woodbury(dmat, minv, f, b, t, m, x)
                 for c in range(n_c):
-                    s = 0j
-                    for k in range(n_k):
-                        s += dmat[f, c, k] * b[k]
-                    t[c] = s
-                for c in range(n_c):
-                    s = 0j
-                    for c2 in range(n_c):
-                        s += minv[f, c, c2] * t[c2]
-                    m[c] = s
-                    r = s - yhat[i, c, f]
+                    r = m[c] - yhat[i, c, f]
                     acc += weights[f] * (r.real * r.real + r.imag * r.imag)
                 for k in range(n_k):
-                    s = 0j
-                    for c in range(n_c):
-                        s += np.conj(dmat[f, c, k]) * m[c]
-                    out[i, k, f] = (b[k] - s) / rho
+                    out[i, k, f] = x[k] / rho
         partial[blk] = acc
 
 
@@ -169,6 +182,7 @@ def _xsolve_masked(dmat, minv, v0hat, v1hat, out, dout):
         b = np.empty(n_k, dtype=np.complex128)
         t = np.empty(n_c, dtype=np.complex128)
         m = np.empty(n_c, dtype=np.complex128)
+        x = np.empty(n_k, dtype=np.complex128)
         for f in range(blk * CHUNK, min(n_f, (blk + 1) * CHUNK)):
             for i in range(n_img):
                 for k in range(n_k):
@@ -176,22 +190,11 @@ def _xsolve_masked(dmat, minv, v0hat, v1hat, out, dout):
                     for c in range(n_c):
                         s += np.conj(dmat[f, c, k]) * v0hat[i, c, f]
                     b[k] = s
+                _woodbury(dmat, minv, f, b, t, m, x)
                 for c in range(n_c):
-                    s = 0j
-                    for k in range(n_k):
-                        s += dmat[f, c, k] * b[k]
-                    t[c] = s
-                for c in range(n_c):
-                    s = 0j
-                    for c2 in range(n_c):
-                        s += minv[f, c, c2] * t[c2]
-                    m[c] = s
-                    dout[i, c, f] = s
+                    dout[i, c, f] = m[c]
                 for k in range(n_k):
-                    s = 0j
-                    for c in range(n_c):
-                        s += np.conj(dmat[f, c, k]) * m[c]
-                    out[i, k, f] = b[k] - s
+                    out[i, k, f] = x[k]
 
 
 @jit(parallel=True)
