@@ -125,7 +125,7 @@ def default_tol(dtype, n: int) -> float:
     ``A`` the residual floor is about ``cond(A) * eps``; the iteration then stops when
     the residual stops decreasing (see :func:`inv_sqrtm`, Notes).
     """
-    return float(100.0 * math.sqrt(n) * np.finfo(_np_dtype(dtype)).eps)
+    return float(100.0 * math.sqrt(n) * _eps(dtype))
 
 
 def _np_dtype(dtype) -> np.dtype:
@@ -134,6 +134,12 @@ def _np_dtype(dtype) -> np.dtype:
         return np.dtype(dtype)
     except TypeError:  # a torch dtype
         return np.dtype(np.float32) if str(dtype) == "torch.float32" else np.dtype(np.float64)
+
+
+@functools.lru_cache(maxsize=None)
+def _eps(dtype) -> float:
+    """Machine epsilon of a numpy or torch float dtype (cached: ``np.finfo`` is slow per call)."""
+    return float(np.finfo(_np_dtype(dtype)).eps)
 
 
 @dataclass(frozen=True)
@@ -218,12 +224,12 @@ def _check_entries(be, arr, stats, name="A"):
     if not stats[:, 0].all():
         check_finite(arr, name)
     # relative to max|a_ij| (max|a_ij - a_ji| <= 2 max|a_ij|: a zero matrix passes)
-    if (stats[:, 2] > 100 * np.finfo(_np_dtype(arr.dtype)).eps * stats[:, 1]).any():
+    if (stats[:, 2] > 100 * _eps(arr.dtype) * stats[:, 1]).any():
         check_symmetric(be.host(arr), name)
 
 
 def _raise_zero(fro):
-    if np.any(fro == 0):
+    if (fro == 0).any():
         raise ValueError(
             "expected a nonzero positive semidefinite matrix, got the zero matrix (all eigenvalues 0) "
             f"at flat batch index {int(np.flatnonzero(fro == 0)[0])}: its inverse square root does not "
@@ -246,19 +252,19 @@ def _raise_indefinite(ok, delta, nb):
 
 def _delta(fro, n, dtype):
     """Rounding tolerance of the PSD test, ``10 n eps(dtype) ||A||_F`` (1 for the zero matrix)."""
-    return np.where(fro > 0, 10.0 * n * np.finfo(_np_dtype(dtype)).eps * fro, 1.0)
+    return np.where(fro > 0, 10.0 * n * _eps(dtype) * fro, 1.0)
 
 
 def _singular_tol(fro, n, dtype):
     """``max(10 eps(dtype), n eps(float64)) ||A||_F``: an eigenvalue at the rounding level of
     the entries (and above the float64 error of the Cholesky-based estimate)."""
-    return max(10.0 * np.finfo(_np_dtype(dtype)).eps, n * np.finfo(np.float64).eps) * fro
+    return max(10.0 * _eps(dtype), n * _eps(np.float64)) * fro
 
 
 def _check_singular(lmin, fro, sing_tol, eps, nb):
     """Warn (naming ``eps``) when ``lambda_min <= sing_tol`` (:func:`_singular_tol`) for some matrix."""
     sing = lmin <= sing_tol
-    if np.any(sing):
+    if sing.any():
         i = int(np.flatnonzero(sing)[0])
         warn(
             f"{int(sing.sum())} of {nb} matrices are numerically singular (e.g. flat batch index {i}: "
@@ -851,7 +857,7 @@ def _device_solve(be, A3, n_iter, scaling, eps, want):
     xp = be.xp
     n = A3.shape[-1]
     n_power = _PROBE_POWER_STEPS if scaling == "spectral" else 0
-    rel = 10.0 * n * float(np.finfo(_np_dtype(A3.dtype)).eps)
+    rel = 10.0 * n * _eps(A3.dtype)
 
     def core(A):
         A64, fro, stats = be.linalg.prepare(A, eps)
@@ -892,7 +898,7 @@ def _solve(A, method, n_iter, tol, scaling, eps, return_info, *, want):
         info = _make_info(np.empty((0, 1 if spec.runner == "eigh" else 0)), e, e.astype(np.int64), e.astype(bool),
                           e.astype(bool), e, 0, batch, method, scaling, tol, e)
         return out, info
-    A3 = xp.reshape(arr, (nb, n, n))
+    A3 = arr.reshape((nb, n, n))  # (the method: numpy and torch alike, without a namespace wrapper)
     with be.precision(arr):
         if spec == _METHODS["coupled"] and not (return_info or stop_early) and be.device_path(arr):
             out, flags = _device_solve(be, A3, n_max, scaling, eps, want)
@@ -932,7 +938,7 @@ def _solve_tracked(be, arr, A3, spec, method, n_max, tol, tol_used, stop_early, 
         pipeline = None
     if pipeline is not None:
         A64, stats_arr, probe_arr, c_pre, solved = pipeline(
-            A3, eps, float(10.0 * n * np.finfo(_np_dtype(dtype)).eps), _PROBE_INVERSE_STEPS,
+            A3, eps, 10.0 * n * _eps(dtype), _PROBE_INVERSE_STEPS,
             _PROBE_POWER_STEPS if scaling == "spectral" else 0, scaling == "spectral", dtype, want, n_max,
             tol=tol_used, record=return_info, stop_early=stop_early)
         fro_arr = stats_arr[:, 3]
@@ -993,7 +999,7 @@ def _solve_tracked(be, arr, A3, spec, method, n_max, tol, tol_used, stop_early, 
     c_host = be.host(c)
     if solved is not None and not (return_info or asked) and solved[6].all() and not solved[3].any():
         # the pipeline's result, nothing to record, warn about or rerun
-        return xp.reshape(solved[0], arr.shape), None
+        return solved[0].reshape(arr.shape), None
     coefs = k_last = None
     use_eigh = np.zeros(nb, dtype=bool)
     # condition estimate: a rigorous bound on lambda_max over the probe's lambda_min (from above)
@@ -1010,7 +1016,7 @@ def _solve_tracked(be, arr, A3, spec, method, n_max, tol, tol_used, stop_early, 
             if tol is not None:
                 # a tolerance below the iteration's rounding floor (about 0.1 kappa sqrt(n) eps in
                 # the working dtype) is out of its reach: eigh, computed in float64, gets closer
-                use_eigh |= tol < 0.1 * kappa * math.sqrt(n) * np.finfo(_np_dtype(dtype)).eps
+                use_eigh |= tol < 0.1 * kappa * math.sqrt(n) * _eps(dtype)
             if singular is not None:
                 use_eigh &= ~singular
             if use_eigh.all():  # (the probe has checked the spectrum; eigh checks it again, exactly)

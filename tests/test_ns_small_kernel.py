@@ -146,7 +146,7 @@ def test_abs_max_reads_the_largest_magnitude_and_finiteness_from_the_bits(dtype)
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("want", ["isqrt", "sqrt"])
-@pytest.mark.parametrize("nb", [1, 2, 7, 9, 64])  # one and two matrices per step, odd batches
+@pytest.mark.parametrize("nb", [1, 2, 7, 9, 17, 64])  # one, two and 8 (lanes) matrices per step, odd batches
 def test_pipeline_is_bit_identical_to_prepare_probe_and_the_fused_solver(dtype, want, nb):
     rng = np.random.default_rng(300 + nb)
     n = 27
@@ -175,3 +175,49 @@ def test_pipeline_is_bit_identical_to_prepare_probe_and_the_fused_solver(dtype, 
                                         record=record, stop_early=stop_early)
             for got, exp in zip(solved, ref):
                 np.testing.assert_array_equal(got[good], exp)
+
+
+@pytest.mark.parametrize("n", [1, 2, 8, 27, 48, 64])
+def test_lane_probe_has_the_bits_of_the_scalar_probe(n):
+    """Eight matrices in the lanes of one vector (a partial group too, an indefinite and a
+    NaN matrix among them) give the scalar probe's outputs bit for bit."""
+    rng = np.random.default_rng(400 + n)
+    L = kern._LANES64
+    A = spd_with_condition(n, 1e4, rng, batch=(11,), dtype=np.float64)
+    A[2] -= 0.5 * np.abs(A[2]).max() * np.eye(n)  # indefinite (n > 1): its Cholesky fails
+    A[5, 0, 0] = np.nan
+    A64, fro, _ = linalg.prepare(A, 0.0)
+    A64[5, 0, 0] = np.nan
+    delta = ns._delta(fro, n, np.float32)
+    v0 = np.empty(n)
+    kern._inverse_start(v0)
+    for n_inverse, n_power in ((ns._PROBE_INVERSE_STEPS, 0), (0, ns._PROBE_POWER_STEPS), (2, 3)):
+        ref = np.empty((11, 3))
+        kern._psd_probe_serial(A64, delta, n_inverse, n_power, ref)
+        got = np.full((11, 3), -1.0)
+        for b0 in (0, L):
+            cnt = min(L, 11 - b0)
+            kern._psd_probe_lanes(A64, b0, cnt, delta[b0:b0 + L].copy(), n_inverse, n_power, v0, got,
+                                  np.empty(n * n * L), np.empty(n * L), np.empty(n * L))
+        np.testing.assert_array_equal(got, ref)
+    assert ref[5, 0] == 0 and np.isnan(ref[5, 1])
+    if n > 1:
+        assert ref[2, 0] == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prepare_statistics_match_float64_references(dtype):
+    rng = np.random.default_rng(23)
+    A = rng.standard_normal((3, 27, 27)).astype(dtype)
+    A[1] = A[1] + A[1].T
+    A64, fro, stats = linalg.prepare(A, 0.25)
+    for b in range(3):
+        a = A[b].astype(np.float64)
+        s = stats[b, 5]
+        sym = ((a + a.T) / 2 + 0.25 * np.eye(27)) / s
+        np.testing.assert_array_equal(A64[b], sym)
+        np.testing.assert_array_equal(A64[b], A64[b].T)
+        assert stats[b, 1] == np.abs(a).max() and stats[b, 2] == np.abs(a - a.T).max()
+        np.testing.assert_allclose(stats[b, 3], np.linalg.norm(sym), rtol=1e-14)
+        np.testing.assert_allclose(stats[b, 4], np.abs(sym).sum(axis=1).max(), rtol=1e-14)
+        assert 1 <= max(np.abs(a).max(), 0.25) / s < 4

@@ -224,6 +224,7 @@ def _scale_row(typingctx, U, i, v0, alpha):
 
     return types.void(U, i, v0, alpha), codegen
 _LANES64 = _VECTOR_BYTES // 8
+_DBL_MAX = float(np.finfo(np.float64).max)
 _DOWNDATE_VECS = 4
 
 
@@ -356,6 +357,185 @@ def _psd_probe_pair(a1, a2, shift1, shift2, n_inverse, n_power, v0, out1, out2):
         out1[1] = _inverse_upper(U1, n_inverse, v1, w1) - shift1
     elif good2:
         out2[1] = _inverse_upper(U2, n_inverse, v2, w2) - shift2
+
+
+@intrinsic
+def _lanes_axpy(typingctx, dst, d0, ds, src, s0, ss, sc, t0, count):
+    """``dst[d0 + c ds : + L] -= sc[t0 : t0 + L] * src[s0 + c ss : + L]`` for ``c < count``, on flat
+    float64 arrays, one ``L``-lane vector each (the product rounded, then subtracted: the
+    operations of the scalar loops, lane by lane), no bounds checks."""
+    def codegen(context, builder, signature, args):
+        tys = signature.args
+        d = context.make_array(tys[0])(context, builder, args[0])
+        a = context.make_array(tys[3])(context, builder, args[3])
+        t = context.make_array(tys[6])(context, builder, args[6])
+        d0v, dsv, s0v, ssv, t0v, cnt = args[1], args[2], args[4], args[5], args[7], args[8]
+        vty = ir.VectorType(ir.DoubleType(), _LANES64)
+        scale = builder.load(builder.bitcast(builder.gep(t.data, [t0v]), vty.as_pointer()), align=8)
+        with cgutils.for_range(builder, cnt) as loop:
+            pd = builder.bitcast(builder.gep(d.data, [builder.add(d0v, builder.mul(loop.index, dsv))]),
+                                 vty.as_pointer())
+            ps = builder.bitcast(builder.gep(a.data, [builder.add(s0v, builder.mul(loop.index, ssv))]),
+                                 vty.as_pointer())
+            prod = builder.fmul(scale, builder.load(ps, align=8))
+            builder.store(builder.fsub(builder.load(pd, align=8), prod), pd, align=8)
+        return context.get_dummy_value()
+
+    return types.void(dst, d0, ds, src, s0, ss, sc, t0, count), codegen
+
+
+@intrinsic
+def _lanes_downdate(typingctx, U, i, n, j0, vecs):
+    """``U[i, j] -= U[k, i] * U[k, j]`` for ``k = 0 .. i - 1`` in that order, ``j = j0 ..
+    j0 + vecs - 1`` (1 to :data:`_DOWNDATE_VECS` lane vectors held in registers over ``k``),
+    on the flat lane layout of :func:`_psd_probe_lanes` (entry ``(i, j)`` at ``(i n + j) L``):
+    :func:`_row_downdate`, lane by lane (each product rounded, then subtracted)."""
+    def codegen(context, builder, signature, args):
+        u = context.make_array(signature.args[0])(context, builder, args[0])
+        iv, nv, j0v, nvec = args[1], args[2], args[3], args[4]
+        idx = iv.type
+        L = ir.Constant(idx, _LANES64)
+        vty = ir.VectorType(ir.DoubleType(), _LANES64)
+
+        def vec_ptr(r, c):
+            return builder.bitcast(builder.gep(u.data, [builder.mul(builder.add(builder.mul(r, nv), c), L)]),
+                                   vty.as_pointer())
+
+        for vecs in range(1, _DOWNDATE_VECS + 1):
+            with builder.if_then(builder.icmp_signed("==", nvec, ir.Constant(nvec.type, vecs))):
+                cols = [builder.add(j0v, ir.Constant(idx, v)) for v in range(vecs)]
+                accs = [cgutils.alloca_once(builder, vty) for _ in range(vecs)]
+                for v in range(vecs):
+                    builder.store(builder.load(vec_ptr(iv, cols[v]), align=8), accs[v])
+                with cgutils.for_range(builder, iv) as loop:
+                    scale = builder.load(vec_ptr(loop.index, iv), align=8)
+                    for v in range(vecs):
+                        b = builder.load(vec_ptr(loop.index, cols[v]), align=8)
+                        builder.store(builder.fsub(builder.load(accs[v]), builder.fmul(scale, b)), accs[v])
+                for v in range(vecs):
+                    builder.store(builder.load(accs[v]), vec_ptr(iv, cols[v]), align=8)
+        return context.get_dummy_value()
+
+    return types.void(U, i, n, j0, vecs), codegen
+
+
+def _lanes_elementwise(op):
+    @intrinsic
+    def lanes_op(typingctx, dst, d0, src, s0, count):
+        def codegen(context, builder, signature, args):
+            tys = signature.args
+            d = context.make_array(tys[0])(context, builder, args[0])
+            a = context.make_array(tys[2])(context, builder, args[2])
+            d0v, s0v, cnt = args[1], args[3], args[4]
+            vty = ir.VectorType(ir.DoubleType(), _LANES64)
+            x = builder.load(builder.bitcast(builder.gep(a.data, [s0v]), vty.as_pointer()), align=8)
+            with cgutils.for_range(builder, cnt) as loop:
+                off = builder.add(d0v, builder.mul(loop.index, ir.Constant(d0v.type, _LANES64)))
+                pd = builder.bitcast(builder.gep(d.data, [off]), vty.as_pointer())
+                builder.store(getattr(builder, op)(builder.load(pd, align=8), x), pd, align=8)
+            return context.get_dummy_value()
+
+        return types.void(dst, d0, src, s0, count), codegen
+
+    return lanes_op
+
+
+_lanes_mul = _lanes_elementwise("fmul")
+_lanes_mul.__doc__ = """``dst[d0 + c L : + L] *= src[s0 : s0 + L]`` for ``c < count`` (flat float64 arrays)."""
+_lanes_div = _lanes_elementwise("fdiv")
+_lanes_div.__doc__ = """``dst[d0 + c L : + L] /= src[s0 : s0 + L]`` for ``c < count`` (flat float64 arrays)."""
+
+
+@jit
+def _norm2_lanes(v, n, out):
+    """:func:`_norm2` of each lane of the flat ``v`` (``n`` vectors of ``L`` lanes) into ``out``."""
+    for l in range(_LANES64):
+        out[l] = 0.0
+    for i in range(n):
+        for l in range(_LANES64):
+            out[l] += v[i * _LANES64 + l] * v[i * _LANES64 + l]
+    for l in range(_LANES64):
+        out[l] = np.sqrt(out[l])
+
+
+@jit
+def _psd_probe_lanes(A64, b0, cnt, shift, n_inverse, n_power, v0, out, U, v, w):
+    """:func:`_psd_probe_one` on the ``cnt <= L`` matrices ``A64[b0:b0 + cnt]`` at once, matrix
+    ``l`` in vector lane ``l`` (``L`` = :data:`_LANES64`; flat scratch ``U`` of ``n n L`` and
+    ``v``, ``w`` of ``n L`` values, entry ``(i, j)`` of lane ``l`` at ``(i n + j) L + l``; unused
+    lanes hold the identity): the same outputs, bit for bit.
+
+    Every lane runs the operations of :func:`_cholesky_rows` and :func:`_inverse_upper` on its
+    matrix in their order (the lane intrinsics round each product, then subtract, as the
+    scalar loops do), so the lane form is the scalar form; what changes is that each
+    operation is one vector instruction for ``L`` matrices, and the triangular solves' chains
+    of dependent divisions are shared by ``L`` matrices instead of run one after another.  A
+    lane whose pivot is ``<= 0`` or NaN carries on with NaN (``ok = 0``, ``lambda_min = nan``),
+    the other lanes unaffected.
+    """
+    n = A64.shape[1]
+    L = _LANES64
+    good = np.ones(L, dtype=np.bool_)
+    piv = np.full(L, np.inf)
+    y = np.empty(L)
+    inv = np.zeros(L)
+    for i in range(n):
+        for j in range(i, n):
+            q = (i * n + j) * L
+            for l in range(cnt):
+                U[q + l] = A64[b0 + l, i, j]
+            for l in range(cnt, L):
+                U[q + l] = 1.0 if i == j else 0.0
+        for l in range(cnt):
+            U[(i * n + i) * L + l] += shift[l]
+    for i in range(n):  # left-looking: row i downdated by rows 0..i-1 in order (_row_downdate)
+        ii = (i * n + i) * L
+        j = i
+        while j < n:
+            vecs = min(_DOWNDATE_VECS, n - j)
+            _lanes_downdate(U, i, n, j, vecs)
+            j += vecs
+        for l in range(L):
+            d = U[ii + l]
+            if d > 0.0:
+                y[l] = 1.0 / np.sqrt(d)
+            else:
+                good[l] = False
+                y[l] = np.nan
+        _lanes_mul(U, ii, y, 0, n - i)
+        for l in range(L):
+            p = U[ii + l] * U[ii + l]
+            if p < piv[l]:
+                piv[l] = p
+    for i in range(n):
+        for l in range(L):
+            v[i * L + l] = v0[i]
+    for _ in range(n_inverse):
+        _norm2_lanes(v, n, y)
+        for i in range(n):
+            _lanes_div(v, i * L, y, 0, 1)
+        for j in range(n):  # forward: L y = v (v is overwritten)
+            _lanes_div(v, j * L, U, (j * n + j) * L, 1)
+            for l in range(L):
+                w[j * L + l] = v[j * L + l]
+            _lanes_axpy(v, (j + 1) * L, L, U, (j * n + j + 1) * L, L, v, j * L, n - j - 1)
+        for i in range(n - 1, -1, -1):  # backward: L^T x = y (each w[k], k < i, updated once per i)
+            _lanes_div(w, i * L, U, (i * n + i) * L, 1)
+            _lanes_axpy(w, 0, L, U, i * L, n * L, w, i * L, i)
+        _norm2_lanes(w, n, inv)
+        for i in range(n * L):
+            v[i] = w[i]
+    pv = np.empty(n)
+    pw = np.empty(n)
+    for l in range(cnt):
+        o = out[b0 + l]
+        o[0] = 1.0 if good[l] else 0.0
+        o[2] = _power_one(A64[b0 + l], n_power, pv, pw) if n_power > 0 else 0.0
+        if good[l]:
+            est = 1.0 / inv[l] if inv[l] > 0.0 else piv[l]
+            o[1] = min(est, piv[l]) - shift[l]
+        else:
+            o[1] = np.nan
 
 
 @jit(parallel=True)
@@ -972,14 +1152,27 @@ def _coupled_pipeline_two(A, b, width, eps, rel, n_inverse, n_power, v0, spectra
                           stop_early, tol, A64, stats, probe, c, out, hist, info_i, info_f):
     """:func:`_prepare_one`, the probe and :func:`_coupled_solve_one` on matrix ``b``, and on
     ``b + 1`` too when ``width == 2`` and it exists (two probes in lockstep:
-    :func:`_psd_probe_pair`).
+    :func:`_psd_probe_pair`), or on ``b .. b + L - 1`` when ``width`` is ``L`` = :data:`_LANES64`
+    (their probes in the lanes of one vector: :func:`_psd_probe_lanes`).
 
     The probe's shift (:func:`_pipeline_shift`) and the scaling (:func:`_pipeline_solve`) are
     formed as the driver forms them, and every output of the three kernels is kept, so that
     the driver checks, raises and warns from them as after three calls.
     """
-    _prepare_one(A[b], eps, A64[b], stats[b])
     end = min(b + width, A.shape[0])
+    if width == _LANES64:
+        n = A.shape[1]
+        shift = np.empty(_LANES64)
+        for i in range(b, end):
+            _prepare_one(A[i], eps, A64[i], stats[i])
+            shift[i - b] = _pipeline_shift(rel, stats[i])
+        _psd_probe_lanes(A64, b, end - b, shift, n_inverse, n_power, v0, probe, np.empty(n * n * _LANES64),
+                         np.empty(n * _LANES64), np.empty(n * _LANES64))
+        for i in range(b, end):
+            _pipeline_solve(A64[i], stats[i], probe[i], spectral, want_sqrt, coefs, n_max, record, stop_early, tol,
+                            c[i:i + 1], out[i], hist[i], info_i[i], info_f[i])
+        return
+    _prepare_one(A[b], eps, A64[b], stats[b])
     if end == b + 2:
         _prepare_one(A[b + 1], eps, A64[b + 1], stats[b + 1])
         _psd_probe_pair(A64[b], A64[b + 1], _pipeline_shift(rel, stats[b]), _pipeline_shift(rel, stats[b + 1]),
@@ -994,7 +1187,7 @@ def _coupled_pipeline_two(A, b, width, eps, rel, n_inverse, n_power, v0, spectra
 @jit(parallel=True)
 def _coupled_pipeline_parallel(A, width, eps, rel, n_inverse, n_power, spectral, want_sqrt, coefs, n_max, record,
                                stop_early, tol, A64, stats, probe, c, out, hist, info_i, info_f):
-    """:func:`_coupled_pipeline_two` over the batch, ``width`` (1 or 2) matrices per thread at a
+    """:func:`_coupled_pipeline_two` over the batch, ``width`` (1, 2 or L) matrices per thread at a
     time: one parallel region (``coefs (n_max, 3)``, one step for every matrix, no ``k_last``)."""
     v0 = np.empty(A.shape[1])
     _inverse_start(v0)
@@ -1056,21 +1249,17 @@ def _abs_max(a):
     infinities and NaNs above every finite value, so one integer max (order-free: LLVM
     vectorises it without fastmath) gives both."""
     if a.itemsize == 4:
-        bits = a.view(np.uint32)
+        bits = a.view(np.uint32).reshape(a.size)
         top = np.uint32(0)
         for i in range(bits.shape[0]):
-            row = bits[i]
-            for j in range(row.shape[0]):
-                top = max(top, row[j] & np.uint32(0x7FFFFFFF))
+            top = max(top, bits[i] & np.uint32(0x7FFFFFFF))
         box = np.empty(1, dtype=np.uint32)
         box[0] = top
         return float(box.view(np.float32)[0]), top < np.uint32(0x7F800000)
-    bits = a.view(np.uint64)
+    bits = a.view(np.uint64).reshape(a.size)
     top = np.uint64(0)
     for i in range(bits.shape[0]):
-        row = bits[i]
-        for j in range(row.shape[0]):
-            top = max(top, row[j] & np.uint64(0x7FFFFFFFFFFFFFFF))
+        top = max(top, bits[i] & np.uint64(0x7FFFFFFFFFFFFFFF))
     box = np.empty(1, dtype=np.uint64)
     box[0] = top
     return float(box.view(np.float64)[0]), top < np.uint64(0x7FF0000000000000)
@@ -1084,43 +1273,57 @@ def _prepare_one(a, eps, out, stats):
 
     Dividing by a power of four is exact and keeps ``sqrt(s) = 2^k`` exact, so norms and
     products of ``out`` can neither overflow nor underflow at any representable scale (the
-    scaling LAPACK's ``nrm2`` does), and results scale back exactly.  Two passes over ``a``:
-    ``max|a_ij|`` and the finiteness check (:func:`_abs_max`), then the scaled symmetric part
-    and ``max|a_ij - a_ji|``.  (With a non-finite entry, which the driver rejects, ``max|a_ij|``
-    and ``max|a_ij - a_ji|`` are unspecified.)
+    scaling LAPACK's ``nrm2`` does), and results scale back exactly.  Passes over ``a``:
+    ``max|a_ij|`` and the finiteness check (:func:`_abs_max`); ``a^T`` into ``out``; then, by
+    rows, the scaled symmetric part, ``max|a_ij - a_ji|`` and the per-column sums of squares and
+    magnitudes, elementwise across the row (vectorised, no loop-carried reduction).  (With a
+    non-finite entry, which the driver rejects, ``max|a_ij|`` and ``max|a_ij - a_ji|`` are
+    unspecified.)
     """
     n = a.shape[0]
     amax, finite = _abs_max(a)
-    asym = 0.0
     scale = 1.0
     top = max(amax, eps)
     if finite and top > 0.0:
         e = math.frexp(top)[1]  # top = f 2^e, f in [1/2, 1)
         scale = math.ldexp(1.0, 2 * ((e - 1) // 2))
+    # multiplying by the reciprocal of a power of two is the division, bit for bit, where
+    # the reciprocal is representable (all but the subnormal scales)
+    inv = 1.0 / scale
+    exact = inv < np.inf
     ridge = eps / scale
-    fro2 = 0.0
-    rows = np.zeros(n)
+    for i in range(n):  # out = a^T first: the second pass then reads both by rows
+        for j in range(n):
+            out[i, j] = a[j, i]
+    am = np.zeros(n)
     for i in range(n):
-        d = float(a[i, i]) / scale + ridge
-        out[i, i] = d
-        fro2 += d * d
-        rows[i] += abs(d)
-        for j in range(i + 1, n):
-            asym = max(asym, abs(float(a[i, j]) - float(a[j, i])))
-            v = (float(a[i, j]) + float(a[j, i])) * 0.5
-            if not np.isfinite(v):  # |a_ij + a_ji| above the largest float: halve first
-                v = float(a[i, j]) * 0.5 + float(a[j, i]) * 0.5
-            v /= scale
-            out[i, j] = v
-            out[j, i] = v
-            fro2 += 2.0 * v * v
-            rows[i] += abs(v)
-            rows[j] += abs(v)
+        ai = a[i]
+        oi = out[i]
+        for j in range(n):
+            x = float(ai[j])
+            y = oi[j]
+            d = abs(x - y)
+            am[j] = d if d > am[j] else am[j]
+            v = (x + y) * 0.5
+            h = x * 0.5 + y * 0.5  # |a_ij + a_ji| above the largest float: halve first
+            v = v if abs(v) <= _DBL_MAX else h
+            oi[j] = v * inv if exact else v / scale
+        oi[i] += ridge
+    sq = np.zeros(n)
+    col = np.zeros(n)
+    for i in range(n):
+        oi = out[i]
+        for j in range(n):
+            sq[j] += oi[j] * oi[j]
+            col[j] += abs(oi[j])
+    fro2 = 0.0
+    for j in range(n):
+        fro2 += sq[j]
     stats[0] = 1.0 if finite else 0.0
     stats[1] = amax
-    stats[2] = asym
+    stats[2] = np.max(am) if n > 0 else 0.0
     stats[3] = np.sqrt(fro2)
-    stats[4] = np.max(rows) if n > 0 else 0.0
+    stats[4] = np.max(col) if n > 0 else 0.0  # column sums: the row sums of the symmetric out
     stats[5] = scale
 
 

@@ -15,6 +15,7 @@ import numba
 import numpy as np
 
 from ._newton_schulz import (
+    _LANES64,
     _coupled_ns_parallel,
     _coupled_pipeline_parallel,
     _coupled_pipeline_serial,
@@ -39,6 +40,10 @@ PARALLEL_MAX_N = 64
 # The pipeline kernel pairs matrices (two probes in lockstep) when the batch has at least this
 # many per Numba thread (pairs are the units the threads share).
 PAIRED_MIN_PER_THREAD = 4
+# ... and runs the probes of 8 matrices (one float64 vector of lanes) at once up to this size,
+# where each thread still gets 8 matrices (analysis/results/ns_small.md).
+LANES_MAX_N = 64
+_LANES = _LANES64
 # The fused Numba iteration up to this size; above it the array-code runner of
 # nsiter.newton_schulz on numpy ``@``: one BLAS library (numpy's) for probe and iteration,
 # instead of numpy's and SciPy's OpenBLAS thread pools competing.
@@ -201,8 +206,15 @@ def _coupled_pipeline(A3, eps, rel, n_inverse, n_power, spectral, dtype, want, n
     info_i = np.zeros((nb, 4), dtype=np.int64)
     info_f = np.zeros((nb, 1))
     pool = _use_thread_pool(n, nb)
-    # two matrices per step (their probes in lockstep) where that still gives every thread work
-    width = 2 if not pool or nb >= PAIRED_MIN_PER_THREAD * numba.get_num_threads() else 1
+    # L matrices per step (their probes in the lanes of one vector), or two (their probes in
+    # lockstep), where that still gives every thread work; the probe's bits are the same
+    threads = numba.get_num_threads() if pool else 1
+    if n <= LANES_MAX_N and nb >= _LANES * threads:
+        width = _LANES
+    elif not pool or nb >= PAIRED_MIN_PER_THREAD * threads:
+        width = 2
+    else:
+        width = 1
     (_coupled_pipeline_parallel if pool else _coupled_pipeline_serial)(
         src, width, float(eps), float(rel), int(n_inverse), int(n_power), bool(spectral), want == "sqrt",
         _classic_coefs(dtype, n_max), n_max, record, stop_early, float(tol or 0.0), A64, stats, probe_out, c, out,
