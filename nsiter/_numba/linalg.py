@@ -41,7 +41,9 @@ PARALLEL_MAX_N = 64
 # many per Numba thread (pairs are the units the threads share).
 PAIRED_MIN_PER_THREAD = 4
 # ... and runs the probes of 8 matrices (one float64 vector of lanes) at once up to this size,
-# where each thread still gets 8 matrices (analysis/results/ns_small.md).
+# where each thread still gets 8 matrices: the whole range of the fused iteration, since
+# the lanes beat pairs at n = 27, 48 and 64 (analysis/results/compare_81d7b29_lanes.md for
+# the side-by-side effect on the public call).
 LANES_MAX_N = 64
 _LANES = _LANES64
 # The fused Numba iteration up to this size; above it the array-code runner of
