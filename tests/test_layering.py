@@ -57,6 +57,17 @@ def _resolve(node: ast.ImportFrom, module: str, is_package: bool) -> str | None:
     return ".".join(base + ([node.module] if node.module else []))
 
 
+def _imported_names(node, module: str, is_package: bool, modules) -> list[str]:
+    """The dotted names an ``import`` / ``from ... import`` statement of ``module`` brings in
+    (``from pkg import name``: ``pkg.name`` where that is a module, else ``pkg``)."""
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names]
+    target = _resolve(node, module, is_package)
+    if target is None:
+        return []
+    return [f"{target}.{a.name}" if f"{target}.{a.name}" in modules else target for a in node.names]
+
+
 def import_graph(modules: dict[str, Path] | None = None) -> dict[str, set[str]]:
     """``{module: {nsiter modules it imports}}`` over the modules that exist."""
     modules = _modules() if modules is None else modules
@@ -65,16 +76,7 @@ def import_graph(modules: dict[str, Path] | None = None) -> dict[str, set[str]]:
         tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
         is_package = path.name == "__init__.py"
         for node in _import_nodes(tree):
-            if isinstance(node, ast.Import):
-                targets = [alias.name for alias in node.names]
-            else:
-                target = _resolve(node, mod, is_package)
-                if target is None:
-                    continue
-                # ``from pkg import name``: name is a submodule or an attribute of pkg
-                targets = [f"{target}.{a.name}" if f"{target}.{a.name}" in modules else target
-                           for a in node.names]
-            for t in targets:
+            for t in _imported_names(node, mod, is_package, modules):
                 # ``import nsiter.a.b`` / ``from nsiter.a.b import f``: the deepest existing module
                 while t and t not in modules:
                     t = t.rpartition(".")[0]
@@ -225,14 +227,7 @@ def eager_imports(modules: dict[str, Path] | None = None) -> dict[str, tuple[set
         is_package = path.name == "__init__.py"
         internal, external = set(), set()
         for node in _module_level_imports(tree):
-            if isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
-            else:
-                target = _resolve(node, mod, is_package)
-                if target is None:
-                    continue
-                names = [f"{target}.{a.name}" if f"{target}.{a.name}" in modules else target for a in node.names]
-            for t in names:
+            for t in _imported_names(node, mod, is_package, modules):
                 if t == PACKAGE or t.startswith(PACKAGE + "."):
                     while t and t not in modules:
                         t = t.rpartition(".")[0]

@@ -45,7 +45,6 @@ PAIRED_MIN_PER_THREAD = 4
 # the lanes beat pairs at n = 27, 48 and 64 (analysis/results/compare_81d7b29_lanes.md for
 # the side-by-side effect on the public call).
 LANES_MAX_N = 64
-_LANES = _LANES64
 # The fused Numba iteration up to this size; above it the array-code runner of
 # nsiter.newton_schulz on numpy ``@``: one BLAS library (numpy's) for probe and iteration,
 # instead of numpy's and SciPy's OpenBLAS thread pools competing.
@@ -211,8 +210,8 @@ def _coupled_pipeline(A3, eps, rel, n_inverse, n_power, spectral, dtype, want, n
     # L matrices per step (their probes in the lanes of one vector), or two (their probes in
     # lockstep), where that still gives every thread work; the probe's bits are the same
     threads = numba.get_num_threads() if pool else 1
-    if n <= LANES_MAX_N and nb >= _LANES * threads:
-        width = _LANES
+    if n <= LANES_MAX_N and nb >= _LANES64 * threads:
+        width = _LANES64
     elif not pool or nb >= PAIRED_MIN_PER_THREAD * threads:
         width = 2
     else:
