@@ -31,7 +31,7 @@ AUTO_COST = {
 }
 
 # --- covariance kernels
-# Cost model of the numpy patch-moment kernels ("gemm", "rowshift", "shifted") in
+# Cost model of the numpy patch-moment kernels ("gemm", "narrow", "rowshift", "shifted") in
 # nsiter._numba.patches: seconds = work / rate, rates per thread.  Only the ranking the
 # model produces matters: a uniformly faster or slower machine needs no new numbers.
 # Measured on: AMD EPYC, 2 cores (AVX2), numba 0.68.1, numpy 2.4.6, 2026-11-23, while the
@@ -43,6 +43,10 @@ AUTO_COST = {
 COV_RATE_MAC = {"float32": 27e9, "float64": 14e9}
 #: Patch entries written per second by the serial Numba fills.
 COV_RATE_FILL = 0.5e9
+#: Float64 multiply-adds per second and thread of the register-tiled Gram products of the
+#: "narrow" kernel (16-30e9 measured on Table 3's blocks of 9 to 36 features, Intel Xeon
+#: AVX-512, 2026-12-02; its fill runs at COV_RATE_FILL per thread, in parallel).
+COV_RATE_GRAM = 16e9
 #: Multiply-adds per second and thread of the shifted-product kernel.
 COV_RATE_SHIFTED = 2.0e9
 #: Seconds per BLAS call (dispatch and thread wake-up).

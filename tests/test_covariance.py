@@ -18,7 +18,7 @@ from nsiter.covariance import GROUPINGS, _finish, _sampled_geometry
 
 def _kernels_for(g):
     """The kernels that apply to a sampled geometry (rowshift: vertical step 1; shifted: step 1)."""
-    out = ["gemm"]
+    out = ["gemm", "narrow"]
     if g.sh == 1:
         out.append("rowshift")
         if g.sw == 1:

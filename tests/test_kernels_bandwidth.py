@@ -124,7 +124,7 @@ def test_im2col_out_with_tensors():
         nsiter.im2col(buf[:294].reshape(2, 3, 7, 7), 3, out=buf[1000:1000 + 1350].reshape(50, 27))
 
 
-@pytest.mark.parametrize("kernel", ["rowshift", "shifted", "gemm"])
+@pytest.mark.parametrize("kernel", ["rowshift", "shifted", "gemm", "narrow"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("geom", [(3, 1, 1), ((3, 5), (2, 0), 1), (3, 2, 2), (5, (1, 3), (2, 1))])
 def test_symmetric_covariance_kernels_equal_the_reference_and_are_exactly_symmetric(kernel, dtype, geom):
@@ -143,3 +143,100 @@ def test_symmetric_covariance_kernels_equal_the_reference_and_are_exactly_symmet
     np.testing.assert_allclose(mean[0], mu, rtol=tol, atol=tol)
     np.testing.assert_allclose(m2[0], want, rtol=tol, atol=tol * np.abs(want).max())
     np.testing.assert_array_equal(m2[0], m2[0].T)
+
+
+# --------------------------------------------------------------------------------------
+# the fused "narrow" kernel: fill and register-tiled Gram products in cache-sized tasks
+# --------------------------------------------------------------------------------------
+
+def _narrow(x, k, block_size, grouping, *, sampling_stride=1, padding=1, kernel="narrow"):
+    from nsiter._moments import plan as _plan
+    from nsiter._numba.patches import patch_moments
+    from nsiter.covariance import _sampled_geometry
+
+    g = _sampled_geometry(x.shape, k, 1, padding, 1, sampling_stride)
+    return patch_moments(x, g, _plan(g.c, g.kh * g.kw, block_size, grouping), kernel)
+
+
+def _want(x, k, block_size, grouping, *, sampling_stride=1, padding=1):
+    """Unnormalised centred moments from the loop reference (float64)."""
+    cov, mean = reference.patch_covariance(x.astype(np.float64), k, 1, padding, 1, sampling_stride, block_size,
+                                           grouping)
+    return np.asarray(cov), np.asarray(mean)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("channels, block_size, grouping, sampling_stride", [
+    (32, 1, "reference", 3),  # 32 lanes of 16 float64 columns: 4 KiB patch rows, one zero lane row added
+    (12, 4, "contiguous", 1),  # three groups of 36 features: 4 x 4-vector tiles, the diagonal ones skipped
+    (6, 2, "reference", 2),  # 18 features: rows of three vectors
+    (3, None, "reference", 1),  # one block of 27 features
+    (4, 1, "contiguous", 3),  # 9 features: a whole 8-row tile plus a 4-row one
+])
+def test_narrow_kernel_equals_the_loop_reference_and_is_exactly_symmetric(dtype, channels, block_size, grouping,
+                                                                           sampling_stride, monkeypatch):
+    from nsiter._numba import patches
+
+    x = (np.random.default_rng(8).standard_normal((3, channels, 13, 14)) + 2.0).astype(dtype)
+    want_cov, want_mean = _want(x, 3, block_size, grouping, sampling_stride=sampling_stride)
+    for task_bytes in (patches._NARROW_TASK_BYTES, 4096 * 5):  # one task per part, and many partial tasks
+        monkeypatch.setattr(patches, "_NARROW_TASK_BYTES", task_bytes)
+        n, mean, m2 = _narrow(x, 3, block_size, grouping, sampling_stride=sampling_stride)
+        cov = m2 / n
+        want = want_cov.reshape(cov.shape)
+        np.testing.assert_allclose(cov, want, rtol=1e-12, atol=1e-12 * np.abs(want).max())
+        np.testing.assert_allclose(mean, want_mean.reshape(mean.shape), rtol=1e-12, atol=1e-12)
+        np.testing.assert_array_equal(m2, np.swapaxes(m2, -1, -2))
+
+
+def test_narrow_kernel_rows_of_4k_strides_get_a_zero_row(monkeypatch):
+    """Contiguous groups whose task buffers would be 4 KiB apart: one unwritten row in between."""
+    from nsiter._numba import patches
+
+    x = np.random.default_rng(9).standard_normal((2, 8, 20, 20)) + 1.0
+    lanes, cols, rows = 8, 16, 32  # 8 groups of 9 features (+ the ones column): 16 float64 columns
+    assert rows * cols * 8 % 4096 == 0
+    monkeypatch.setattr(patches, "_NARROW_TASK_BYTES", rows * lanes * cols * 8)
+    want_cov, _ = _want(x, 3, 1, "contiguous")
+    n, _, m2 = _narrow(x, 3, 1, "contiguous")
+    np.testing.assert_allclose(m2 / n, want_cov, rtol=1e-12, atol=1e-12 * np.abs(want_cov).max())
+
+
+def test_narrow_kernel_does_not_depend_on_the_thread_count():
+    """The partial sums are fixed parts of the rows, not threads: the same floats on 1 and 2 threads."""
+    import numba
+
+    x = np.random.default_rng(10).standard_normal((4, 16, 24, 24)).astype(np.float32) + 3.0
+    saved = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = _narrow(x, 3, 1, "reference", sampling_stride=3)
+        numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+        two = _narrow(x, 3, 1, "reference", sampling_stride=3)
+    finally:
+        numba.set_num_threads(saved)
+    for a, b in zip(one, two):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_narrow_kernel_agrees_with_the_blas_kernel_in_float64():
+    x = np.random.default_rng(11).standard_normal((2, 6, 17, 15)) * 1e3 + 1e4
+    a = _narrow(x, 5, 2, "reference", padding=2)
+    b = _narrow(x, 5, 2, "reference", padding=2, kernel="gemm")
+    assert a[0] == b[0]
+    np.testing.assert_allclose(a[1], b[1], rtol=1e-13)
+    np.testing.assert_allclose(a[2], b[2], rtol=1e-10, atol=1e-12 * np.abs(b[2]).max())
+
+
+def test_cost_model_picks_the_narrow_kernel_for_depthwise_blocks_and_blas_for_wide_ones():
+    from nsiter._moments import plan as _plan
+    from nsiter._numba.patches import choose_kernel
+    from nsiter.covariance import _sampled_geometry
+
+    def pick(shape, block_size):
+        g = _sampled_geometry(shape, 3, 1, 1, 1, 3)
+        return choose_kernel(g, _plan(g.c, 9, block_size, "reference"), np.float32)
+
+    assert pick((128, 128, 64, 64), 1) == "narrow"  # Table 3, 64x64x128 g128: 9 features
+    assert pick((128, 128, 64, 64), 4) == "narrow"  # g32: 36 features
+    assert pick((128, 128, 64, 64), 64) == "gemm"  # g2: 576 features, BLAS at full width

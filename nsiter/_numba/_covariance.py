@@ -1,24 +1,29 @@
 """Numba kernels for patch covariances (private twins of :mod:`nsiter.covariance`): patch rows
-for BLAS (:func:`_patch_rows`, :func:`_row_patches`) and shifted inner products of a dense patch
-grid (:func:`_shifted_moments`), all about a shift; see :mod:`nsiter._numba.patches`."""
+for BLAS (:func:`_patch_rows`, :func:`_row_patches`), their Gram matrices fused with the fill for
+narrow blocks (:func:`_narrow_moments`) and shifted inner products of a dense patch grid
+(:func:`_shifted_moments`), all about a shift; see :mod:`nsiter._numba.patches`."""
 from __future__ import annotations
 
 import numpy as np
 
 from .._config import jit, prange
 from ._im2col import _valid_range
+from ._tiles import _gram_tiles
 
 
 @jit
-def _patch_rows(x, shift, base, ones, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, p0, n_rows, rs, out):
+def _patch_rows(x, shift, base, ones, order, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, p0, n_rows, rs, out):
     """Shifted patch rows ``p0 .. p0 + n_rows`` of the im2col matrix, scattered into ``out`` (1-D).
 
     Row ``r = p - p0``, column ``j`` goes to ``out[base[j] + r*rs]`` as ``value - shift[j]``, and
     a 1 to ``out[ones[g] + r*rs]`` for every group ``g``: with the ones column, one BLAS product
-    ``B^T B`` per chunk gives the second moments *and* the column sums.  Serial on purpose: a
+    ``B^T B`` per chunk gives the second moments *and* the column sums.  Columns are filled in the
+    order ``order`` (a permutation of the im2col columns): in the order of ``base``, the rows
+    written in turn share cache lines.  Serial on purpose: a
     parallel fill would compete with the BLAS worker threads that keep spinning between calls.
     """
-    _, n_ch, h, w = x.shape
+    _, _, h, w = x.shape
+    taps = kh * kw
     n_patch = oh * ow
     p = p0
     p_end = p0 + n_rows
@@ -34,36 +39,67 @@ def _patch_rows(x, shift, base, ones, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, p0
             for b in range(b_lo, b_hi):
                 out[o + (r0 + b) * rs] = 1.0
         h0 = a * sh - ph
-        col = 0
-        for c in range(n_ch):
-            for i in range(kh):
-                hh = h0 + i * dh
-                if hh < 0 or hh >= h:
-                    for jj in range(kw):
-                        o = base[col + jj]
-                        v = -shift[col + jj]
-                        for b in range(b_lo, b_hi):
-                            out[o + (r0 + b) * rs] = v
-                else:
-                    src = x[n, c, hh]
-                    for jj in range(kw):
-                        o = base[col + jj]
-                        sv = shift[col + jj]
-                        off = jj * dw - pw
-                        lo = b_lo  # valid b: 0 <= b*sw + off < w
-                        while lo < b_hi and lo * sw + off < 0:
-                            lo += 1
-                        hi = b_hi
-                        while hi > lo and (hi - 1) * sw + off >= w:
-                            hi -= 1
-                        for b in range(b_lo, lo):
-                            out[o + (r0 + b) * rs] = -sv
-                        for b in range(lo, hi):
-                            out[o + (r0 + b) * rs] = src[b * sw + off] - sv
-                        for b in range(hi, b_hi):
-                            out[o + (r0 + b) * rs] = -sv
-                col += kw
+        for col in order:
+            c = col // taps
+            i = (col - c * taps) // kw
+            jj = col - c * taps - i * kw
+            hh = h0 + i * dh
+            o = base[col]
+            sv = shift[col]
+            if hh < 0 or hh >= h:
+                for b in range(b_lo, b_hi):
+                    out[o + (r0 + b) * rs] = -sv
+                continue
+            src = x[n, c, hh]
+            off = jj * dw - pw
+            lo = b_lo  # valid b: 0 <= b*sw + off < w
+            while lo < b_hi and lo * sw + off < 0:
+                lo += 1
+            hi = b_hi
+            while hi > lo and (hi - 1) * sw + off >= w:
+                hi -= 1
+            for b in range(b_lo, lo):
+                out[o + (r0 + b) * rs] = -sv
+            for b in range(lo, hi):
+                out[o + (r0 + b) * rs] = src[b * sw + off] - sv
+            for b in range(hi, b_hi):
+                out[o + (r0 + b) * rs] = -sv
         p += b_hi - b_lo
+
+
+@jit(parallel=True)
+def _narrow_moments(x, shift, base, ones, order, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, rows, rs, gs, stacked, work,
+                    acc):
+    """Shifted second moments and column sums of all ``N*oh*ow`` patch rows, fill and product fused.
+
+    Patch rows go in tasks of ``rows`` (:func:`_patch_rows`, ``base``/``ones`` as in the "gemm"
+    kernel, into a zero-padded float64 buffer that stays in cache: row stride ``rs``, group stride
+    ``gs``) and each task's Gram matrix is added to ``acc[q, a] (rows_c, cols)`` of part ``q``
+    (:func:`_gram_tiles`, upper triangle).  ``stacked`` (the reference grouping): the group rows of a
+    patch row follow each other (``gs = cols``, ``rs`` whole rows of ``cols``, unwritten ones zero) and
+    all go into ``acc[q, 0]`` with one product per task; else group ``a``'s rows (``rs = cols``)
+    into ``acc[q, a]``.  Part ``q`` takes the ``q``-th contiguous run of tasks: the parts, not the
+    threads, fix the order of the additions, so the result does not depend on the thread count.
+    ``work``: one buffer per part, at least ``rows*rs`` (stacked) or ``n_acc*gs`` long, any content
+    (zeroed here).  Parallel over parts.
+    """
+    parts, n_acc, _, cols = acc.shape
+    total = x.shape[0] * oh * ow
+    n_tasks = -(-total // rows)
+    per_part = -(-n_tasks // parts)
+    size = rows * rs if stacked else n_acc * gs
+    for q in prange(parts):
+        buf = work[q, :size]
+        buf[:] = 0.0
+        for t in range(q * per_part, min(n_tasks, (q + 1) * per_part)):
+            p0 = t * rows
+            r = min(rows, total - p0)
+            _patch_rows(x, shift, base, ones, order, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, p0, r, rs, buf)
+            if stacked:
+                _gram_tiles(buf[: r * rs].reshape(r * rs // cols, cols), acc[q, 0], r * rs // cols)
+            else:
+                for a in range(n_acc):
+                    _gram_tiles(buf[a * gs:a * gs + r * cols].reshape(r, cols), acc[q, a], r)
 
 
 @jit

@@ -16,6 +16,7 @@ from numba.extending import intrinsic
 
 from .._config import jit, prange
 from .._policy import BLOWUP_GROWTH, BLOWUP_SQRT_N, STAGNATION_BELOW, STAGNATION_RATIO
+from ._tiles import _I32, _VECTOR_BYTES, _emit_narrow_rows, _emit_row_block, _emit_tile, _vector_fma
 
 __all__ = [
     "_psd_probe", "_psd_probe_serial", "_spectrum_estimates_serial", "_coupled_ns_parallel", "_coupled_ns_serial",
@@ -23,9 +24,6 @@ __all__ = [
     "_eigh_power", "_eigh_power_serial", "_prepare", "_prepare_serial",
 ]
 
-# the vector width of the hand-vectorised loops (one AVX-512 register)
-_VECTOR_BYTES = 64
-_I32 = ir.IntType(32)
 
 
 @jit
@@ -599,41 +597,6 @@ _WIDE_ROWS = 6
 _WIDE_VECS = 4
 
 
-def _emit_tile(builder, fma, vty, arrs, lds, i0v, j0v, kend, alpha, rows, vecs):
-    """IR of one register tile: ``C[i0:i0+rows, j0:j0+vecs*L] = alpha * (A[i0:i0+rows, :k_end] @
-    B[:k_end, j0:j0+vecs*L])``: ``rows x vecs`` accumulator vectors kept in registers over the
-    whole ``k`` loop (one vector load per column block and one broadcast per row each step),
-    each entry summed in ``k`` order with correctly rounded fused multiply-adds (``llvm.fma``,
-    what BLAS does; not a fastmath flag), then rounded and multiplied by ``alpha``."""
-    (a_data, b_data, c_data), (lda, ldb, ldc) = arrs, lds
-    lanes = vty.count
-    size = _VECTOR_BYTES // lanes
-    zero = ir.Constant(vty, [ir.Constant(vty.element, 0.0)] * lanes)
-    undef = ir.Constant(vty, ir.Undefined)
-    splat = ir.Constant(ir.VectorType(_I32, lanes), [ir.Constant(_I32, 0)] * lanes)
-    idx = i0v.type
-    accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(vecs)] for _ in range(rows)]
-    for r in range(rows):
-        for v in range(vecs):
-            builder.store(zero, accs[r][v])
-    a_rows = [builder.gep(a_data, [builder.mul(builder.add(i0v, ir.Constant(idx, r)), lda)]) for r in range(rows)]
-    with cgutils.for_range(builder, kend) as loop:
-        k = loop.index
-        brow = builder.gep(b_data, [builder.add(builder.mul(k, ldb), j0v)])
-        bs = [builder.load(builder.bitcast(builder.gep(brow, [ir.Constant(idx, v * lanes)]), vty.as_pointer()),
-                           align=size) for v in range(vecs)]
-        for r in range(rows):
-            a = builder.load(builder.gep(a_rows[r], [k]))
-            s = builder.shuffle_vector(builder.insert_element(undef, a, ir.Constant(_I32, 0)), undef, splat)
-            for v in range(vecs):
-                builder.store(builder.call(fma, [s, bs[v], builder.load(accs[r][v])]), accs[r][v])
-    for r in range(rows):
-        crow = builder.gep(c_data, [builder.add(builder.mul(builder.add(i0v, ir.Constant(idx, r)), ldc), j0v)])
-        for v in range(vecs):
-            dst = builder.bitcast(builder.gep(crow, [ir.Constant(idx, v * lanes)]), vty.as_pointer())
-            builder.store(builder.fmul(alpha, builder.load(accs[r][v])), dst, align=size)
-
-
 @intrinsic
 def _mm_tiles(typingctx, A, B, C, k_end, alpha):
     """An intrinsic ``_mm_tiles(A, B, C, k_end, alpha)``: ``C = alpha * (A[:, :k_end] @ B[:k_end])``
@@ -650,12 +613,7 @@ def _mm_tiles(typingctx, A, B, C, k_end, alpha):
     def codegen(context, builder, signature, args):
         arrays = [context.make_array(t)(context, builder, v) for t, v in zip(signature.args[:3], args[:3])]
         kend = args[3]
-        ety = context.get_value_type(signature.args[0].dtype)
-        size = context.get_abi_sizeof(ety)
-        lanes = _VECTOR_BYTES // size
-        vty = ir.VectorType(ety, lanes)
-        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty, vty, vty]),
-                                             f"llvm.fma.v{lanes}f{8 * size}")
+        lanes, vty, fma = _vector_fma(context, builder, signature.args[0].dtype)
         undef = ir.Constant(vty, ir.Undefined)
         splat = ir.Constant(ir.VectorType(_I32, lanes), [ir.Constant(_I32, 0)] * lanes)
         alpha = context.cast(builder, args[4], signature.args[4], signature.args[0].dtype)
@@ -672,31 +630,14 @@ def _mm_tiles(typingctx, A, B, C, k_end, alpha):
         def tile(i0, j0, r, v):
             _emit_tile(builder, fma, vty, datas, lds, i0, j0, kend, alpha, r, v)
 
-        def block(i0, r):  # rows i0 .. i0 + r, every column: four-vector tiles, then the rest
-            nv = builder.udiv(cols, const(lanes))
-            full = builder.udiv(nv, const(_WIDE_VECS))
-            with cgutils.for_range(builder, full) as loop:
-                tile(i0, builder.mul(loop.index, const(_WIDE_VECS * lanes)), r, _WIDE_VECS)
-            j0 = builder.mul(full, const(_WIDE_VECS * lanes))
-            rem = builder.urem(nv, const(_WIDE_VECS))
-            for v in range(1, _WIDE_VECS):
-                with builder.if_then(builder.icmp_unsigned("==", rem, const(v))):
-                    tile(i0, j0, r, v)
-
         nv = builder.udiv(cols, const(lanes))
+
+        def block(i0, r):  # rows i0 .. i0 + r, every column: four-vector tiles, then the rest
+            _emit_row_block(builder, i0, r, nv, lanes, tile, _WIDE_VECS)
+
         with builder.if_else(builder.icmp_unsigned("<=", nv, const(2))) as (narrow, wide):
             with narrow:
-                two = builder.icmp_unsigned("==", nv, const(2))
-                for r, start, count in ((_NARROW_ROWS, None, builder.udiv(rows, const(_NARROW_ROWS))),
-                                        (TILE_ROWS, builder.sub(rows, const(TILE_ROWS)),
-                                         builder.udiv(builder.urem(rows, const(_NARROW_ROWS)), const(TILE_ROWS)))):
-                    with cgutils.for_range(builder, count) as loop:
-                        i0 = builder.mul(loop.index, const(r)) if start is None else start
-                        with builder.if_else(two) as (v2, v1):
-                            with v2:
-                                tile(i0, const(0), r, 2)
-                            with v1:
-                                tile(i0, const(0), r, 1)
+                _emit_narrow_rows(builder, rows, nv, tile, _NARROW_ROWS, TILE_ROWS)
             with wide:
                 with cgutils.for_range(builder, builder.udiv(rows, const(_WIDE_ROWS))) as loop:
                     block(builder.mul(loop.index, const(_WIDE_ROWS)), _WIDE_ROWS)

@@ -27,14 +27,15 @@ import numpy as np
 
 from .. import _tuning
 from .._moments import Plan, channel_means, merge_moments, pieces
-from ._covariance import (_centre_padded, _patch_rows, _row_patches, _scatter_moments, _shifted_moments,
-                          _subtract_outer)
+from ._covariance import (_centre_padded, _narrow_moments, _patch_rows, _row_patches, _scatter_moments,
+                          _shifted_moments, _subtract_outer)
 from ._im2col import _col2im, _im2col
+from ._tiles import _VECTOR_BYTES, GRAM_TILE_ROWS
 
 __all__ = ["KERNELS", "im2col", "col2im", "matrix_moments", "patch_moments", "choose_kernel", "correlate_centred"]
 
 #: Moment kernels of :func:`patch_moments` (its ``kernel`` argument forces one, for tests and benchmarks).
-KERNELS = ("gemm", "rowshift", "shifted")
+KERNELS = ("gemm", "narrow", "rowshift", "shifted")
 
 _BUFFER_BYTES = 8 * 2**20  # one chunk of shifted patch rows
 _F32_ROWS = 2048  # rows per float32 chunk of patch rows (its rounding grows like sqrt(rows))
@@ -44,6 +45,8 @@ _F32_MIN_FEATURES = 64  # narrower blocks are fill-bound: their products run in 
 _DENSE_BYTES = 32 * 2**20  # one piece of padded, shifted float64 images ("shifted" kernel)
 _ROWS_BYTES = 32 * 2**20  # one piece of 1-row patch matrices ("rowshift" kernel)
 _SCRATCH_MAX = 8 * 2**20  # work buffers up to this size are kept per thread and reused
+_NARROW_TASK_BYTES = 512 * 2**10  # one task's patch rows ("narrow" kernel): they stay in L2
+_NARROW_PARTS = 16  # independent partial sums of the "narrow" kernel (fixed: not the thread count)
 _RATE_MAC = {np.dtype(k): v for k, v in _tuning.COV_RATE_MAC.items()}  # keyed by dtype: a cheap lookup
 
 
@@ -235,12 +238,14 @@ def _gemm_moments(imgs: np.ndarray, g, plan: Plan):
     if stacked:  # (R, G, fb1): row stride lanes*fb1
         base = plan.grp * fb1 + plan.feat
         ones = np.arange(lanes, dtype=np.int64) * fb1 + plan.fb
+    # columns in the order of the buffer (stacked: lane by lane), so consecutive writes share cache lines
+    order = np.argsort(base, kind="stable") if stacked else np.arange(plan.n_features, dtype=np.int64)
     for p0 in range(0, total, rows):
         r = min(rows, total - p0)
         if not stacked:  # (G, R, fb1): group stride r*fb1, row stride fb1
             base = plan.grp * (r * fb1) + plan.feat
             ones = np.arange(lanes, dtype=np.int64) * (r * fb1) + plan.fb
-        _patch_rows(x, shift_col, base, ones, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.oh, g.ow,
+        _patch_rows(x, shift_col, base, ones, order, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.oh, g.ow,
                     p0, r, lanes * fb1 if stacked else fb1, flat)
         if stacked:
             b2 = flat[: r * lanes * fb1].reshape(r * lanes, fb1)
@@ -252,6 +257,41 @@ def _gemm_moments(imgs: np.ndarray, g, plan: Plan):
     count = total * plan.stack
     fb = plan.fb
     return _finish_shifted(count, shift_out, acc[:, fb, :fb], acc[:, :fb, :fb])
+
+
+def _narrow_gram(imgs: np.ndarray, g, plan: Plan):
+    """Moments of the (grouped, stacked) patch rows by one fused Numba pass (:func:`_narrow_moments`):
+    the rows of the "gemm" kernel, filled in cache-sized tasks and multiplied in registers, in parallel,
+    without BLAS (whose products of narrow blocks run far below its peak) or a buffer in memory."""
+    shift_col, shift_out = _patch_shift(imgs, g, plan)
+    fb = plan.fb
+    stacked = plan.mode == "reference"
+    lanes = plan.stack if stacked else plan.groups  # group rows per patch row
+    cols = -(-(fb + 1) // (_VECTOR_BYTES // 8)) * (_VECTOR_BYTES // 8)  # float64 rows of whole vectors
+    total = g.n * g.oh * g.ow
+    # strides that are multiples of 4 KiB put the rows a fill loop writes in turn into one set of
+    # the L1 cache: one more row (never written, zero) breaks the alignment
+    if stacked:
+        gs = cols
+        rs = (lanes + (lanes * cols * 8 % 4096 == 0)) * cols
+        rows = max(1, min(total, _NARROW_TASK_BYTES // (rs * 8)))
+    else:
+        rs = cols
+        rows = max(1, min(total, _NARROW_TASK_BYTES // (lanes * cols * 8)))
+        gs = (rows + (rows * cols * 8 % 4096 == 0)) * cols
+    parts = min(_NARROW_PARTS, -(-total // rows))
+    acc = np.zeros((parts, 1 if stacked else plan.groups, -(-(fb + 1) // GRAM_TILE_ROWS) * GRAM_TILE_ROWS, cols))
+    base = plan.grp * gs + plan.feat
+    ones = np.arange(lanes, dtype=np.int64) * gs + fb
+    order = np.argsort(base, kind="stable")  # fill in the order of the buffer: lane by lane
+    work = _scratch("narrow", (parts, rows * rs if stacked else lanes * gs), np.float64)
+    _narrow_moments(np.ascontiguousarray(imgs), shift_col, base, ones, order, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh,
+                    g.dw, g.oh, g.ow, rows, rs, gs, stacked, work, acc)
+    tot = acc.sum(axis=0)
+    second = np.ascontiguousarray(tot[:, :fb, :fb])
+    lo = np.tril_indices(fb, -1)
+    second[:, lo[0], lo[1]] = second[:, lo[1], lo[0]]  # the upper triangle, mirrored: exactly symmetric
+    return _finish_shifted(total * plan.stack, shift_out, tot[:, :fb, fb], second)
 
 
 def _dense_pairs(plan: Plan) -> tuple[np.ndarray, np.ndarray]:
@@ -424,6 +464,9 @@ def _cost(g, plan: Plan, dtype) -> dict:
     cost = dict.fromkeys(KERNELS, math.inf)
     cost["gemm"] = (rows * f / _tuning.COV_RATE_FILL + _gemm_seconds(macs, fb1, bdt)
                     + chunks * plan.groups * _tuning.COV_CALL_OVERHEAD)
+    cols = -(-fb1 // 8) * 8  # the narrow kernel's rows: whole float64 vectors, full rows up to two vectors
+    gram = rows * lanes * cols * -(-fb1 // GRAM_TILE_ROWS) * GRAM_TILE_ROWS * (1.0 if cols <= 16 else 0.5)
+    cost["narrow"] = (rows * f / _tuning.COV_RATE_FILL + gram / _tuning.COV_RATE_GRAM) / numba.get_num_threads()
     if g.sh != 1:
         return cost
     kh, kw, dh, dw = g.kh, g.kw, g.dh, g.dw
@@ -471,6 +514,8 @@ def patch_moments(imgs: np.ndarray, g, plan: Plan, kernel: str | None = None):
         if g.sh != 1:
             raise ValueError("the 'rowshift' kernel needs a vertical effective stride of 1")
         return _rowshift_moments(imgs, g, plan)
+    if kernel == "narrow":
+        return _narrow_gram(imgs, g, plan)
     return _gemm_moments(imgs, g, plan)
 
 
