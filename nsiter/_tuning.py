@@ -43,10 +43,13 @@ AUTO_COST = {
 COV_RATE_MAC = {"float32": 27e9, "float64": 14e9}
 #: Patch entries written per second by the serial Numba fills.
 COV_RATE_FILL = 0.5e9
-#: Float64 multiply-adds per second and thread of the register-tiled Gram products of the
-#: "narrow" kernel (16-30e9 measured on Table 3's blocks of 9 to 36 features, Intel Xeon
-#: AVX-512, 2026-12-02; its fill runs at COV_RATE_FILL per thread, in parallel).
-COV_RATE_GRAM = 16e9
+#: Multiply-adds per second and thread of the register-tiled Gram products of the "narrow"
+#: kernel, by buffer dtype (measured 33-55e9 float32 and 16-32e9 float64 on blocks of 9 to 576
+#: features, Intel Xeon AVX-512, 2026-12-02); its fill runs at COV_RATE_FILL per thread, in
+#: parallel.
+COV_RATE_GRAM = {"float32": 40e9, "float64": 20e9}
+#: Accumulator entries per second that a part of the "narrow" kernel zeroes and flushes.
+COV_RATE_FLUSH = 1e9
 #: Multiply-adds per second and thread of the shifted-product kernel.
 COV_RATE_SHIFTED = 2.0e9
 #: Seconds per BLAS call (dispatch and thread wake-up).

@@ -228,15 +228,18 @@ def test_narrow_kernel_agrees_with_the_blas_kernel_in_float64():
     np.testing.assert_allclose(a[2], b[2], rtol=1e-10, atol=1e-12 * np.abs(b[2]).max())
 
 
-def test_cost_model_picks_the_narrow_kernel_for_depthwise_blocks_and_blas_for_wide_ones():
+def test_cost_model_picks_narrow_on_strided_grids_rowshift_when_dense_and_blas_for_a_few_wide_rows():
+    """The picks that analysis/results/covariance_narrow.md measures."""
     from nsiter._moments import plan as _plan
     from nsiter._numba.patches import choose_kernel
     from nsiter.covariance import _sampled_geometry
 
-    def pick(shape, block_size):
-        g = _sampled_geometry(shape, 3, 1, 1, 1, 3)
-        return choose_kernel(g, _plan(g.c, 9, block_size, "reference"), np.float32)
+    def pick(shape, block_size, sampling_stride=3, grouping="reference"):
+        g = _sampled_geometry(shape, 3, 1, 1, 1, sampling_stride)
+        return choose_kernel(g, _plan(g.c, 9, block_size, grouping), np.float32)
 
     assert pick((128, 128, 64, 64), 1) == "narrow"  # Table 3, 64x64x128 g128: 9 features
     assert pick((128, 128, 64, 64), 4) == "narrow"  # g32: 36 features
-    assert pick((128, 128, 64, 64), 64) == "gemm"  # g2: 576 features, BLAS at full width
+    assert pick((128, 128, 64, 64), 64) == "narrow"  # g2: 576 features in float32 tiles
+    assert pick((8, 64, 32, 32), None, 1, "contiguous") == "rowshift"  # dense: kh times less fill
+    assert pick((1, 64, 12, 12), None) == "gemm"  # 16 rows: the accumulators would dominate

@@ -68,22 +68,24 @@ def _patch_rows(x, shift, base, ones, order, kh, kw, sh, sw, ph, pw, dh, dw, oh,
 
 
 @jit(parallel=True)
-def _narrow_moments(x, shift, base, ones, order, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, rows, rs, gs, stacked, work,
-                    acc):
+def _narrow_moments(x, shift, base, ones, order, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, rows, rs, gs, stacked, flush,
+                    work, tmp, acc):
     """Shifted second moments and column sums of all ``N*oh*ow`` patch rows, fill and product fused.
 
     Patch rows go in tasks of ``rows`` (:func:`_patch_rows`, ``base``/``ones`` as in the "gemm"
-    kernel, into a zero-padded float64 buffer that stays in cache: row stride ``rs``, group stride
-    ``gs``) and each task's Gram matrix is added to ``acc[q, a] (rows_c, cols)`` of part ``q``
-    (:func:`_gram_tiles`, upper triangle).  ``stacked`` (the reference grouping): the group rows of a
-    patch row follow each other (``gs = cols``, ``rs`` whole rows of ``cols``, unwritten ones zero) and
-    all go into ``acc[q, 0]`` with one product per task; else group ``a``'s rows (``rs = cols``)
-    into ``acc[q, a]``.  Part ``q`` takes the ``q``-th contiguous run of tasks: the parts, not the
-    threads, fix the order of the additions, so the result does not depend on the thread count.
-    ``work``: one buffer per part, at least ``rows*rs`` (stacked) or ``n_acc*gs`` long, any content
+    kernel, into a zero-padded buffer of ``work``'s dtype that stays in cache: row stride ``rs``,
+    group stride ``gs``); their Gram matrices (:func:`_gram_tiles`, upper triangle, in that dtype)
+    accumulate in ``tmp[q, a] (rows_c, cols)`` for at least ``flush`` rows (bounding the rounding
+    of a float32 sum, as the "gemm" kernel's chunks do) and then go into the float64 ``acc[q, a]``
+    of part ``q``.  ``stacked`` (the reference grouping): the group rows of a patch row follow each
+    other (``gs = cols``, ``rs`` whole rows of ``cols``, unwritten ones zero) and all go into block
+    0 with one product per task; else group ``a``'s rows (``rs = cols``) into block ``a``.  Part
+    ``q`` takes the ``q``-th contiguous run of tasks: the parts, not the threads, fix the order of
+    the additions, so the result does not depend on the thread count.  ``work``: one buffer per
+    part, at least ``rows*rs`` (stacked) or ``n_acc*gs`` long; ``work`` and ``tmp``: any content
     (zeroed here).  Parallel over parts.
     """
-    parts, n_acc, _, cols = acc.shape
+    parts, n_acc, rows_c, cols = acc.shape
     total = x.shape[0] * oh * ow
     n_tasks = -(-total // rows)
     per_part = -(-n_tasks // parts)
@@ -91,15 +93,49 @@ def _narrow_moments(x, shift, base, ones, order, kh, kw, sh, sw, ph, pw, dh, dw,
     for q in prange(parts):
         buf = work[q, :size]
         buf[:] = 0.0
-        for t in range(q * per_part, min(n_tasks, (q + 1) * per_part)):
+        tmp[q] = 0.0
+        pending = 0
+        t_end = min(n_tasks, (q + 1) * per_part)
+        for t in range(q * per_part, t_end):
             p0 = t * rows
             r = min(rows, total - p0)
             _patch_rows(x, shift, base, ones, order, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, p0, r, rs, buf)
             if stacked:
-                _gram_tiles(buf[: r * rs].reshape(r * rs // cols, cols), acc[q, 0], r * rs // cols)
+                k = r * rs // cols
+                _gram_tiles(buf[: r * rs].reshape(k, cols), tmp[q, 0], k)
             else:
+                k = r
                 for a in range(n_acc):
-                    _gram_tiles(buf[a * gs:a * gs + r * cols].reshape(r, cols), acc[q, a], r)
+                    _gram_tiles(buf[a * gs:a * gs + r * cols].reshape(r, cols), tmp[q, a], r)
+            pending += k
+            if pending >= flush or t == t_end - 1:
+                for a in range(n_acc):
+                    src = tmp[q, a]
+                    dst = acc[q, a]
+                    for i in range(rows_c):
+                        for j in range(i, cols):
+                            dst[i, j] += src[i, j]
+                            src[i, j] = 0.0
+                pending = 0
+
+
+@jit
+def _reduce_parts(acc, fb, second, sums):
+    """The parts of :func:`_narrow_moments` summed in order: ``second[a] (fb, fb)`` from the upper
+    triangles of ``acc[:, a]``, mirrored (exactly symmetric), and ``sums[a] (fb,)`` from column ``fb``."""
+    parts, blocks = acc.shape[:2]
+    for a in range(blocks):
+        for i in range(fb + 1):
+            for j in range(i, fb + 1):
+                s = acc[0, a, i, j]
+                for q in range(1, parts):
+                    s += acc[q, a, i, j]
+                if j == fb:
+                    if i < fb:
+                        sums[a, i] = s
+                else:
+                    second[a, i, j] = s
+                    second[a, j, i] = s
 
 
 @jit

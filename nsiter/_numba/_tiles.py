@@ -37,7 +37,8 @@ def _vector_fma(context, builder, dtype):
     return lanes, vty, fma
 
 
-def _emit_tile(builder, fma, vty, arrs, lds, i0v, j0v, kend, alpha, rows, vecs, *, a_k=None, accumulate=False):
+def _emit_tile(builder, fma, vty, arrs, lds, i0v, j0v, kend, alpha, rows, vecs, *, a_k=None, accumulate=False,
+               aligned=True):
     """IR of one register tile: ``C[i0:i0+rows, j0:j0+vecs*L] = alpha * (A[i0:i0+rows, :k_end] @
     B[:k_end, j0:j0+vecs*L])``: ``rows x vecs`` accumulator vectors kept in registers over the
     whole ``k`` loop (one vector load per column block and one broadcast per row each step),
@@ -46,11 +47,12 @@ def _emit_tile(builder, fma, vty, arrs, lds, i0v, j0v, kend, alpha, rows, vecs, 
 
     ``a_k``: the stride of ``A`` along ``k`` (default 1; ``A[i, k]`` at ``i*lda + k*a_k``), so that
     ``A`` can be the transpose of a row-major matrix.  ``accumulate``: ``C += A @ B`` instead
-    (the chains start from ``C``'s entries; ``alpha`` is not applied).
+    (the chains start from ``C``'s entries; ``alpha`` is not applied).  ``aligned``: the vectors of
+    ``B`` and ``C`` start on 64-byte boundaries (else no alignment is assumed).
     """
     (a_data, b_data, c_data), (lda, ldb, ldc) = arrs, lds
     lanes = vty.count
-    size = _VECTOR_BYTES // lanes
+    size = _VECTOR_BYTES if aligned else _VECTOR_BYTES // lanes  # the alignment the loads may assume
     zero = ir.Constant(vty, [ir.Constant(vty.element, 0.0)] * lanes)
     undef = ir.Constant(vty, ir.Undefined)
     splat = ir.Constant(ir.VectorType(_I32, lanes), [ir.Constant(_I32, 0)] * lanes)
@@ -117,14 +119,15 @@ def _emit_row_block(builder, i0, rows, nv, lanes, tile, vecs):
 @intrinsic
 def _gram_tiles(typingctx, R, C, k_end):
     """An intrinsic ``_gram_tiles(R, C, k_end)``: ``C += R[:k_end, :m]^T R[:k_end]`` (``m`` the rows
-    of ``C``) on the upper triangle, for C-contiguous 2-D float64 arrays with as many columns, a
-    whole number of 64-byte vectors, ``m`` a multiple of :data:`GRAM_TILE_ROWS` and at most the
+    of ``C``) on the upper triangle, for C-contiguous 2-D arrays of one float dtype with as many columns, a
+    whole number of 64-byte vectors (anywhere in memory: no alignment is assumed), ``m`` a multiple of :data:`GRAM_TILE_ROWS` and at most the
     columns; no bounds checks.  Tiles wholly below the diagonal are skipped, so the strictly lower
     triangle holds partial sums: read the upper one.
 
     Each row of ``R`` is loaded once per tile as vectors, and its entries broadcast from the same
     row: for rows of at most two vectors (``m <= 16``) all ``m`` rows of ``C`` are 8-row tiles in
-    registers at once, for wider ones tiles of 4 rows by 4 vectors.  One ``k``-ordered fma chain per
+    registers at once, for wider ones tiles of 4 rows by 4 vectors, column block by column block
+    (``R[:k_end]``'s slab of a block, for ``k_end`` up to about 160, stays in L1 for all its tiles).  One ``k``-ordered fma chain per
     entry, continued from ``C``'s value: calls over consecutive row ranges add up the same floats as
     one call over their union.
     """
@@ -142,20 +145,30 @@ def _gram_tiles(typingctx, R, C, k_end):
 
         def tile(i0, j0, r, v):  # R^T as A: A[i, k] = R[k, i] (lda 1, stride ldr along k)
             _emit_tile(builder, fma, vty, (r_arr.data, r_arr.data, c_arr.data), (one, ldr, ldc), i0, j0, kend,
-                       None, r, v, a_k=ldr, accumulate=True)
-
-        def upper_tile(i0, j0, r, v):  # skipped when every entry lies below the diagonal
-            with builder.if_then(builder.icmp_unsigned(">", builder.add(j0, const(v * lanes)), i0)):
-                tile(i0, j0, r, v)
+                       None, r, v, a_k=ldr, accumulate=True, aligned=False)
 
         nv = builder.udiv(ldc, const(lanes))
         with builder.if_else(builder.icmp_unsigned("<=", nv, const(2))) as (narrow, wide):
             with narrow:
                 _emit_narrow_rows(builder, rows, nv, tile, _GRAM_NARROW_ROWS, GRAM_TILE_ROWS)
-            with wide:
-                with cgutils.for_range(builder, builder.udiv(rows, const(GRAM_TILE_ROWS))) as rloop:
-                    _emit_row_block(builder, builder.mul(rloop.index, const(GRAM_TILE_ROWS)), GRAM_TILE_ROWS, nv,
-                                    lanes, upper_tile, _GRAM_WIDE_VECS)
+            with wide:  # column blocks outside: their slab of R[:k_end] stays in L1 across the row tiles
+                full = builder.udiv(nv, const(_GRAM_WIDE_VECS))
+                rem = builder.urem(nv, const(_GRAM_WIDE_VECS))
+                n_tiles = builder.udiv(rows, const(GRAM_TILE_ROWS))
+
+                def column_block(j0, v):
+                    # row tiles i0 < j0 + v*L only: the others lie below the diagonal
+                    last = builder.udiv(builder.add(j0, const(v * lanes + GRAM_TILE_ROWS - 1)), const(GRAM_TILE_ROWS))
+                    end = builder.select(builder.icmp_unsigned("<", last, n_tiles), last, n_tiles)
+                    with cgutils.for_range(builder, end) as rloop:
+                        tile(builder.mul(rloop.index, const(GRAM_TILE_ROWS)), j0, GRAM_TILE_ROWS, v)
+
+                with cgutils.for_range(builder, full) as cloop:
+                    column_block(builder.mul(cloop.index, const(_GRAM_WIDE_VECS * lanes)), _GRAM_WIDE_VECS)
+                j0 = builder.mul(full, const(_GRAM_WIDE_VECS * lanes))
+                for v in range(1, _GRAM_WIDE_VECS):
+                    with builder.if_then(builder.icmp_unsigned("==", rem, const(v))):
+                        column_block(j0, v)
         return context.get_dummy_value()
 
     return types.void(R, C, k_end), codegen

@@ -12,6 +12,9 @@ so no moment is a difference of sums of squared means.  A cost model (:func:`_co
 
 * ``"gemm"`` (any geometry): one BLAS product ``B^T B`` per chunk of shifted patch rows with a
   column of ones (moments and column sums at once); float32 BLAS for float32 blocks of >= 64 features.
+* ``"narrow"`` (any geometry): the same rows, filled in parallel into cache-sized tasks and
+  multiplied by register tiles (upper triangle, in the same buffer dtype, float64 sums per part):
+  no BLAS call per chunk, no chunk in memory; fastest wherever the rows are many.
 * ``"rowshift"`` (vertical step 1): products of 1-row patch matrices, one per row shift and
   window segment: ``kh`` times less fill and about ``kh/2`` times fewer multiply-adds.
 * ``"shifted"`` (step 1): shifted inner products, ``O(C^2 k^2 H W)`` instead of ``O(C^2 k^4 H W)``.
@@ -21,14 +24,15 @@ from __future__ import annotations
 import functools
 import math
 import threading
+from typing import NamedTuple
 
 import numba
 import numpy as np
 
 from .. import _tuning
 from .._moments import Plan, channel_means, merge_moments, pieces
-from ._covariance import (_centre_padded, _narrow_moments, _patch_rows, _row_patches, _scatter_moments,
-                          _shifted_moments, _subtract_outer)
+from ._covariance import (_centre_padded, _narrow_moments, _patch_rows, _reduce_parts, _row_patches,
+                          _scatter_moments, _shifted_moments, _subtract_outer)
 from ._im2col import _col2im, _im2col
 from ._tiles import _VECTOR_BYTES, GRAM_TILE_ROWS
 
@@ -46,7 +50,10 @@ _DENSE_BYTES = 32 * 2**20  # one piece of padded, shifted float64 images ("shift
 _ROWS_BYTES = 32 * 2**20  # one piece of 1-row patch matrices ("rowshift" kernel)
 _SCRATCH_MAX = 8 * 2**20  # work buffers up to this size are kept per thread and reused
 _NARROW_TASK_BYTES = 512 * 2**10  # one task's patch rows ("narrow" kernel): they stay in L2
+_NARROW_L1_BYTES = 32 * 2**10  # accumulators up to this size stay in L1 during a product ...
+_NARROW_WIDE_K = 160  # ... larger ones take products of this many rows (a 256-byte column slab each: 40 KB)
 _NARROW_PARTS = 16  # independent partial sums of the "narrow" kernel (fixed: not the thread count)
+_NARROW_MIN_PARTS = 2  # ... at least (their float64 accumulators: a reused buffer, up to _SCRATCH_MAX)
 _RATE_MAC = {np.dtype(k): v for k, v in _tuning.COV_RATE_MAC.items()}  # keyed by dtype: a cheap lookup
 
 
@@ -100,9 +107,10 @@ def _scratch(name: str, shape, dtype, *, zero: bool = False) -> np.ndarray:
         return np.zeros(shape, dtype) if zero else np.empty(shape, dtype)
     store = _LOCAL.__dict__.setdefault("buffers", {})
     raw = store.get(name)
-    if raw is None or raw.nbytes < nbytes:
-        raw = store[name] = np.empty(max(nbytes, 64), dtype=np.uint8)
-    arr = raw[:nbytes].view(dtype).reshape(shape)
+    if raw is None or raw.nbytes < nbytes + 64:
+        raw = store[name] = np.empty(max(nbytes, 64) + 64, dtype=np.uint8)
+    start = -raw.ctypes.data % 64  # 64-byte aligned: whole cache lines, vector loads within one line
+    arr = raw[start:start + nbytes].view(dtype).reshape(shape)
     if zero:
         arr.fill(0)
     return arr
@@ -259,39 +267,80 @@ def _gemm_moments(imgs: np.ndarray, g, plan: Plan):
     return _finish_shifted(count, shift_out, acc[:, fb, :fb], acc[:, :fb, :fb])
 
 
-def _narrow_gram(imgs: np.ndarray, g, plan: Plan):
-    """Moments of the (grouped, stacked) patch rows by one fused Numba pass (:func:`_narrow_moments`):
-    the rows of the "gemm" kernel, filled in cache-sized tasks and multiplied in registers, in parallel,
-    without BLAS (whose products of narrow blocks run far below its peak) or a buffer in memory."""
-    shift_col, shift_out = _patch_shift(imgs, g, plan)
+class _NarrowLayout(NamedTuple):
+    """The buffers of the "narrow" kernel: ``cols`` per row (whole vectors), ``rows_c`` accumulator
+    rows, the row and group strides ``rs``/``gs``, patch ``rows`` per task, ``parts`` partial sums of
+    ``blocks`` accumulators each."""
+
+    cols: int
+    rows_c: int
+    rs: int
+    gs: int
+    rows: int
+    parts: int
+    blocks: int
+
+
+def _narrow_layout(plan: Plan, total: int, bdt: np.dtype) -> _NarrowLayout:
+    """The layout of :func:`_narrow_gram` for ``total`` patch rows in buffers of ``bdt``.
+
+    Tasks fill :data:`_NARROW_TASK_BYTES`, or hold :data:`_NARROW_WIDE_K` rows of a product when the
+    accumulators exceed :data:`_NARROW_L1_BYTES` (then the rows' slab of one column block of tiles
+    stays in L1 instead).  Strides that are multiples of 4 KiB would put the rows a
+    fill loop writes in turn into one set of the L1 cache: one more row (never written, zero) breaks
+    the alignment.  Parts: up to :data:`_NARROW_PARTS`, one task at least each, float64 accumulators
+    of at most :data:`_SCRATCH_MAX` in all (a buffer kept between calls: fresh pages are slow to
+    fault in) unless that leaves fewer than :data:`_NARROW_MIN_PARTS` (fixed numbers, so that the
+    result does not depend on the thread count)."""
     fb = plan.fb
     stacked = plan.mode == "reference"
     lanes = plan.stack if stacked else plan.groups  # group rows per patch row
-    cols = -(-(fb + 1) // (_VECTOR_BYTES // 8)) * (_VECTOR_BYTES // 8)  # float64 rows of whole vectors
-    total = g.n * g.oh * g.ow
-    # strides that are multiples of 4 KiB put the rows a fill loop writes in turn into one set of
-    # the L1 cache: one more row (never written, zero) breaks the alignment
+    vec = _VECTOR_BYTES // bdt.itemsize
+    cols = -(-(fb + 1) // vec) * vec
+    rows_c = -(-(fb + 1) // GRAM_TILE_ROWS) * GRAM_TILE_ROWS
+    row_bytes = cols * bdt.itemsize
+    wide = rows_c * row_bytes > _NARROW_L1_BYTES  # accumulators beyond L1: products of _NARROW_WIDE_K rows
     if stacked:
         gs = cols
-        rs = (lanes + (lanes * cols * 8 % 4096 == 0)) * cols
-        rows = max(1, min(total, _NARROW_TASK_BYTES // (rs * 8)))
+        rs = (lanes + (lanes * row_bytes % 4096 == 0)) * cols
+        rows = _NARROW_TASK_BYTES // (rs * bdt.itemsize) if not wide else _NARROW_WIDE_K // (rs // cols)
     else:
         rs = cols
-        rows = max(1, min(total, _NARROW_TASK_BYTES // (lanes * cols * 8)))
-        gs = (rows + (rows * cols * 8 % 4096 == 0)) * cols
-    parts = min(_NARROW_PARTS, -(-total // rows))
-    acc = np.zeros((parts, 1 if stacked else plan.groups, -(-(fb + 1) // GRAM_TILE_ROWS) * GRAM_TILE_ROWS, cols))
-    base = plan.grp * gs + plan.feat
-    ones = np.arange(lanes, dtype=np.int64) * gs + fb
+        rows = _NARROW_TASK_BYTES // (lanes * row_bytes) if not wide else _NARROW_WIDE_K
+    rows = max(1, min(total, rows))
+    if not stacked:
+        gs = (rows + (rows * row_bytes % 4096 == 0)) * cols
+    blocks = 1 if stacked else plan.groups
+    by_bytes = max(_NARROW_MIN_PARTS, _SCRATCH_MAX // (8 * blocks * rows_c * cols))
+    parts = max(1, min(_NARROW_PARTS, -(-total // rows), by_bytes))
+    return _NarrowLayout(cols, rows_c, rs, gs, rows, parts, blocks)
+
+
+def _narrow_gram(imgs: np.ndarray, g, plan: Plan):
+    """Moments of the (grouped, stacked) patch rows by one fused Numba pass (:func:`_narrow_moments`):
+    the rows of the "gemm" kernel (in its buffer dtype), filled in cache-sized tasks and multiplied in
+    registers, in parallel, without BLAS (whose products of narrow blocks run far below its peak, and
+    whose spinning threads would slow a parallel fill) or a chunk of rows in memory."""
+    shift_col, shift_out = _patch_shift(imgs, g, plan)
+    fb = plan.fb
+    stacked = plan.mode == "reference"
+    lanes = plan.stack if stacked else plan.groups
+    bdt = _buffer_dtype(imgs.dtype, fb)
+    total = g.n * g.oh * g.ow
+    lay = _narrow_layout(plan, total, bdt)
+    acc = _scratch("narrow_acc", (lay.parts, lay.blocks, lay.rows_c, lay.cols), np.float64, zero=True)
+    base = plan.grp * lay.gs + plan.feat
+    ones = np.arange(lanes, dtype=np.int64) * lay.gs + fb
     order = np.argsort(base, kind="stable")  # fill in the order of the buffer: lane by lane
-    work = _scratch("narrow", (parts, rows * rs if stacked else lanes * gs), np.float64)
+    work = _scratch("narrow", (lay.parts, lay.rows * lay.rs if stacked else lanes * lay.gs), bdt)
+    tmp = _scratch("narrow_gram", acc.shape, bdt)
+    flush = _F32_ROWS if bdt == np.float32 else total * lanes  # float64: one sum per part
     _narrow_moments(np.ascontiguousarray(imgs), shift_col, base, ones, order, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh,
-                    g.dw, g.oh, g.ow, rows, rs, gs, stacked, work, acc)
-    tot = acc.sum(axis=0)
-    second = np.ascontiguousarray(tot[:, :fb, :fb])
-    lo = np.tril_indices(fb, -1)
-    second[:, lo[0], lo[1]] = second[:, lo[1], lo[0]]  # the upper triangle, mirrored: exactly symmetric
-    return _finish_shifted(total * plan.stack, shift_out, tot[:, :fb, fb], second)
+                    g.dw, g.oh, g.ow, lay.rows, lay.rs, lay.gs, stacked, flush, work, tmp, acc)
+    second = np.empty((lay.blocks, fb, fb))
+    sums = np.empty((lay.blocks, fb))
+    _reduce_parts(acc, fb, second, sums)
+    return _finish_shifted(total * plan.stack, shift_out, sums, second)
 
 
 def _dense_pairs(plan: Plan) -> tuple[np.ndarray, np.ndarray]:
@@ -448,6 +497,19 @@ def _gemm_seconds(macs: float, width: int, dtype) -> float:
     return macs / (_RATE_MAC[np.dtype(dtype)] * eff * numba.get_num_threads())
 
 
+def _narrow_seconds(rows: int, f: int, plan: Plan, lanes: int, bdt: np.dtype) -> float:
+    """Time of the "narrow" kernel on ``rows`` patch rows: the parallel fill, the register-tiled Gram
+    products (whole rows up to two vectors, else the upper triangle's tiles) and the accumulator
+    flushes (every float32 chunk of rows, and once per part)."""
+    lay = _narrow_layout(plan, rows, bdt)
+    per_block = lay.rows_c * lay.cols
+    gram = rows * lanes * per_block * (1.0 if lay.cols * bdt.itemsize <= 2 * _VECTOR_BYTES else 0.5)
+    flushes = lay.parts + (rows * lanes / _F32_ROWS if bdt == np.float32 else 0)
+    threads = min(numba.get_num_threads(), lay.parts)
+    return ((rows * f / _tuning.COV_RATE_FILL + gram / _tuning.COV_RATE_GRAM[bdt.name]) / threads
+            + flushes * lay.blocks * per_block / _tuning.COV_RATE_FLUSH)
+
+
 def _cost(g, plan: Plan, dtype) -> dict:
     """Estimated seconds of each kernel for this geometry (a coarse model; only the ranking matters).
 
@@ -464,9 +526,7 @@ def _cost(g, plan: Plan, dtype) -> dict:
     cost = dict.fromkeys(KERNELS, math.inf)
     cost["gemm"] = (rows * f / _tuning.COV_RATE_FILL + _gemm_seconds(macs, fb1, bdt)
                     + chunks * plan.groups * _tuning.COV_CALL_OVERHEAD)
-    cols = -(-fb1 // 8) * 8  # the narrow kernel's rows: whole float64 vectors, full rows up to two vectors
-    gram = rows * lanes * cols * -(-fb1 // GRAM_TILE_ROWS) * GRAM_TILE_ROWS * (1.0 if cols <= 16 else 0.5)
-    cost["narrow"] = (rows * f / _tuning.COV_RATE_FILL + gram / _tuning.COV_RATE_GRAM) / numba.get_num_threads()
+    cost["narrow"] = _narrow_seconds(rows, f, plan, lanes, bdt)
     if g.sh != 1:
         return cost
     kh, kw, dh, dw = g.kh, g.kw, g.dh, g.dw
