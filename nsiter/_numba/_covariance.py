@@ -25,6 +25,24 @@ def _patch_rows(x, shift, base, ones, order, kh, kw, sh, sw, ph, pw, dh, dw, oh,
     _, _, h, w = x.shape
     taps = kh * kw
     n_patch = oh * ow
+    n_cols = order.shape[0]
+    # the columns in fill order: channel, tap row, tap column, destination, shift (no divisions below)
+    cc = np.empty(n_cols, np.int64)
+    ci = np.empty(n_cols, np.int64)
+    cj = np.empty(n_cols, np.int64)
+    co = np.empty(n_cols, np.int64)
+    cs = np.empty(n_cols)
+    for e in range(n_cols):
+        col = order[e]
+        cc[e] = col // taps
+        ci[e] = (col - cc[e] * taps) // kw
+        cj[e] = col - cc[e] * taps - ci[e] * kw
+        co[e] = base[col]
+        cs[e] = shift[col]
+    lo_j = np.empty(kw, np.int64)
+    hi_j = np.empty(kw, np.int64)
+    urs = np.uint64(rs)
+    usw = np.uint64(sw)
     p = p0
     p_end = p0 + n_rows
     while p < p_end:  # one output row (n, a) per pass, columns b in [b_lo, b_hi)
@@ -38,32 +56,35 @@ def _patch_rows(x, shift, base, ones, order, kh, kw, sh, sw, ph, pw, dh, dw, oh,
             o = ones[g]
             for b in range(b_lo, b_hi):
                 out[o + (r0 + b) * rs] = 1.0
+        for jj in range(kw):  # valid b of tap column jj: 0 <= b*sw + jj*dw - pw < w
+            lo, hi = _valid_range(ow, sw, jj * dw - pw, w)
+            lo_j[jj] = min(max(lo, b_lo), b_hi)
+            hi_j[jj] = max(min(hi, b_hi), lo_j[jj])
         h0 = a * sh - ph
-        for col in order:
-            c = col // taps
-            i = (col - c * taps) // kw
-            jj = col - c * taps - i * kw
-            hh = h0 + i * dh
-            o = base[col]
-            sv = shift[col]
+        for e in range(n_cols):
+            hh = h0 + ci[e] * dh
+            o = co[e] + r0 * rs
+            sv = cs[e]
             if hh < 0 or hh >= h:
                 for b in range(b_lo, b_hi):
-                    out[o + (r0 + b) * rs] = -sv
+                    out[o + b * rs] = -sv
                 continue
-            src = x[n, c, hh]
+            src = x[n, cc[e], hh]
+            jj = cj[e]
             off = jj * dw - pw
-            lo = b_lo  # valid b: 0 <= b*sw + off < w
-            while lo < b_hi and lo * sw + off < 0:
-                lo += 1
-            hi = b_hi
-            while hi > lo and (hi - 1) * sw + off >= w:
-                hi -= 1
+            lo = lo_j[jj]
+            hi = hi_j[jj]
             for b in range(b_lo, lo):
-                out[o + (r0 + b) * rs] = -sv
-            for b in range(lo, hi):
-                out[o + (r0 + b) * rs] = src[b * sw + off] - sv
+                out[o + b * rs] = -sv
+            # unsigned indices: no wraparound checks in the loop that reads the image
+            d = np.uint64(o + lo * rs)
+            q = np.uint64(lo * sw + off)
+            for _ in range(hi - lo):
+                out[d] = src[q] - sv
+                d += urs
+                q += usw
             for b in range(hi, b_hi):
-                out[o + (r0 + b) * rs] = -sv
+                out[o + b * rs] = -sv
         p += b_hi - b_lo
 
 

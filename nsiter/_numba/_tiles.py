@@ -157,11 +157,18 @@ def _gram_tiles(typingctx, R, C, k_end):
                 n_tiles = builder.udiv(rows, const(GRAM_TILE_ROWS))
 
                 def column_block(j0, v):
-                    # row tiles i0 < j0 + v*L only: the others lie below the diagonal
+                    # row tiles i0 < j0 + v*L only (the others lie below the diagonal): tiles of
+                    # 16 accumulators (big = 4, 8, 16 rows for v = 4, 2, 1; 12 for v = 3), then 4-row ones
                     last = builder.udiv(builder.add(j0, const(v * lanes + GRAM_TILE_ROWS - 1)), const(GRAM_TILE_ROWS))
-                    end = builder.select(builder.icmp_unsigned("<", last, n_tiles), last, n_tiles)
-                    with cgutils.for_range(builder, end) as rloop:
-                        tile(builder.mul(rloop.index, const(GRAM_TILE_ROWS)), j0, GRAM_TILE_ROWS, v)
+                    end = builder.select(builder.icmp_unsigned("<", last, n_tiles), last, n_tiles)  # 4-row tiles
+                    per = max(1, _GRAM_WIDE_VECS // v)  # 4-row tiles in one big tile
+                    n_big = builder.udiv(end, const(per))
+                    if per > 1:
+                        with cgutils.for_range(builder, n_big) as rloop:
+                            tile(builder.mul(rloop.index, const(per * GRAM_TILE_ROWS)), j0, per * GRAM_TILE_ROWS, v)
+                    start = builder.mul(n_big, const(per)) if per > 1 else const(0)
+                    with cgutils.for_range(builder, builder.sub(end, start)) as rloop:
+                        tile(builder.mul(builder.add(start, rloop.index), const(GRAM_TILE_ROWS)), j0, GRAM_TILE_ROWS, v)
 
                 with cgutils.for_range(builder, full) as cloop:
                     column_block(builder.mul(cloop.index, const(_GRAM_WIDE_VECS * lanes)), _GRAM_WIDE_VECS)
