@@ -74,8 +74,10 @@ def channel_means(imgs) -> np.ndarray:
     """Per-channel float64 host means of a strided sample of ``(N, C, H, W)`` images.
 
     The kernels use them only as a shift against cancellation, and any shift gives the same
-    statistics: a sample (at most 64 images of about 16 x 16 pixels) keeps the cost negligible.
+    statistics: a sample (at most 16 images of about 8 x 8 pixels, a shift within a few percent of
+    a standard deviation of the mean) keeps the cost negligible (a strided read: 64 images of
+    16 x 16 pixels took 5% of a Table 3 covariance at batch 128).
     """
     n, _, h, w = imgs.shape
-    sub = imgs[:: max(1, n // 64), :, :: max(1, h // 16), :: max(1, w // 16)]
+    sub = imgs[:: max(1, n // 16), :, :: max(1, h // 8), :: max(1, w // 8)]
     return backend(sub).host(sub).mean(axis=(0, 2, 3), dtype=np.float64)
