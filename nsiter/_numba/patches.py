@@ -53,7 +53,8 @@ _NARROW_TASK_BYTES = 512 * 2**10  # one task's patch rows ("narrow" kernel): the
 _NARROW_L1_BYTES = 32 * 2**10  # accumulators up to this size stay in L1 during a product ...
 _NARROW_WIDE_K = 160  # ... larger ones take products of this many rows (a 256-byte column slab each: 40 KB)
 _NARROW_PARTS = 16  # independent partial sums of the "narrow" kernel (fixed: not the thread count)
-_NARROW_MIN_PARTS = 2  # ... at least (their float64 accumulators: a reused buffer, up to _SCRATCH_MAX)
+_NARROW_MIN_PARTS = 2  # ... at least, and a power of two (the threads share them evenly) ...
+_NARROW_ACC_BYTES = 16 * 2**20  # ... with float64 accumulators up to this size (a buffer kept per thread)
 _RATE_MAC = {np.dtype(k): v for k, v in _tuning.COV_RATE_MAC.items()}  # keyed by dtype: a cheap lookup
 
 
@@ -98,12 +99,12 @@ def correlate_centred(x: np.ndarray, shift: np.ndarray, K: np.ndarray, bias: np.
 _LOCAL = threading.local()
 
 
-def _scratch(name: str, shape, dtype, *, zero: bool = False) -> np.ndarray:
-    """A work buffer of at most ``_SCRATCH_MAX`` bytes kept per thread and reused between calls
-    (fresh pages are slow to fault in); results handed to callers are never scratch."""
+def _scratch(name: str, shape, dtype, *, zero: bool = False, limit: int = _SCRATCH_MAX) -> np.ndarray:
+    """A work buffer of at most ``limit`` bytes kept per thread and reused between calls (fresh
+    pages are slow to fault in); results handed to callers are never scratch."""
     dtype = np.dtype(dtype)
     nbytes = int(np.prod(shape)) * dtype.itemsize
-    if nbytes > _SCRATCH_MAX:
+    if nbytes > limit:
         return np.zeros(shape, dtype) if zero else np.empty(shape, dtype)
     store = _LOCAL.__dict__.setdefault("buffers", {})
     raw = store.get(name)
@@ -288,10 +289,11 @@ def _narrow_layout(plan: Plan, total: int, bdt: np.dtype) -> _NarrowLayout:
     accumulators exceed :data:`_NARROW_L1_BYTES` (then the rows' slab of one column block of tiles
     stays in L1 instead).  Strides that are multiples of 4 KiB would put the rows a
     fill loop writes in turn into one set of the L1 cache: one more row (never written, zero) breaks
-    the alignment.  Parts: up to :data:`_NARROW_PARTS`, one task at least each, float64 accumulators
-    of at most :data:`_SCRATCH_MAX` in all (a buffer kept between calls: fresh pages are slow to
-    fault in) unless that leaves fewer than :data:`_NARROW_MIN_PARTS` (fixed numbers, so that the
-    result does not depend on the thread count)."""
+    the alignment.  Parts: up to :data:`_NARROW_PARTS`, one task at least each, a power of two
+    (2, 4, 8 threads share them evenly), float64 accumulators of at most :data:`_NARROW_ACC_BYTES` in
+    all (a buffer kept between calls: fresh pages are slow to fault in) unless that leaves fewer
+    than :data:`_NARROW_MIN_PARTS`; fixed numbers, so that the result does not depend on the thread
+    count."""
     fb = plan.fb
     stacked = plan.mode == "reference"
     lanes = plan.stack if stacked else plan.groups  # group rows per patch row
@@ -311,8 +313,8 @@ def _narrow_layout(plan: Plan, total: int, bdt: np.dtype) -> _NarrowLayout:
     if not stacked:
         gs = (rows + (rows * row_bytes % 4096 == 0)) * cols
     blocks = 1 if stacked else plan.groups
-    by_bytes = max(_NARROW_MIN_PARTS, _SCRATCH_MAX // (8 * blocks * rows_c * cols))
-    parts = max(1, min(_NARROW_PARTS, -(-total // rows), by_bytes))
+    by_bytes = max(_NARROW_MIN_PARTS, _NARROW_ACC_BYTES // (8 * blocks * rows_c * cols))
+    parts = max(1, min(_NARROW_PARTS, -(-total // rows), 2 ** int(math.log2(by_bytes))))
     return _NarrowLayout(cols, rows_c, rs, gs, rows, parts, blocks)
 
 
@@ -328,7 +330,8 @@ def _narrow_gram(imgs: np.ndarray, g, plan: Plan):
     bdt = _buffer_dtype(imgs.dtype, fb)
     total = g.n * g.oh * g.ow
     lay = _narrow_layout(plan, total, bdt)
-    acc = _scratch("narrow_acc", (lay.parts, lay.blocks, lay.rows_c, lay.cols), np.float64, zero=True)
+    acc = _scratch("narrow_acc", (lay.parts, lay.blocks, lay.rows_c, lay.cols), np.float64, zero=True,
+                   limit=_NARROW_ACC_BYTES)
     base = plan.grp * lay.gs + plan.feat
     ones = np.arange(lanes, dtype=np.int64) * lay.gs + fb
     order = np.argsort(base, kind="stable")  # fill in the order of the buffer: lane by lane
