@@ -96,9 +96,9 @@ def _narrow_moments(x, shift, base, ones, order, kh, kw, sh, sw, ph, pw, dh, dw,
     Patch rows go in tasks of ``rows`` (:func:`_patch_rows`, ``base``/``ones`` as in the "gemm"
     kernel, into a zero-padded buffer of ``work``'s dtype that stays in cache: row stride ``rs``,
     group stride ``gs``); their Gram matrices (:func:`_gram_tiles`, upper triangle, in that dtype)
-    accumulate in ``tmp[q, a] (rows_c, cols)`` for at least ``flush`` rows (bounding the rounding
-    of a float32 sum, as the "gemm" kernel's chunks do) and then go into the float64 ``acc[q, a]``
-    of part ``q``.  ``stacked`` (the reference grouping): the group rows of a patch row follow each
+    accumulate in ``tmp[q, a] (rows_c, cols)`` for ``flush`` rows (bounding the rounding of a
+    float32 sum, as the "gemm" kernel's chunks do) and then go into the float64 ``acc[q, a]`` of
+    part ``q``.  ``stacked`` (the reference grouping): the group rows of a patch row follow each
     other (``gs = cols``, ``rs`` whole rows of ``cols``, unwritten ones zero) and all go into block
     0 with one product per task; else group ``a``'s rows (``rs = cols``) into block ``a``.  Part
     ``q`` takes the ``q``-th contiguous run of tasks: the parts, not the threads, fix the order of
@@ -121,23 +121,25 @@ def _narrow_moments(x, shift, base, ones, order, kh, kw, sh, sw, ph, pw, dh, dw,
             p0 = t * rows
             r = min(rows, total - p0)
             _patch_rows(x, shift, base, ones, order, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, p0, r, rs, buf)
-            if stacked:
-                k = r * rs // cols
-                _gram_tiles(buf[: r * rs].reshape(k, cols), tmp[q, 0], k)
-            else:
-                k = r
-                for a in range(n_acc):
-                    _gram_tiles(buf[a * gs:a * gs + r * cols].reshape(r, cols), tmp[q, a], r)
-            pending += k
-            if pending >= flush or t == t_end - 1:
-                for a in range(n_acc):
-                    src = tmp[q, a]
-                    dst = acc[q, a]
-                    for i in range(rows_c):
-                        for j in range(i, cols):
-                            dst[i, j] += src[i, j]
-                            src[i, j] = 0.0
-                pending = 0
+            k = r * rs // cols if stacked else r  # product rows of the task (per group)
+            for k0 in range(0, k, flush):  # chains of at most `flush` rows between flushes
+                k1 = min(k, k0 + flush)
+                if stacked:
+                    _gram_tiles(buf[k0 * cols:k1 * cols].reshape(k1 - k0, cols), tmp[q, 0], k1 - k0)
+                else:
+                    for a in range(n_acc):
+                        lo = a * gs + k0 * cols
+                        _gram_tiles(buf[lo:lo + (k1 - k0) * cols].reshape(k1 - k0, cols), tmp[q, a], k1 - k0)
+                pending += k1 - k0
+                if pending >= flush or (t == t_end - 1 and k1 == k):
+                    for a in range(n_acc):
+                        src = tmp[q, a]
+                        dst = acc[q, a]
+                        for i in range(rows_c):
+                            for j in range(i, cols):
+                                dst[i, j] += src[i, j]
+                                src[i, j] = 0.0
+                    pending = 0
 
 
 @jit

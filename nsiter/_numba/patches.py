@@ -13,7 +13,7 @@ so no moment is a difference of sums of squared means.  A cost model (:func:`_co
 * ``"gemm"`` (any geometry): one BLAS product ``B^T B`` per chunk of shifted patch rows with a
   column of ones (moments and column sums at once); float32 BLAS for float32 blocks of >= 64 features.
 * ``"narrow"`` (any geometry): the same rows, filled in parallel into cache-sized tasks and
-  multiplied by register tiles (upper triangle, in the same buffer dtype, float64 sums per part):
+  multiplied by register tiles (upper triangle, in the data's dtype, float64 sums every 2048 rows):
   no BLAS call per chunk, no chunk in memory; fastest wherever the rows are many.
 * ``"rowshift"`` (vertical step 1): products of 1-row patch matrices, one per row shift and
   window segment: ``kh`` times less fill and about ``kh/2`` times fewer multiply-adds.
@@ -52,6 +52,7 @@ _SCRATCH_MAX = 8 * 2**20  # work buffers up to this size are kept per thread and
 _NARROW_TASK_BYTES = 512 * 2**10  # one task's patch rows ("narrow" kernel): they stay in L2
 _NARROW_L1_BYTES = 32 * 2**10  # accumulators up to this size stay in L1 during a product ...
 _NARROW_WIDE_K = 160  # ... larger ones take products of this many rows (a 256-byte column slab each: 40 KB)
+_NARROW_F32_ROWS = 256  # rows per float32 chain of the "narrow" kernel when its accumulators fit L1
 _NARROW_PARTS = 16  # independent partial sums of the "narrow" kernel (fixed: not the thread count)
 _NARROW_MIN_PARTS = 2  # ... at least, and a power of two (the threads share them evenly) ...
 _NARROW_ACC_BYTES = 16 * 2**20  # ... with float64 accumulators up to this size (a buffer kept per thread)
@@ -320,14 +321,14 @@ def _narrow_layout(plan: Plan, total: int, bdt: np.dtype) -> _NarrowLayout:
 
 def _narrow_gram(imgs: np.ndarray, g, plan: Plan):
     """Moments of the (grouped, stacked) patch rows by one fused Numba pass (:func:`_narrow_moments`):
-    the rows of the "gemm" kernel (in its buffer dtype), filled in cache-sized tasks and multiplied in
+    the rows of the "gemm" kernel (in the data's dtype), filled in cache-sized tasks and multiplied in
     registers, in parallel, without BLAS (whose products of narrow blocks run far below its peak, and
     whose spinning threads would slow a parallel fill) or a chunk of rows in memory."""
     shift_col, shift_out = _patch_shift(imgs, g, plan)
     fb = plan.fb
     stacked = plan.mode == "reference"
     lanes = plan.stack if stacked else plan.groups
-    bdt = _buffer_dtype(imgs.dtype, fb)
+    bdt = np.dtype(imgs.dtype)  # float32 tiles for float32 data of any width (float64 sums per part)
     total = g.n * g.oh * g.ow
     lay = _narrow_layout(plan, total, bdt)
     acc = _scratch("narrow_acc", (lay.parts, lay.blocks, lay.rows_c, lay.cols), np.float64, zero=True,
@@ -337,7 +338,10 @@ def _narrow_gram(imgs: np.ndarray, g, plan: Plan):
     order = np.argsort(base, kind="stable")  # fill in the order of the buffer: lane by lane
     work = _scratch("narrow", (lay.parts, lay.rows * lay.rs if stacked else lanes * lay.gs), bdt)
     tmp = _scratch("narrow_gram", acc.shape, bdt)
-    flush = _F32_ROWS if bdt == np.float32 else total * lanes  # float64: one sum per part
+    if bdt == np.float32:  # float64 sums of float32 chains: short ones where flushing is cheap
+        flush = _F32_ROWS if lay.rows_c * lay.cols * 4 > _NARROW_L1_BYTES else _NARROW_F32_ROWS
+    else:
+        flush = total * lay.rs  # float64: one sum per part
     _narrow_moments(np.ascontiguousarray(imgs), shift_col, base, ones, order, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh,
                     g.dw, g.oh, g.ow, lay.rows, lay.rs, lay.gs, stacked, flush, work, tmp, acc)
     second = np.empty((lay.blocks, fb, fb))
@@ -507,7 +511,8 @@ def _narrow_seconds(rows: int, f: int, plan: Plan, lanes: int, bdt: np.dtype) ->
     lay = _narrow_layout(plan, rows, bdt)
     per_block = lay.rows_c * lay.cols
     gram = rows * lanes * per_block * (1.0 if lay.cols * bdt.itemsize <= 2 * _VECTOR_BYTES else 0.5)
-    flushes = lay.parts + (rows * lanes / _F32_ROWS if bdt == np.float32 else 0)
+    chain = _F32_ROWS if lay.rows_c * lay.cols * 4 > _NARROW_L1_BYTES else _NARROW_F32_ROWS
+    flushes = lay.parts + (rows * lanes / chain if bdt == np.float32 else 0)
     threads = min(numba.get_num_threads(), lay.parts)
     return ((rows * f / _tuning.COV_RATE_FILL + gram / _tuning.COV_RATE_GRAM[bdt.name]) / threads
             + flushes * lay.blocks * per_block / _tuning.COV_RATE_FLUSH)
@@ -529,7 +534,7 @@ def _cost(g, plan: Plan, dtype) -> dict:
     cost = dict.fromkeys(KERNELS, math.inf)
     cost["gemm"] = (rows * f / _tuning.COV_RATE_FILL + _gemm_seconds(macs, fb1, bdt)
                     + chunks * plan.groups * _tuning.COV_CALL_OVERHEAD)
-    cost["narrow"] = _narrow_seconds(rows, f, plan, lanes, bdt)
+    cost["narrow"] = _narrow_seconds(rows, f, plan, lanes, np.dtype(dtype))
     if g.sh != 1:
         return cost
     kh, kw, dh, dw = g.kh, g.kw, g.dh, g.dw
