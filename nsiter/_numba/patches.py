@@ -13,7 +13,8 @@ so no moment is a difference of sums of squared means.  A cost model (:func:`_co
 * ``"gemm"`` (any geometry): one BLAS product ``B^T B`` per chunk of shifted patch rows with a
   column of ones (moments and column sums at once); float32 BLAS for float32 blocks of >= 64 features.
 * ``"narrow"`` (any geometry): the same rows, filled in parallel into cache-sized tasks and
-  multiplied by register tiles (upper triangle, in the data's dtype, float64 sums every 2048 rows):
+  multiplied by register tiles (upper triangle, in the buffer dtype of "gemm"; float32 chains of at
+  most 256 or 2048 rows summed in float64):
   no BLAS call per chunk, no chunk in memory; fastest wherever the rows are many.
 * ``"rowshift"`` (vertical step 1): products of 1-row patch matrices, one per row shift and
   window segment: ``kh`` times less fill and about ``kh/2`` times fewer multiply-adds.
@@ -321,14 +322,14 @@ def _narrow_layout(plan: Plan, total: int, bdt: np.dtype) -> _NarrowLayout:
 
 def _narrow_gram(imgs: np.ndarray, g, plan: Plan):
     """Moments of the (grouped, stacked) patch rows by one fused Numba pass (:func:`_narrow_moments`):
-    the rows of the "gemm" kernel (in the data's dtype), filled in cache-sized tasks and multiplied in
+    the rows of the "gemm" kernel (in its buffer dtype), filled in cache-sized tasks and multiplied in
     registers, in parallel, without BLAS (whose products of narrow blocks run far below its peak, and
     whose spinning threads would slow a parallel fill) or a chunk of rows in memory."""
     shift_col, shift_out = _patch_shift(imgs, g, plan)
     fb = plan.fb
     stacked = plan.mode == "reference"
     lanes = plan.stack if stacked else plan.groups
-    bdt = np.dtype(imgs.dtype)  # float32 tiles for float32 data of any width (float64 sums per part)
+    bdt = _buffer_dtype(imgs.dtype, fb)  # float64 products below 64 features, as the "gemm" kernel
     total = g.n * g.oh * g.ow
     lay = _narrow_layout(plan, total, bdt)
     acc = _scratch("narrow_acc", (lay.parts, lay.blocks, lay.rows_c, lay.cols), np.float64, zero=True,
@@ -534,7 +535,7 @@ def _cost(g, plan: Plan, dtype) -> dict:
     cost = dict.fromkeys(KERNELS, math.inf)
     cost["gemm"] = (rows * f / _tuning.COV_RATE_FILL + _gemm_seconds(macs, fb1, bdt)
                     + chunks * plan.groups * _tuning.COV_CALL_OVERHEAD)
-    cost["narrow"] = _narrow_seconds(rows, f, plan, lanes, np.dtype(dtype))
+    cost["narrow"] = _narrow_seconds(rows, f, plan, lanes, bdt)
     if g.sh != 1:
         return cost
     kh, kw, dh, dw = g.kh, g.kw, g.dh, g.dw
