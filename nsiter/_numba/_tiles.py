@@ -23,7 +23,8 @@ _I32 = ir.IntType(32)
 #: Rows of the accumulator matrix of :func:`_gram_tiles` come in multiples of this.
 GRAM_TILE_ROWS = 4
 _GRAM_NARROW_ROWS = 8  # rows per tile when a row is at most two vectors
-_GRAM_WIDE_VECS = 4  # vectors per tile otherwise (4 x 4 accumulators)
+_GRAM_WIDE_VECS = 4  # vectors per tile otherwise (4 x 4 accumulators) ...
+_GRAM_SPLIT_VECS = 8  # ... or two (8 x 2) for rows of at most this many vectors
 
 
 def _vector_fma(context, builder, dtype):
@@ -152,8 +153,6 @@ def _gram_tiles(typingctx, R, C, k_end):
             with narrow:
                 _emit_narrow_rows(builder, rows, nv, tile, _GRAM_NARROW_ROWS, GRAM_TILE_ROWS)
             with wide:  # column blocks outside: their slab of R[:k_end] stays in L1 across the row tiles
-                full = builder.udiv(nv, const(_GRAM_WIDE_VECS))
-                rem = builder.urem(nv, const(_GRAM_WIDE_VECS))
                 n_tiles = builder.udiv(rows, const(GRAM_TILE_ROWS))
 
                 def column_block(j0, v):
@@ -170,12 +169,22 @@ def _gram_tiles(typingctx, R, C, k_end):
                     with cgutils.for_range(builder, builder.sub(end, start)) as rloop:
                         tile(builder.mul(builder.add(start, rloop.index), const(GRAM_TILE_ROWS)), j0, GRAM_TILE_ROWS, v)
 
-                with cgutils.for_range(builder, full) as cloop:
-                    column_block(builder.mul(cloop.index, const(_GRAM_WIDE_VECS * lanes)), _GRAM_WIDE_VECS)
-                j0 = builder.mul(full, const(_GRAM_WIDE_VECS * lanes))
-                for v in range(1, _GRAM_WIDE_VECS):
-                    with builder.if_then(builder.icmp_unsigned("==", rem, const(v))):
-                        column_block(j0, v)
+                def blocks(width):  # column blocks of `width` vectors, then the remaining ones
+                    full = builder.udiv(nv, const(width))
+                    rem = builder.urem(nv, const(width))
+                    with cgutils.for_range(builder, full) as cloop:
+                        column_block(builder.mul(cloop.index, const(width * lanes)), width)
+                    j0 = builder.mul(full, const(width * lanes))
+                    for v in range(1, width):
+                        with builder.if_then(builder.icmp_unsigned("==", rem, const(v))):
+                            column_block(j0, v)
+
+                # up to _GRAM_SPLIT_VECS vectors, blocks of two: less of the lower triangle computed
+                with builder.if_else(builder.icmp_unsigned("<=", nv, const(_GRAM_SPLIT_VECS))) as (few, many):
+                    with few:
+                        blocks(2)
+                    with many:
+                        blocks(_GRAM_WIDE_VECS)
         return context.get_dummy_value()
 
     return types.void(R, C, k_end), codegen
