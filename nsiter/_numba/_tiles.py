@@ -6,6 +6,10 @@ Neither of LLVM's vectorisers keeps loop-carried accumulators of Numba code in v
 (without fastmath, which nsiter does not use: :mod:`nsiter._config`), so these kernels build the
 tiles themselves: each accumulator vector is one ``k``-ordered chain of correctly rounded fused
 multiply-adds (``llvm.fma``), whatever tile it lies in.
+
+Numba's on-disk cache keys a kernel on its own source file only: after editing this module, clear
+``nsiter/_numba/__pycache__`` (or touch the modules that import it), or the kernels already cached
+keep the tiles they were compiled with.  A fresh checkout (CI) always compiles them anew.
 """
 from __future__ import annotations
 
@@ -38,8 +42,7 @@ def _vector_fma(context, builder, dtype):
     return lanes, vty, fma
 
 
-def _emit_tile(builder, fma, vty, arrs, lds, i0v, j0v, kend, alpha, rows, vecs, *, a_k=None, accumulate=False,
-               aligned=True):
+def _emit_tile(builder, fma, vty, arrs, lds, i0v, j0v, kend, alpha, rows, vecs, *, a_k=None, accumulate=False):
     """IR of one register tile: ``C[i0:i0+rows, j0:j0+vecs*L] = alpha * (A[i0:i0+rows, :k_end] @
     B[:k_end, j0:j0+vecs*L])``: ``rows x vecs`` accumulator vectors kept in registers over the
     whole ``k`` loop (one vector load per column block and one broadcast per row each step),
@@ -48,12 +51,12 @@ def _emit_tile(builder, fma, vty, arrs, lds, i0v, j0v, kend, alpha, rows, vecs, 
 
     ``a_k``: the stride of ``A`` along ``k`` (default 1; ``A[i, k]`` at ``i*lda + k*a_k``), so that
     ``A`` can be the transpose of a row-major matrix.  ``accumulate``: ``C += A @ B`` instead
-    (the chains start from ``C``'s entries; ``alpha`` is not applied).  ``aligned``: the vectors of
-    ``B`` and ``C`` start on 64-byte boundaries (else no alignment is assumed).
+    (the chains start from ``C``'s entries; ``alpha`` is not applied).  Vector loads and stores
+    assume only the alignment of one element (buffers need not start on a 64-byte boundary).
     """
     (a_data, b_data, c_data), (lda, ldb, ldc) = arrs, lds
     lanes = vty.count
-    size = _VECTOR_BYTES if aligned else _VECTOR_BYTES // lanes  # the alignment the loads may assume
+    size = _VECTOR_BYTES // lanes  # the alignment the loads may assume: one element
     zero = ir.Constant(vty, [ir.Constant(vty.element, 0.0)] * lanes)
     undef = ir.Constant(vty, ir.Undefined)
     splat = ir.Constant(ir.VectorType(_I32, lanes), [ir.Constant(_I32, 0)] * lanes)
@@ -146,7 +149,7 @@ def _gram_tiles(typingctx, R, C, k_end):
 
         def tile(i0, j0, r, v):  # R^T as A: A[i, k] = R[k, i] (lda 1, stride ldr along k)
             _emit_tile(builder, fma, vty, (r_arr.data, r_arr.data, c_arr.data), (one, ldr, ldc), i0, j0, kend,
-                       None, r, v, a_k=ldr, accumulate=True, aligned=False)
+                       None, r, v, a_k=ldr, accumulate=True)
 
         nv = builder.udiv(ldc, const(lanes))
         with builder.if_else(builder.icmp_unsigned("<=", nv, const(2))) as (narrow, wide):
