@@ -12,33 +12,20 @@ from ._tiles import _gram_tiles
 
 
 @jit
-def _patch_rows(x, shift, base, ones, order, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, p0, n_rows, rs, out):
+def _patch_rows(x, cols, cshift, ones, kw, sh, sw, ph, pw, dh, dw, oh, ow, p0, n_rows, rs, out):
     """Shifted patch rows ``p0 .. p0 + n_rows`` of the im2col matrix, scattered into ``out`` (1-D).
 
-    Row ``r = p - p0``, column ``j`` goes to ``out[base[j] + r*rs]`` as ``value - shift[j]``, and
-    a 1 to ``out[ones[g] + r*rs]`` for every group ``g``: with the ones column, one BLAS product
-    ``B^T B`` per chunk gives the second moments *and* the column sums.  Columns are filled in the
-    order ``order`` (a permutation of the im2col columns): in the order of ``base``, the rows
-    written in turn share cache lines.  Serial on purpose: a
-    parallel fill would compete with the BLAS worker threads that keep spinning between calls.
+    ``cols (F, 4)``, ``cshift (F,)``: the columns in fill order, each ``(channel, tap row, tap
+    column, destination)`` and its shift (:func:`nsiter._numba.patches._fill_columns`): row ``r = p -
+    p0`` of the column goes to ``out[destination + r*rs]`` as ``value - shift``, and a 1 to ``out[ones[g] + r*rs]`` for every
+    group ``g``: with the ones column, one product ``B^T B`` per chunk gives the second moments
+    *and* the column sums.  Serial: the "gemm" kernel calls it between BLAS products (a parallel
+    fill would compete with the BLAS worker threads that keep spinning between calls), the
+    "narrow" kernel once per task in each of its parallel parts.
     """
     _, _, h, w = x.shape
-    taps = kh * kw
     n_patch = oh * ow
-    n_cols = order.shape[0]
-    # the columns in fill order: channel, tap row, tap column, destination, shift (no divisions below)
-    cc = np.empty(n_cols, np.int64)
-    ci = np.empty(n_cols, np.int64)
-    cj = np.empty(n_cols, np.int64)
-    co = np.empty(n_cols, np.int64)
-    cs = np.empty(n_cols)
-    for e in range(n_cols):
-        col = order[e]
-        cc[e] = col // taps
-        ci[e] = (col - cc[e] * taps) // kw
-        cj[e] = col - cc[e] * taps - ci[e] * kw
-        co[e] = base[col]
-        cs[e] = shift[col]
+    n_cols = cols.shape[0]
     lo_j = np.empty(kw, np.int64)
     hi_j = np.empty(kw, np.int64)
     urs = np.uint64(rs)
@@ -62,15 +49,15 @@ def _patch_rows(x, shift, base, ones, order, kh, kw, sh, sw, ph, pw, dh, dw, oh,
             hi_j[jj] = max(min(hi, b_hi), lo_j[jj])
         h0 = a * sh - ph
         for e in range(n_cols):
-            hh = h0 + ci[e] * dh
-            o = co[e] + r0 * rs
-            sv = cs[e]
+            hh = h0 + cols[e, 1] * dh
+            o = cols[e, 3] + r0 * rs
+            sv = cshift[e]
             if hh < 0 or hh >= h:
                 for b in range(b_lo, b_hi):
                     out[o + b * rs] = -sv
                 continue
-            src = x[n, cc[e], hh]
-            jj = cj[e]
+            src = x[n, cols[e, 0], hh]
+            jj = cols[e, 2]
             off = jj * dw - pw
             lo = lo_j[jj]
             hi = hi_j[jj]
@@ -89,12 +76,12 @@ def _patch_rows(x, shift, base, ones, order, kh, kw, sh, sw, ph, pw, dh, dw, oh,
 
 
 @jit(parallel=True)
-def _narrow_moments(x, shift, base, ones, order, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, rows, rs, gs, stacked, flush,
-                    work, tmp, acc):
+def _narrow_moments(x, fill_cols, cshift, ones, kw, sh, sw, ph, pw, dh, dw, oh, ow, rows, rs, gs, stacked, flush, work, tmp,
+                    acc):
     """Shifted second moments and column sums of all ``N*oh*ow`` patch rows, fill and product fused.
 
-    Patch rows go in tasks of ``rows`` (:func:`_patch_rows`, ``base``/``ones`` as in the "gemm"
-    kernel, into a zero-padded buffer of ``work``'s dtype that stays in cache: row stride ``rs``,
+    Patch rows go in tasks of ``rows`` (:func:`_patch_rows`, ``fill_cols``/``cshift``/``ones`` as in the
+    "gemm" kernel, into a zero-padded buffer of ``work``'s dtype that stays in cache: row stride ``rs``,
     group stride ``gs``); their Gram matrices (:func:`_gram_tiles`, upper triangle, in that dtype)
     accumulate in ``tmp[q, a] (rows_c, cols)`` for ``flush`` rows (bounding the rounding of a
     float32 sum, as the "gemm" kernel's chunks do) and then go into the float64 ``acc[q, a]`` of
@@ -120,7 +107,7 @@ def _narrow_moments(x, shift, base, ones, order, kh, kw, sh, sw, ph, pw, dh, dw,
         for t in range(q * per_part, t_end):
             p0 = t * rows
             r = min(rows, total - p0)
-            _patch_rows(x, shift, base, ones, order, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, p0, r, rs, buf)
+            _patch_rows(x, fill_cols, cshift, ones, kw, sh, sw, ph, pw, dh, dw, oh, ow, p0, r, rs, buf)
             k = r * rs // cols if stacked else r  # product rows of the task (per group)
             for k0 in range(0, k, flush):  # chains of at most `flush` rows between flushes
                 k1 = min(k, k0 + flush)

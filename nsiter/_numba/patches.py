@@ -233,6 +233,15 @@ def _patch_shift(imgs: np.ndarray, g, plan: Plan):
     return shift_col, shift_col.reshape(plan.groups, plan.fb)
 
 
+def _fill_columns(kh: int, kw: int, base: np.ndarray, shift_col: np.ndarray, order: np.ndarray):
+    """``(cols (F, 4), shift (F,))`` of :func:`_patch_rows`: im2col column ``order[e]``'s channel, tap
+    row, tap column and destination ``base``, and its shift, in fill order (decoded once per call of
+    a kernel, not per chunk or task)."""
+    c, tap = np.divmod(order, kh * kw)
+    i, j = np.divmod(tap, kw)
+    return np.ascontiguousarray(np.stack([c, i, j, base[order]], axis=1), dtype=np.int64), shift_col[order]
+
+
 def _gemm_moments(imgs: np.ndarray, g, plan: Plan):
     """Moments of the (grouped, stacked) patch rows, chunk by chunk through BLAS."""
     shift_col, shift_out = _patch_shift(imgs, g, plan)
@@ -246,17 +255,20 @@ def _gemm_moments(imgs: np.ndarray, g, plan: Plan):
     tmp = _scratch("tmp", (plan.groups, fb1, fb1), bdt)
     acc = _scratch("acc", (plan.groups, fb1, fb1), np.float64, zero=True)
     x = np.ascontiguousarray(imgs)
+    order = np.arange(plan.n_features, dtype=np.int64)
     if stacked:  # (R, G, fb1): row stride lanes*fb1
         base = plan.grp * fb1 + plan.feat
         ones = np.arange(lanes, dtype=np.int64) * fb1 + plan.fb
-    # columns in the order of the buffer (stacked: lane by lane), so consecutive writes share cache lines
-    order = np.argsort(base, kind="stable") if stacked else np.arange(plan.n_features, dtype=np.int64)
+        # columns in the order of the buffer (lane by lane), so consecutive writes share cache lines
+        order = np.argsort(base, kind="stable")
+        cols, cshift = _fill_columns(g.kh, g.kw, base, shift_col, order)
     for p0 in range(0, total, rows):
         r = min(rows, total - p0)
         if not stacked:  # (G, R, fb1): group stride r*fb1, row stride fb1
             base = plan.grp * (r * fb1) + plan.feat
             ones = np.arange(lanes, dtype=np.int64) * (r * fb1) + plan.fb
-        _patch_rows(x, shift_col, base, ones, order, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.oh, g.ow,
+            cols, cshift = _fill_columns(g.kh, g.kw, base, shift_col, order)
+        _patch_rows(x, cols, cshift, ones, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.oh, g.ow,
                     p0, r, lanes * fb1 if stacked else fb1, flat)
         if stacked:
             b2 = flat[: r * lanes * fb1].reshape(r * lanes, fb1)
@@ -273,7 +285,7 @@ def _gemm_moments(imgs: np.ndarray, g, plan: Plan):
 class _NarrowLayout(NamedTuple):
     """The buffers of the "narrow" kernel: ``cols`` per row (whole vectors), ``rows_c`` accumulator
     rows, the row and group strides ``rs``/``gs``, patch ``rows`` per task, ``parts`` partial sums of
-    ``blocks`` accumulators each."""
+    ``blocks`` accumulators each, product rows per ``chain`` between float64 flushes."""
 
     cols: int
     rows_c: int
@@ -282,6 +294,7 @@ class _NarrowLayout(NamedTuple):
     rows: int
     parts: int
     blocks: int
+    chain: int
 
 
 def _narrow_layout(plan: Plan, total: int, bdt: np.dtype) -> _NarrowLayout:
@@ -317,7 +330,11 @@ def _narrow_layout(plan: Plan, total: int, bdt: np.dtype) -> _NarrowLayout:
     blocks = 1 if stacked else plan.groups
     by_bytes = max(_NARROW_MIN_PARTS, _NARROW_ACC_BYTES // (8 * blocks * rows_c * cols))
     parts = max(1, min(_NARROW_PARTS, -(-total // rows), 2 ** int(math.log2(by_bytes))))
-    return _NarrowLayout(cols, rows_c, rs, gs, rows, parts, blocks)
+    if bdt == np.float32:  # float64 sums of float32 chains: short ones where flushing is cheap
+        chain = _F32_ROWS if wide else _NARROW_F32_ROWS
+    else:
+        chain = total * rs  # float64: longer than all rows of a part, one sum per part
+    return _NarrowLayout(cols, rows_c, rs, gs, rows, parts, blocks, chain)
 
 
 def _narrow_gram(imgs: np.ndarray, g, plan: Plan):
@@ -337,14 +354,11 @@ def _narrow_gram(imgs: np.ndarray, g, plan: Plan):
     base = plan.grp * lay.gs + plan.feat
     ones = np.arange(lanes, dtype=np.int64) * lay.gs + fb
     order = np.argsort(base, kind="stable")  # fill in the order of the buffer: lane by lane
+    cols, cshift = _fill_columns(g.kh, g.kw, base, shift_col, order)
     work = _scratch("narrow", (lay.parts, lay.rows * lay.rs if stacked else lanes * lay.gs), bdt)
     tmp = _scratch("narrow_gram", acc.shape, bdt)
-    if bdt == np.float32:  # float64 sums of float32 chains: short ones where flushing is cheap
-        flush = _F32_ROWS if lay.rows_c * lay.cols * 4 > _NARROW_L1_BYTES else _NARROW_F32_ROWS
-    else:
-        flush = total * lay.rs  # float64: one sum per part
-    _narrow_moments(np.ascontiguousarray(imgs), shift_col, base, ones, order, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh,
-                    g.dw, g.oh, g.ow, lay.rows, lay.rs, lay.gs, stacked, flush, work, tmp, acc)
+    _narrow_moments(np.ascontiguousarray(imgs), cols, cshift, ones, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.oh,
+                    g.ow, lay.rows, lay.rs, lay.gs, stacked, lay.chain, work, tmp, acc)
     second = np.empty((lay.blocks, fb, fb))
     sums = np.empty((lay.blocks, fb))
     _reduce_parts(acc, fb, second, sums)
@@ -512,8 +526,7 @@ def _narrow_seconds(rows: int, f: int, plan: Plan, lanes: int, bdt: np.dtype) ->
     lay = _narrow_layout(plan, rows, bdt)
     per_block = lay.rows_c * lay.cols
     gram = rows * lanes * per_block * (1.0 if lay.cols * bdt.itemsize <= 2 * _VECTOR_BYTES else 0.5)
-    chain = _F32_ROWS if lay.rows_c * lay.cols * 4 > _NARROW_L1_BYTES else _NARROW_F32_ROWS
-    flushes = lay.parts + (rows * lanes / chain if bdt == np.float32 else 0)
+    flushes = lay.parts + (rows * lanes / lay.chain if bdt == np.float32 else 0)
     threads = min(numba.get_num_threads(), lay.parts)
     return ((rows * f / _tuning.COV_RATE_FILL + gram / _tuning.COV_RATE_GRAM[bdt.name]) / threads
             + flushes * lay.blocks * per_block / _tuning.COV_RATE_FLUSH)
