@@ -74,7 +74,8 @@ def main(argv=None):
                    lambda: numpy_eigh_isqrt(A),
                    lambda: np.matmul(A, B, out=out),
                    lambda: linalg._coupled_pipeline(A, 0.0, rel, ns._PROBE_INVERSE_STEPS, 0, False, A.dtype, "isqrt",
-                                                    N_ITER, tol=None, record=False, stop_early=False)]
+                                                    N_ITER, tol=None, record=False, stop_early=False,
+                                                    asym_rel=ns._asym_rel(dtype), sing_rel=ns._singular_rel(n, dtype))]
             t = rounds(fns, n_rounds)
             flops = 6.0 * n ** 3 * N_ITER * BATCH
             t_pub, t_ker, t_eig, t_mm, t_pipe = np.median(t, axis=0)

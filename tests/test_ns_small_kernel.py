@@ -157,9 +157,9 @@ def test_pipeline_is_bit_identical_to_prepare_probe_and_the_fused_solver(dtype, 
     for spectral in (False, True):
         n_power = ns._PROBE_POWER_STEPS if spectral else 0
         for record, stop_early, tol in ((False, False, None), (True, False, None), (False, True, 1e-3)):
-            A64, stats, probe, c, solved = linalg._coupled_pipeline(
+            A64, stats, probe, c, solved, _ = linalg._coupled_pipeline(
                 A, 0.0, rel, ns._PROBE_INVERSE_STEPS, n_power, spectral, dtype, want, 6, tol=tol, record=record,
-                stop_early=stop_early)
+                stop_early=stop_early, asym_rel=ns._asym_rel(dtype), sing_rel=ns._singular_rel(n, dtype))
             A64_r, fro, stats_r = linalg.prepare(A, 0.0)
             np.testing.assert_array_equal(A64, A64_r)
             np.testing.assert_array_equal(stats, stats_r)
@@ -175,6 +175,46 @@ def test_pipeline_is_bit_identical_to_prepare_probe_and_the_fused_solver(dtype, 
                                         record=record, stop_early=stop_early)
             for got, exp in zip(solved, ref):
                 np.testing.assert_array_equal(got[good], exp)
+
+
+def _driver_would_pass(stats, probe, solved, n, dtype, want):
+    """The driver's checks of ``_solve_tracked`` on the pipeline's outputs, per matrix: no
+    error, no warning, no rerun (the conditions the kernel's ``clean`` flag mirrors)."""
+    fro, s, lmin = stats[:, 3], stats[:, 5], probe[:, 1]
+    good = (stats[:, 0] > 0) & ~(stats[:, 2] > ns._asym_rel(dtype) * stats[:, 1]) & (probe[:, 0] > 0)
+    good &= solved[6] & ~solved[3]
+    if want == "isqrt":
+        good &= (fro > 0) & ~(lmin * s <= ns._singular_tol(fro, n, dtype) * s)
+    return good
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("want", ["isqrt", "sqrt"])
+def test_pipeline_clean_flag_is_the_drivers_checks(dtype, want):
+    """The pipeline reports a batch clean exactly when every matrix passes the driver's
+    checks; each kind of matrix that must raise or warn makes a batch of good ones unclean."""
+    rng = np.random.default_rng(77)
+    n = 27
+    good = spd_with_condition(n, 1e3, rng, batch=(9,), dtype=dtype)
+    u = np.finfo(dtype).eps
+    singular = good[0] - np.asarray(np.linalg.eigvalsh(good[0].astype(np.float64))[0] * np.eye(n), dtype=dtype)
+    asym = good[0].copy()
+    asym[0, 1] += 1e3 * u * np.abs(good[0]).max()
+    nan = good[0].copy()
+    nan[3, 3] = np.nan
+    bad = {"none": None, "singular": singular, "zero": np.zeros((n, n), dtype), "asymmetric": asym,
+           "indefinite": good[0] - np.asarray(np.eye(n), dtype=dtype), "nan": nan}
+    rel = float(10.0 * n * u)
+    for name, M in bad.items():
+        A = good.copy()
+        if M is not None:
+            A[4] = M
+        _, stats, probe, _, solved, clean = linalg._coupled_pipeline(
+            A, 0.0, rel, ns._PROBE_INVERSE_STEPS, 0, False, dtype, want, 5, tol=None, record=False,
+            stop_early=False, asym_rel=ns._asym_rel(dtype), sing_rel=ns._singular_rel(n, dtype))
+        expected = _driver_would_pass(stats, probe, solved, n, dtype, want)
+        assert clean == bool(expected.all()), name
+        assert clean == (name == "none" or (want == "sqrt" and name in ("singular", "zero"))), name
 
 
 @pytest.mark.parametrize("n", [1, 2, 8, 27, 48, 64])

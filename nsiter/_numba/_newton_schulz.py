@@ -918,13 +918,14 @@ def _coupled_fixed_one(A64, c, s, want_sqrt, coefs, n_max, out):
     M = buf[4] if quadratic else buf[3]
     cw = np.empty(1, dtype=out.dtype)
     cw[0] = c
+    cv = cw[0]  # c rounded to the working dtype, held in a register (a load from cw could alias Y)
     for i in range(rows):  # Y_0 = A64 / c, rounded as _initial rounds it; zero padding
         yrow = Y[i]
         if i < n:
             arow = A64[i]
             for j in range(n):
                 yrow[j] = arow[j]
-                yrow[j] = yrow[j] / cw[0]
+                yrow[j] = yrow[j] / cv
             for j in range(n, cols):
                 yrow[j] = 0.0
         else:
@@ -974,6 +975,7 @@ def _coupled_fixed_one(A64, c, s, want_sqrt, coefs, n_max, out):
             _mm_tiles(Y, T, W, n, 1.0)
             Y, W = W, Y
     f = np.sqrt(c) * np.sqrt(s)  # as in _coupled_solve_one
+    g = 1.0 / f
     finite = True
     for i in range(n):
         zrow = Z[i]
@@ -987,7 +989,7 @@ def _coupled_fixed_one(A64, c, s, want_sqrt, coefs, n_max, out):
                 orow[j] = float(yrow[j]) * f
         else:
             for j in range(n):
-                orow[j] = float(zrow[j]) / f
+                orow[j] = float(zrow[j]) * g
     return finite
 
 
@@ -998,7 +1000,7 @@ def _coupled_solve_one(A64, c, s, want_sqrt, coefs, n_max, k_last, record, stop_
 
     ``Y_0 = A64 / c`` is formed here as the driver's ``_initial`` forms it (in the working
     dtype of ``out``: entries rounded to it, then divided by ``c`` rounded to it; its float64
-    twin only when a residual is evaluated), and ``out = Z / (sqrt(c) sqrt(s))`` or
+    twin only when a residual is evaluated), and ``out = Z (1 / (sqrt(c) sqrt(s)))`` or
     ``Y (sqrt(c) sqrt(s))`` (``want_sqrt``) as ``_finish`` forms it (in float64, rounded once
     to the working dtype): bit-identical to the three separate passes, without their batch
     temporaries.  ``info_i[3] = 1`` when the returned ``Z`` is finite.  A fixed count (neither
@@ -1015,10 +1017,11 @@ def _coupled_solve_one(A64, c, s, want_sqrt, coefs, n_max, k_last, record, stop_
     Y0 = np.empty((n, n), dtype=out.dtype)
     cw = np.empty(1, dtype=out.dtype)
     cw[0] = c
+    cv = cw[0]
     for i in range(n):
         for j in range(n):
             Y0[i, j] = A64[i, j]
-            Y0[i, j] = Y0[i, j] / cw[0]
+            Y0[i, j] = Y0[i, j] / cv
     if record or stop_early:
         Y0_64 = np.empty((n, n))
         for i in range(n):
@@ -1030,13 +1033,14 @@ def _coupled_solve_one(A64, c, s, want_sqrt, coefs, n_max, k_last, record, stop_
     Y = np.empty_like(Y0)
     _coupled_ns_one(Y0, Y0_64, coefs, n_max, k_last, record, stop_early, tol, Z, Y, hist, info_i, info_f)
     f = np.sqrt(c) * np.sqrt(s)  # sqrt(s) is a power of two: f is sqrt(c) scaled exactly
+    g = 1.0 / f  # the inverse root multiplies by 1/f (as _finish does): a product per entry, not a division
     finite = True
     for i in range(n):
         for j in range(n):
             z = Z[i, j]
             if not np.isfinite(z):
                 finite = False
-            out[i, j] = float(Y[i, j]) * f if want_sqrt else float(z) / f
+            out[i, j] = float(Y[i, j]) * f if want_sqrt else float(z) * g
     info_i[3] = 1 if finite else 0
 
 
@@ -1066,12 +1070,20 @@ def _pipeline_shift(rel, stats):
 
 
 @jit
-def _pipeline_solve(A64, stats, probe, spectral, want_sqrt, coefs, n_max, record, stop_early, tol, c_out, out, hist,
-                    info_i, info_f):
+def _pipeline_solve(A64, stats, probe, spectral, want_sqrt, coefs, n_max, record, stop_early, tol, asym_rel, sing_rel,
+                    c_out, out, hist, info_i, info_f):
     """The scaling ``c`` (``"fro"``: ``||A64||_F``; ``spectral``: the power estimate kept within
     ``[||A64||_F / sqrt(n), ||A64||_F]``; 1 where it is 0: the driver's ``_scale``) into
     ``c_out[0]``, and :func:`_coupled_solve_one` unless the matrix has a non-finite entry or
-    failed its Cholesky (the driver raises for it)."""
+    failed its Cholesky (the driver raises for it).
+
+    ``info_i[4] = 1`` when nothing about the matrix makes the driver raise, warn or rerun:
+    finite entries, ``max|a_ij - a_ji| <= asym_rel max|a_ij|``, a Cholesky that succeeded, a
+    finite result that did not diverge, and for the inverse root ``||A||_F > 0`` and
+    ``lambda_min s > (sing_rel ||A64||_F) s`` (not numerically singular).  These are the
+    driver's own tests, the same floating-point operations on the same values, so that a batch
+    of clean matrices can skip them.
+    """
     n = A64.shape[0]
     fro = stats[3]
     c = fro
@@ -1082,7 +1094,12 @@ def _pipeline_solve(A64, stats, probe, spectral, want_sqrt, coefs, n_max, record
     c_out[0] = c
     if stats[0] > 0.0 and probe[0] > 0.0:
         _coupled_solve_one(A64, c, stats[5], want_sqrt, coefs, n_max, 0, record, stop_early, tol,
-                           out, hist, info_i, info_f)
+                           out, hist, info_i[:4], info_f)
+        s = stats[5]
+        clean = not (stats[2] > asym_rel * stats[1]) and info_i[3] == 1 and info_i[2] == 0
+        if not want_sqrt:
+            clean = clean and fro > 0.0 and not (probe[1] * s <= (sing_rel * fro) * s)
+        info_i[4] = 1 if clean else 0
     else:
         info_i[:] = 0
         info_f[0] = np.nan
@@ -1090,7 +1107,7 @@ def _pipeline_solve(A64, stats, probe, spectral, want_sqrt, coefs, n_max, record
 
 @jit
 def _coupled_pipeline_two(A, b, width, eps, rel, n_inverse, n_power, v0, spectral, want_sqrt, coefs, n_max, record,
-                          stop_early, tol, A64, stats, probe, c, out, hist, info_i, info_f):
+                          stop_early, tol, asym_rel, sing_rel, A64, stats, probe, c, out, hist, info_i, info_f):
     """:func:`_prepare_one`, the probe and :func:`_coupled_solve_one` on matrix ``b``, and on
     ``b + 1`` too when ``width == 2`` and it exists (two probes in lockstep:
     :func:`_psd_probe_pair`), or on ``b .. b + L - 1`` when ``width`` is ``L`` = :data:`_LANES64`
@@ -1111,7 +1128,7 @@ def _coupled_pipeline_two(A, b, width, eps, rel, n_inverse, n_power, v0, spectra
                          np.empty(n * _LANES64), np.empty(n * _LANES64))
         for i in range(b, end):
             _pipeline_solve(A64[i], stats[i], probe[i], spectral, want_sqrt, coefs, n_max, record, stop_early, tol,
-                            c[i:i + 1], out[i], hist[i], info_i[i], info_f[i])
+                            asym_rel, sing_rel, c[i:i + 1], out[i], hist[i], info_i[i], info_f[i])
         return
     _prepare_one(A[b], eps, A64[b], stats[b])
     if end == b + 2:
@@ -1122,30 +1139,32 @@ def _coupled_pipeline_two(A, b, width, eps, rel, n_inverse, n_power, v0, spectra
         _psd_probe_one(A64[b], _pipeline_shift(rel, stats[b]), n_inverse, n_power, v0, probe[b])
     for i in range(b, end):
         _pipeline_solve(A64[i], stats[i], probe[i], spectral, want_sqrt, coefs, n_max, record, stop_early, tol,
-                        c[i:i + 1], out[i], hist[i], info_i[i], info_f[i])
+                        asym_rel, sing_rel, c[i:i + 1], out[i], hist[i], info_i[i], info_f[i])
 
 
 @jit(parallel=True)
 def _coupled_pipeline_parallel(A, width, eps, rel, n_inverse, n_power, spectral, want_sqrt, coefs, n_max, record,
-                               stop_early, tol, A64, stats, probe, c, out, hist, info_i, info_f):
+                               stop_early, tol, asym_rel, sing_rel, A64, stats, probe, c, out, hist, info_i, info_f):
     """:func:`_coupled_pipeline_two` over the batch, ``width`` (1, 2 or L) matrices per thread at a
     time: one parallel region (``coefs (n_max, 3)``, one step for every matrix, no ``k_last``)."""
     v0 = np.empty(A.shape[1])
     _inverse_start(v0)
     for p in prange((A.shape[0] + width - 1) // width):
         _coupled_pipeline_two(A, width * p, width, eps, rel, n_inverse, n_power, v0, spectral, want_sqrt, coefs,
-                              n_max, record, stop_early, tol, A64, stats, probe, c, out, hist, info_i, info_f)
+                              n_max, record, stop_early, tol, asym_rel, sing_rel, A64, stats, probe, c, out, hist,
+                              info_i, info_f)
 
 
 @jit
 def _coupled_pipeline_serial(A, width, eps, rel, n_inverse, n_power, spectral, want_sqrt, coefs, n_max, record,
-                             stop_early, tol, A64, stats, probe, c, out, hist, info_i, info_f):
+                             stop_early, tol, asym_rel, sing_rel, A64, stats, probe, c, out, hist, info_i, info_f):
     """:func:`_coupled_pipeline_parallel` in batch order (a single matrix: no thread pool)."""
     v0 = np.empty(A.shape[1])
     _inverse_start(v0)
     for b in range(0, A.shape[0], width):
         _coupled_pipeline_two(A, b, width, eps, rel, n_inverse, n_power, v0, spectral, want_sqrt, coefs, n_max,
-                              record, stop_early, tol, A64, stats, probe, c, out, hist, info_i, info_f)
+                              record, stop_early, tol, asym_rel, sing_rel, A64, stats, probe, c, out, hist, info_i,
+                              info_f)
 
 
 @jit

@@ -186,15 +186,18 @@ def coupled_solver(n: int):
     return _coupled_solve if n <= NUMBA_MAX_N else None
 
 
-def _coupled_pipeline(A3, eps, rel, n_inverse, n_power, spectral, dtype, want, n_max, *, tol, record, stop_early):
+def _coupled_pipeline(A3, eps, rel, n_inverse, n_power, spectral, dtype, want, n_max, *, tol, record, stop_early,
+                      asym_rel, sing_rel):
     """:func:`prepare`, :func:`probe` and :func:`_coupled_solve` (the classic step, no
     ``k_last``) in ONE Numba call per batch (``_coupled_pipeline_two``): the probe's shift
     ``delta = rel ||A64||_F`` and the scaling ``c`` (``||A64||_F``, or the clipped power
     estimate when ``spectral``) formed inside it as ``newton_schulz._delta`` / ``_scale`` form them.
-    Returns ``(A64, stats, probe, c, solved)``: the outputs of :func:`prepare` (``stats``) and
-    of the probe kernel (``probe (nb, 3) = [ok, lmin, lmax]``), ``c``, and ``solved`` as
+    Returns ``(A64, stats, probe, c, solved, clean)``: the outputs of :func:`prepare` (``stats``)
+    and of the probe kernel (``probe (nb, 3) = [ok, lmin, lmax]``), ``c``, ``solved`` as
     :func:`_coupled_solve` returns it (unset for a matrix with a non-finite entry or a failed
-    Cholesky, which the driver rejects)."""
+    Cholesky, which the driver rejects), and ``clean``: every matrix passed the driver's
+    checks, with the thresholds ``asym_rel`` (asymmetry, relative to ``max|a_ij|``) and
+    ``sing_rel`` (numerical singularity, relative to ``||A||_F``) (``_pipeline_solve``)."""
     src = np.ascontiguousarray(A3)
     nb, n, _ = src.shape
     dtype = np.dtype(dtype)
@@ -204,7 +207,7 @@ def _coupled_pipeline(A3, eps, rel, n_inverse, n_power, spectral, dtype, want, n
     c = np.empty(nb)
     out = np.empty((nb, n, n), dtype=dtype)
     hist = np.full((nb, n_max if record else 1), np.nan)
-    info_i = np.zeros((nb, 4), dtype=np.int64)
+    info_i = np.zeros((nb, 5), dtype=np.int64)
     info_f = np.zeros((nb, 1))
     pool = _use_thread_pool(n, nb)
     # L matrices per step (their probes in the lanes of one vector), or two (their probes in
@@ -218,11 +221,11 @@ def _coupled_pipeline(A3, eps, rel, n_inverse, n_power, spectral, dtype, want, n
         width = 1
     (_coupled_pipeline_parallel if pool else _coupled_pipeline_serial)(
         src, width, float(eps), float(rel), int(n_inverse), int(n_power), bool(spectral), want == "sqrt",
-        _classic_coefs(dtype, n_max), n_max, record, stop_early, float(tol or 0.0), A64, stats, probe_out, c, out,
-        hist, info_i, info_f)
+        _classic_coefs(dtype, n_max), n_max, record, stop_early, float(tol or 0.0), float(asym_rel), float(sing_rel),
+        A64, stats, probe_out, c, out, hist, info_i, info_f)
     solved = (out, info_i[:, 0], info_i[:, 1], info_i[:, 2].astype(bool), info_f[:, 0], hist,
               info_i[:, 3].astype(bool))
-    return A64, stats, probe_out, c, solved
+    return A64, stats, probe_out, c, solved, bool(info_i[:, 4].all())
 
 
 def coupled_pipeline(n: int):
