@@ -29,10 +29,13 @@ MAX_ELEMENTS = 2**30
 MAX_WORK = 2**38
 
 
-def check_budget(amount: int, bound: str, what: str, fix: str) -> None:
-    """Refuse ``what`` when ``amount`` exceeds the bound named ``bound`` (``"MAX_ELEMENTS"`` or ``"MAX_WORK"``)."""
+def check_budget(amount: int, bound: str, what, fix: str) -> None:
+    """Refuse ``what`` when ``amount`` exceeds the bound named ``bound`` (``"MAX_ELEMENTS"`` or ``"MAX_WORK"``).
+
+    ``what``: the description, or a function returning it (formatted only for the error)."""
     limit = globals()[bound]
     if amount > limit:
+        what = what() if callable(what) else what
         unit = "elements" if bound == "MAX_ELEMENTS" else "operations"
         raise ValueError(f"{what} would take {float(amount):.3g} {unit}, beyond nsiter's bound of {float(limit):.3g} "
                          f"(nsiter._conventions.{bound}); {fix}")

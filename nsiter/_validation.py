@@ -161,6 +161,8 @@ def check_nonempty(arr, name: str = "x") -> None:
 
 
 def _is_int(v) -> bool:
+    if type(v) is int:  # the common case, without the ABC check
+        return True
     return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
 
 
@@ -211,7 +213,7 @@ def check_positive_float(value, name: str) -> float:
         v = float(value)
     except (TypeError, ValueError):
         raise TypeError(f"expected a real number for {name}, got {value!r}") from None
-    if not np.isfinite(v) or v <= 0:
+    if not math.isfinite(v) or v <= 0:
         raise ValueError(f"expected a finite {name} > 0, got {value!r}")
     return v
 
@@ -221,7 +223,7 @@ def check_nonnegative_float(value, name: str) -> float:
         v = float(value)
     except (TypeError, ValueError):
         raise TypeError(f"expected a real number for {name}, got {value!r}") from None
-    if not np.isfinite(v) or v < 0:
+    if not math.isfinite(v) or v < 0:
         raise ValueError(f"expected a finite {name} >= 0, got {value!r}")
     return v
 

@@ -212,9 +212,9 @@ def _validate(A, method, n_iter, tol, scaling, eps, return_info, name="A"):
     if n == 0:
         raise ValueError(f"expected {name} with n >= 1 (shape (..., n, n)), got shape {tuple(arr.shape)}")
     # one product per matrix at least: refuse what could not finish, before any allocation
-    check_budget(math.prod(arr.shape[:-2]) * n ** 3, "MAX_WORK", f"the inverse square root of {tuple(arr.shape)}",
+    check_budget(math.prod(arr.shape[:-2]) * n ** 3, "MAX_WORK", lambda: f"the inverse square root of {tuple(arr.shape)}",
                  "split the batch or reduce n (a covariance of fewer features: a block_size)")
-    check_budget(math.prod(arr.shape), "MAX_ELEMENTS", f"a result of shape {tuple(arr.shape)}", "split the batch")
+    check_budget(math.prod(arr.shape), "MAX_ELEMENTS", lambda: f"a result of shape {tuple(arr.shape)}", "split the batch")
     return arr, method, n_iter, tol, scaling, eps, bool(return_info)
 
 
@@ -952,14 +952,14 @@ def _solve_tracked(be, arr, A3, spec, method, n_max, tol, tol_used, stop_early, 
     else:
         pipeline = None
     if pipeline is not None:
-        A64, stats_arr, probe_arr, c_pre, solved, clean = pipeline(
-            A3, eps, 10.0 * n * _eps(dtype), _PROBE_INVERSE_STEPS,
-            _PROBE_POWER_STEPS if scaling == "spectral" else 0, scaling == "spectral", dtype, want, n_max,
-            tol=tol_used, record=return_info, stop_early=stop_early, asym_rel=_asym_rel(dtype),
-            sing_rel=_singular_rel(n, dtype))
-        if clean and not (return_info or asked):
+        res = pipeline(A3, eps, 10.0 * n * _eps(dtype), _PROBE_INVERSE_STEPS,
+                       _PROBE_POWER_STEPS if scaling == "spectral" else 0, scaling == "spectral", dtype, want, n_max,
+                       tol=tol_used, record=return_info, stop_early=stop_early, asym_rel=_asym_rel(dtype),
+                       sing_rel=_singular_rel(n, dtype))
+        if res.clean and not (return_info or asked):
             # every check below would pass, nothing to record, warn about or rerun
-            return solved[0].reshape(arr.shape), None
+            return res.out.reshape(arr.shape), None
+        A64, stats_arr, probe_arr, c_pre, solved = res.A64, res.stats, res.probe, res.c, res.solved()
         fro_arr = stats_arr[:, 3]
     else:
         A64, fro_arr, stats_arr = be.linalg.prepare(A3, eps)  # A = s A64, s = 4^k

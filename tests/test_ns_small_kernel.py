@@ -157,9 +157,10 @@ def test_pipeline_is_bit_identical_to_prepare_probe_and_the_fused_solver(dtype, 
     for spectral in (False, True):
         n_power = ns._PROBE_POWER_STEPS if spectral else 0
         for record, stop_early, tol in ((False, False, None), (True, False, None), (False, True, 1e-3)):
-            A64, stats, probe, c, solved, _ = linalg._coupled_pipeline(
+            res = linalg._coupled_pipeline(
                 A, 0.0, rel, ns._PROBE_INVERSE_STEPS, n_power, spectral, dtype, want, 6, tol=tol, record=record,
                 stop_early=stop_early, asym_rel=ns._asym_rel(dtype), sing_rel=ns._singular_rel(n, dtype))
+            A64, stats, probe, c, solved = res.A64, res.stats, res.probe, res.c, res.solved()
             A64_r, fro, stats_r = linalg.prepare(A, 0.0)
             np.testing.assert_array_equal(A64, A64_r)
             np.testing.assert_array_equal(stats, stats_r)
@@ -209,10 +210,11 @@ def test_pipeline_clean_flag_is_the_drivers_checks(dtype, want):
         A = good.copy()
         if M is not None:
             A[4] = M
-        _, stats, probe, _, solved, clean = linalg._coupled_pipeline(
+        res = linalg._coupled_pipeline(
             A, 0.0, rel, ns._PROBE_INVERSE_STEPS, 0, False, dtype, want, 5, tol=None, record=False,
             stop_early=False, asym_rel=ns._asym_rel(dtype), sing_rel=ns._singular_rel(n, dtype))
-        expected = _driver_would_pass(stats, probe, solved, n, dtype, want)
+        clean = res.clean
+        expected = _driver_would_pass(res.stats, res.probe, res.solved(), n, dtype, want)
         assert clean == bool(expected.all()), name
         assert clean == (name == "none" or (want == "sqrt" and name in ("singular", "zero"))), name
 

@@ -1007,6 +1007,7 @@ def _coupled_solve_one(A64, c, s, want_sqrt, coefs, n_max, k_last, record, stop_
     ``record`` nor ``stop_early``) takes :func:`_coupled_fixed_one`.
     """
     n = A64.shape[0]
+    hist[:] = np.nan  # the steps not taken (or not recorded) stay unset
     if not (record or stop_early):
         info_i[0] = n_max
         info_i[1] = n_max
@@ -1103,6 +1104,7 @@ def _pipeline_solve(A64, stats, probe, spectral, want_sqrt, coefs, n_max, record
     else:
         info_i[:] = 0
         info_f[0] = np.nan
+        hist[:] = np.nan
 
 
 @jit
@@ -1142,17 +1144,30 @@ def _coupled_pipeline_two(A, b, width, eps, rel, n_inverse, n_power, v0, spectra
                         asym_rel, sing_rel, c[i:i + 1], out[i], hist[i], info_i[i], info_f[i])
 
 
+@jit
+def _count_clean(info_i, b, end):
+    """How many of the matrices ``b .. end - 1`` the pipeline found clean (``info_i[:, 4]``)."""
+    count = 0
+    for i in range(b, min(end, info_i.shape[0])):
+        count += info_i[i, 4]
+    return count
+
+
 @jit(parallel=True)
 def _coupled_pipeline_parallel(A, width, eps, rel, n_inverse, n_power, spectral, want_sqrt, coefs, n_max, record,
                                stop_early, tol, asym_rel, sing_rel, A64, stats, probe, c, out, hist, info_i, info_f):
     """:func:`_coupled_pipeline_two` over the batch, ``width`` (1, 2 or L) matrices per thread at a
-    time: one parallel region (``coefs (n_max, 3)``, one step for every matrix, no ``k_last``)."""
+    time: one parallel region (``coefs (n_max, 3)``, one step for every matrix, no ``k_last``).
+    Returns the number of clean matrices (``info_i[:, 4]``, :func:`_pipeline_solve`)."""
     v0 = np.empty(A.shape[1])
     _inverse_start(v0)
+    n_clean = 0
     for p in prange((A.shape[0] + width - 1) // width):
         _coupled_pipeline_two(A, width * p, width, eps, rel, n_inverse, n_power, v0, spectral, want_sqrt, coefs,
                               n_max, record, stop_early, tol, asym_rel, sing_rel, A64, stats, probe, c, out, hist,
                               info_i, info_f)
+        n_clean += _count_clean(info_i, width * p, width * p + width)
+    return n_clean
 
 
 @jit
@@ -1165,6 +1180,7 @@ def _coupled_pipeline_serial(A, width, eps, rel, n_inverse, n_power, spectral, w
         _coupled_pipeline_two(A, b, width, eps, rel, n_inverse, n_power, v0, spectral, want_sqrt, coefs, n_max,
                               record, stop_early, tol, asym_rel, sing_rel, A64, stats, probe, c, out, hist, info_i,
                               info_f)
+    return _count_clean(info_i, 0, A.shape[0])
 
 
 @jit

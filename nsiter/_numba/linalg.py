@@ -10,6 +10,7 @@ and ``analysis/results/auto_cost.md`` (``analysis/bench_newton_schulz.py``,
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import numba
 import numpy as np
@@ -154,9 +155,10 @@ def _coupled_solve(A64, c, s, dtype, want, coefs, n_max, *, tol, record, stop_ea
     nb, n, _ = A64.shape
     dtype = np.dtype(dtype)
     out = np.empty((nb, n, n), dtype=dtype)
-    hist = np.full((nb, n_max if record else 1), np.nan)
-    info_i = np.zeros((nb, 4), dtype=np.int64)
-    info_f = np.zeros((nb, 1))
+    # (the kernel's threads write every entry, the unset steps of hist too: see _coupled_pipeline)
+    hist = np.empty((nb, n_max if record else 1))
+    info_i = np.empty((nb, 4), dtype=np.int64)
+    info_f = np.empty((nb, 1))
     if coefs is None:
         coefs = np.ascontiguousarray(np.broadcast_to(_classic_coefs(dtype, n_max), (nb, n_max, 3)))
     else:
@@ -186,18 +188,44 @@ def coupled_solver(n: int):
     return _coupled_solve if n <= NUMBA_MAX_N else None
 
 
+class PipelineResult(NamedTuple):
+    """The outputs of :func:`_coupled_pipeline`: those of :func:`prepare` (``A64``, ``stats``) and of
+    the probe kernel (``probe (nb, 3) = [ok, lmin, lmax]``), the scaling ``c``, the result ``out``,
+    ``clean`` (every matrix passed the driver's checks) and the solver's raw records (:meth:`solved`)."""
+
+    A64: np.ndarray
+    stats: np.ndarray
+    probe: np.ndarray
+    c: np.ndarray
+    out: np.ndarray
+    clean: bool
+    info_i: np.ndarray
+    info_f: np.ndarray
+    hist: np.ndarray
+
+    def solved(self):
+        """The result as :func:`_coupled_solve` returns it (unset for a matrix with a non-finite
+        entry or a failed Cholesky, which the driver rejects); formed on demand, so that a clean
+        batch never reads the records back from the threads that wrote them."""
+        info_i = self.info_i
+        return (self.out, info_i[:, 0], info_i[:, 1], info_i[:, 2].astype(bool), self.info_f[:, 0], self.hist,
+                info_i[:, 3].astype(bool))
+
+
 def _coupled_pipeline(A3, eps, rel, n_inverse, n_power, spectral, dtype, want, n_max, *, tol, record, stop_early,
                       asym_rel, sing_rel):
     """:func:`prepare`, :func:`probe` and :func:`_coupled_solve` (the classic step, no
     ``k_last``) in ONE Numba call per batch (``_coupled_pipeline_two``): the probe's shift
     ``delta = rel ||A64||_F`` and the scaling ``c`` (``||A64||_F``, or the clipped power
     estimate when ``spectral``) formed inside it as ``newton_schulz._delta`` / ``_scale`` form them.
-    Returns ``(A64, stats, probe, c, solved, clean)``: the outputs of :func:`prepare` (``stats``)
-    and of the probe kernel (``probe (nb, 3) = [ok, lmin, lmax]``), ``c``, ``solved`` as
-    :func:`_coupled_solve` returns it (unset for a matrix with a non-finite entry or a failed
-    Cholesky, which the driver rejects), and ``clean``: every matrix passed the driver's
-    checks, with the thresholds ``asym_rel`` (asymmetry, relative to ``max|a_ij|``) and
-    ``sing_rel`` (numerical singularity, relative to ``||A||_F``) (``_pipeline_solve``)."""
+    Returns a :class:`PipelineResult`; its ``clean``: every matrix passed the driver's checks,
+    with the thresholds ``asym_rel`` (asymmetry, relative to ``max|a_ij|``) and ``sing_rel``
+    (numerical singularity, relative to ``||A||_F``) (``_pipeline_solve``).
+
+    Every output is allocated without being written here: the kernel's threads write all of
+    it (the records too), so no cache line the main thread has just written moves to another
+    core (on the 2-core machine, zero-filling the small records first cost about 20 us a call).
+    """
     src = np.ascontiguousarray(A3)
     nb, n, _ = src.shape
     dtype = np.dtype(dtype)
@@ -206,26 +234,28 @@ def _coupled_pipeline(A3, eps, rel, n_inverse, n_power, spectral, dtype, want, n
     probe_out = np.empty((nb, 3))
     c = np.empty(nb)
     out = np.empty((nb, n, n), dtype=dtype)
-    hist = np.full((nb, n_max if record else 1), np.nan)
-    info_i = np.zeros((nb, 5), dtype=np.int64)
-    info_f = np.zeros((nb, 1))
+    hist = np.empty((nb, n_max if record else 1))
+    info_i = np.empty((nb, 5), dtype=np.int64)
+    info_f = np.empty((nb, 1))
     pool = _use_thread_pool(n, nb)
     # L matrices per step (their probes in the lanes of one vector), or two (their probes in
-    # lockstep), where that still gives every thread work; the probe's bits are the same
-    threads = numba.get_num_threads() if pool else 1
-    if n <= LANES_MAX_N and nb >= _LANES64 * threads:
+    # lockstep), where that still gives every thread work; the probe's bits are the same (the
+    # thread count is asked only where the batch could be too small for the lanes)
+    if n <= LANES_MAX_N and nb >= _LANES64 * numba.config.NUMBA_NUM_THREADS:
         width = _LANES64
-    elif not pool or nb >= PAIRED_MIN_PER_THREAD * threads:
-        width = 2
     else:
-        width = 1
-    (_coupled_pipeline_parallel if pool else _coupled_pipeline_serial)(
+        threads = numba.get_num_threads() if pool else 1
+        if n <= LANES_MAX_N and nb >= _LANES64 * threads:
+            width = _LANES64
+        elif not pool or nb >= PAIRED_MIN_PER_THREAD * threads:
+            width = 2
+        else:
+            width = 1
+    n_clean = (_coupled_pipeline_parallel if pool else _coupled_pipeline_serial)(
         src, width, float(eps), float(rel), int(n_inverse), int(n_power), bool(spectral), want == "sqrt",
         _classic_coefs(dtype, n_max), n_max, record, stop_early, float(tol or 0.0), float(asym_rel), float(sing_rel),
         A64, stats, probe_out, c, out, hist, info_i, info_f)
-    solved = (out, info_i[:, 0], info_i[:, 1], info_i[:, 2].astype(bool), info_f[:, 0], hist,
-              info_i[:, 3].astype(bool))
-    return A64, stats, probe_out, c, solved, bool(info_i[:, 4].all())
+    return PipelineResult(A64, stats, probe_out, c, out, n_clean == nb, info_i, info_f, hist)
 
 
 def coupled_pipeline(n: int):
