@@ -244,3 +244,41 @@ def test_cost_model_picks_narrow_on_strided_grids_rowshift_when_dense_and_blas_f
     assert pick((128, 128, 64, 64), 64) == "narrow"  # g2: 576 features in float32 tiles
     assert pick((8, 64, 32, 32), None, 1, "contiguous") == "rowshift"  # dense: kh times less fill
     assert pick((1, 64, 12, 12), None) == "gemm"  # 16 rows: the accumulators would dominate
+
+
+@pytest.mark.parametrize("geometry", [
+    dict(k=3, stride=3, padding=1, dilation=1, shape=(3, 5, 20, 17)),
+    dict(k=3, stride=1, padding=2, dilation=2, shape=(2, 4, 9, 11)),
+    dict(k=5, stride=2, padding=0, dilation=1, shape=(2, 3, 16, 13)),
+    dict(k=2, stride=3, padding=1, dilation=3, shape=(4, 2, 12, 12)),
+])
+def test_patch_rows_every_band_writes_the_im2col_rows(geometry):
+    """The fill of the "gemm" and "narrow" kernels, one output row per pass or bands of several,
+    over chunks that start and end inside output rows and images: every destination holds its
+    im2col value minus the column's shift, and the ones columns hold 1, in every band."""
+    from nsiter._numba import _covariance as kern
+
+    rng = np.random.default_rng(5)
+    k, s, p, d = geometry["k"], geometry["stride"], geometry["padding"], geometry["dilation"]
+    x = rng.standard_normal(geometry["shape"]).astype(np.float32)
+    n, c, h, w = x.shape
+    oh, ow = ((size + 2 * p - d * (k - 1) - 1) // s + 1 for size in (h, w))
+    X = nsiter.im2col(x, k, stride=s, padding=p, dilation=d).astype(np.float64)
+    f = c * k * k
+    rs = f + 3  # a row: the features scattered in reverse order, a ones column, two cells never written
+    order = rng.permutation(f)
+    tap_c, tap = np.divmod(order, k * k)
+    ti, tj = np.divmod(tap, k)
+    dest = f - 1 - order
+    cols = np.ascontiguousarray(np.stack([tap_c, ti, tj, dest], axis=1), dtype=np.int64)
+    shift = rng.standard_normal(f)[order]
+    ones = np.array([f], dtype=np.int64)
+    total = n * oh * ow
+    for p0, rows in ((0, total), (ow // 2 + 1, total - ow // 2 - 2), (oh * ow - 1, ow + 2)):
+        expected = np.full((rows, rs), 7.0, dtype=np.float32)
+        expected[:, dest] = (X[p0:p0 + rows, order] - shift).astype(np.float32)
+        expected[:, f] = 1.0
+        for band in (1, 2, 3, oh + 1):
+            got = np.full(rows * rs, 7.0, dtype=np.float32)
+            kern._patch_rows(x, cols, shift, ones, k, s, s, p, p, d, d, oh, ow, p0, rows, rs, band, got)
+            np.testing.assert_array_equal(got.reshape(rows, rs), expected, err_msg=f"band {band}, rows from {p0}")

@@ -12,7 +12,7 @@ from ._tiles import _gram_tiles
 
 
 @jit
-def _patch_rows(x, cols, cshift, ones, kw, sh, sw, ph, pw, dh, dw, oh, ow, p0, n_rows, rs, out):
+def _patch_rows(x, cols, cshift, ones, kw, sh, sw, ph, pw, dh, dw, oh, ow, p0, n_rows, rs, band, out):
     """Shifted patch rows ``p0 .. p0 + n_rows`` of the im2col matrix, scattered into ``out`` (1-D).
 
     ``cols (F, 4)``, ``cshift (F,)``: the columns in fill order, each ``(channel, tap row, tap
@@ -22,7 +22,21 @@ def _patch_rows(x, cols, cshift, ones, kw, sh, sw, ph, pw, dh, dw, oh, ow, p0, n
     *and* the column sums.  Serial: the "gemm" kernel calls it between BLAS products (a parallel
     fill would compete with the BLAS worker threads that keep spinning between calls), the
     "narrow" kernel once per task in each of its parallel parts.
+
+    ``band``: output rows per pass (the choice: :func:`nsiter._numba.patches._fill_plan`): one
+    (:func:`_patch_rows_by_row`, every column for one output row), or more
+    (:func:`_patch_rows_by_band`, each column for all of the band's rows at once: a column reads its
+    channel plane down the band).  The values written are the same.
     """
+    if band == 1:
+        _patch_rows_by_row(x, cols, cshift, ones, kw, sh, sw, ph, pw, dh, dw, oh, ow, p0, n_rows, rs, out)
+    else:
+        _patch_rows_by_band(x, cols, cshift, ones, kw, sh, sw, ph, pw, dh, dw, oh, ow, p0, n_rows, rs, band, out)
+
+
+@jit
+def _patch_rows_by_row(x, cols, cshift, ones, kw, sh, sw, ph, pw, dh, dw, oh, ow, p0, n_rows, rs, out):
+    """:func:`_patch_rows` one output row per pass."""
     _, _, h, w = x.shape
     n_patch = oh * ow
     n_cols = cols.shape[0]
@@ -75,8 +89,67 @@ def _patch_rows(x, cols, cshift, ones, kw, sh, sw, ph, pw, dh, dw, oh, ow, p0, n
         p += b_hi - b_lo
 
 
+@jit
+def _patch_rows_by_band(x, cols, cshift, ones, kw, sh, sw, ph, pw, dh, dw, oh, ow, p0, n_rows, rs, band, out):
+    """:func:`_patch_rows` ``band`` output rows per pass."""
+    _, nc, h, w = x.shape
+    xf = x.reshape(x.size)  # flat indices: no array view (and its reference count) per column
+    n_patch = oh * ow
+    n_cols = cols.shape[0]
+    lo_j = np.empty(kw, np.int64)
+    hi_j = np.empty(kw, np.int64)
+    for jj in range(kw):  # valid b of tap column jj: 0 <= b*sw + jj*dw - pw < w
+        lo_j[jj], hi_j[jj] = _valid_range(ow, sw, jj * dw - pw, w)
+    urs = np.uint64(rs)
+    usw = np.uint64(sw)
+    p = p0
+    p_end = p0 + n_rows
+    while p < p_end:  # the patches [q_lo, q_hi) of image n, in at most `band` output rows, per pass
+        n = p // n_patch
+        q_lo = p - n * n_patch
+        a_lo = q_lo // ow
+        q_hi = min(n_patch, q_lo + (p_end - p), (a_lo + band) * ow)
+        a_hi = (q_hi - 1) // ow + 1
+        r_img = p - p0 - q_lo  # chunk row of the image's patch 0 (may lie before the chunk)
+        for g in range(ones.shape[0]):
+            o = ones[g]
+            for q in range(q_lo, q_hi):
+                out[o + (r_img + q) * rs] = 1.0
+        for e in range(n_cols):
+            ti = cols[e, 1]
+            jj = cols[e, 2]
+            sv = cshift[e]
+            off = jj * dw - pw
+            plane = (n * nc + cols[e, 0]) * h
+            dest = cols[e, 3] + r_img * rs
+            for a in range(a_lo, a_hi):  # output row a, columns b in [b_lo, b_hi)
+                b_lo = max(q_lo - a * ow, 0)
+                b_hi = min(q_hi - a * ow, ow)
+                o = dest + a * ow * rs
+                hh = a * sh - ph + ti * dh
+                if hh < 0 or hh >= h:
+                    for b in range(b_lo, b_hi):
+                        out[o + b * rs] = -sv
+                    continue
+                lo = min(max(lo_j[jj], b_lo), b_hi)
+                hi = max(min(hi_j[jj], b_hi), lo)
+                for b in range(b_lo, lo):
+                    out[o + b * rs] = -sv
+                # unsigned indices: no wraparound checks in the loop that reads the image
+                d = np.uint64(o + lo * rs)
+                q = np.uint64((plane + hh) * w + lo * sw + off)
+                for _ in range(hi - lo):
+                    out[d] = xf[q] - sv
+                    d += urs
+                    q += usw
+                for b in range(hi, b_hi):
+                    out[o + b * rs] = -sv
+        p += q_hi - q_lo
+
+
 @jit(parallel=True)
-def _narrow_moments(x, fill_cols, cshift, ones, kw, sh, sw, ph, pw, dh, dw, oh, ow, rows, rs, gs, stacked, flush, work, tmp,
+def _narrow_moments(x, fill_cols, cshift, ones, kw, sh, sw, ph, pw, dh, dw, oh, ow, band, rows, rs, gs, stacked, flush, work,
+                    tmp,
                     acc):
     """Shifted second moments and column sums of all ``N*oh*ow`` patch rows, fill and product fused.
 
@@ -107,7 +180,7 @@ def _narrow_moments(x, fill_cols, cshift, ones, kw, sh, sw, ph, pw, dh, dw, oh, 
         for t in range(q * per_part, t_end):
             p0 = t * rows
             r = min(rows, total - p0)
-            _patch_rows(x, fill_cols, cshift, ones, kw, sh, sw, ph, pw, dh, dw, oh, ow, p0, r, rs, buf)
+            _patch_rows(x, fill_cols, cshift, ones, kw, sh, sw, ph, pw, dh, dw, oh, ow, p0, r, rs, band, buf)
             k = r * rs // cols if stacked else r  # product rows of the task (per group)
             for k0 in range(0, k, flush):  # chains of at most `flush` rows between flushes
                 k1 = min(k, k0 + flush)

@@ -47,6 +47,8 @@ _F32_ROWS = 2048  # rows per float32 chunk of patch rows (its rounding grows lik
 _F32_GEMM_ROWS = 8192  # rows per float32 product of 1-row patch matrices (fewer, larger BLAS calls)
 _F64_ROWS = 65536
 _F32_MIN_FEATURES = 64  # narrower blocks are fill-bound: their products run in float64
+_SOURCE_ORDER_MIN_FEATURES = 64  # the reference grouping fills in im2col order from this many features (_fill_plan)
+_FILL_RUN = 40  # patches of one column filled per pass, at least, in im2col order (_fill_plan)
 _DENSE_BYTES = 32 * 2**20  # one piece of padded, shifted float64 images ("shifted" kernel)
 _ROWS_BYTES = 32 * 2**20  # one piece of 1-row patch matrices ("rowshift" kernel)
 _SCRATCH_MAX = 8 * 2**20  # work buffers up to this size are kept per thread and reused
@@ -233,6 +235,23 @@ def _patch_shift(imgs: np.ndarray, g, plan: Plan):
     return shift_col, shift_col.reshape(plan.groups, plan.fb)
 
 
+def _fill_plan(base: np.ndarray, plan: Plan, ow: int) -> tuple[np.ndarray, int]:
+    """``(order, band)`` of :func:`_patch_rows` for columns with destinations ``base``: the fill
+    order of the columns and the output rows filled per pass.
+
+    im2col order (channel by channel), with bands of at least :data:`_FILL_RUN` patches (several
+    output rows on a narrow grid), so that a column reads its channel plane down the band while
+    the plane's next columns follow; but for the reference grouping with fewer than
+    :data:`_SOURCE_ORDER_MIN_FEATURES` features per group, the order of the buffer (lane by
+    lane: consecutive writes share cache lines), one output row per pass.  Measured on Table 3's
+    layers (batch 32, ``covariance_narrow.md``): with 144-576 features per group the first
+    takes 0.72-0.95x the time of the row-by-row buffer order (4 groups of 576 on an 11-patch grid:
+    bands of 4 rows, 0.57x); with 9-36 it takes 1.2-1.35x."""
+    if plan.mode == "reference" and plan.fb < _SOURCE_ORDER_MIN_FEATURES:
+        return np.argsort(base, kind="stable"), 1
+    return np.arange(base.size, dtype=np.int64), max(1, -(-_FILL_RUN // ow))
+
+
 def _fill_columns(kh: int, kw: int, base: np.ndarray, shift_col: np.ndarray, order: np.ndarray):
     """``(cols (F, 4), shift (F,))`` of :func:`_patch_rows`: im2col column ``order[e]``'s channel, tap
     row, tap column and destination ``base``, and its shift, in fill order (decoded once per call of
@@ -255,21 +274,20 @@ def _gemm_moments(imgs: np.ndarray, g, plan: Plan):
     tmp = _scratch("tmp", (plan.groups, fb1, fb1), bdt)
     acc = _scratch("acc", (plan.groups, fb1, fb1), np.float64, zero=True)
     x = np.ascontiguousarray(imgs)
-    order = np.arange(plan.n_features, dtype=np.int64)
     if stacked:  # (R, G, fb1): row stride lanes*fb1
         base = plan.grp * fb1 + plan.feat
         ones = np.arange(lanes, dtype=np.int64) * fb1 + plan.fb
-        # columns in the order of the buffer (lane by lane), so consecutive writes share cache lines
-        order = np.argsort(base, kind="stable")
+        order, band = _fill_plan(base, plan, g.ow)
         cols, cshift = _fill_columns(g.kh, g.kw, base, shift_col, order)
     for p0 in range(0, total, rows):
         r = min(rows, total - p0)
         if not stacked:  # (G, R, fb1): group stride r*fb1, row stride fb1
             base = plan.grp * (r * fb1) + plan.feat
             ones = np.arange(lanes, dtype=np.int64) * (r * fb1) + plan.fb
+            order, band = _fill_plan(base, plan, g.ow)
             cols, cshift = _fill_columns(g.kh, g.kw, base, shift_col, order)
         _patch_rows(x, cols, cshift, ones, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.oh, g.ow,
-                    p0, r, lanes * fb1 if stacked else fb1, flat)
+                    p0, r, lanes * fb1 if stacked else fb1, band, flat)
         if stacked:
             b2 = flat[: r * lanes * fb1].reshape(r * lanes, fb1)
             np.matmul(b2.T, b2, out=tmp[0])
@@ -353,12 +371,12 @@ def _narrow_gram(imgs: np.ndarray, g, plan: Plan):
                    limit=_NARROW_ACC_BYTES)
     base = plan.grp * lay.gs + plan.feat
     ones = np.arange(lanes, dtype=np.int64) * lay.gs + fb
-    order = np.argsort(base, kind="stable")  # fill in the order of the buffer: lane by lane
+    order, band = _fill_plan(base, plan, g.ow)
     cols, cshift = _fill_columns(g.kh, g.kw, base, shift_col, order)
     work = _scratch("narrow", (lay.parts, lay.rows * lay.rs if stacked else lanes * lay.gs), bdt)
     tmp = _scratch("narrow_gram", acc.shape, bdt)
     _narrow_moments(np.ascontiguousarray(imgs), cols, cshift, ones, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.oh,
-                    g.ow, lay.rows, lay.rs, lay.gs, stacked, lay.chain, work, tmp, acc)
+                    g.ow, band, lay.rows, lay.rs, lay.gs, stacked, lay.chain, work, tmp, acc)
     second = np.empty((lay.blocks, fb, fb))
     sums = np.empty((lay.blocks, fb))
     _reduce_parts(acc, fb, second, sums)
