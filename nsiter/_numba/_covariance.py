@@ -133,9 +133,10 @@ def _patch_rows_by_band(x, cols, cshift, ones, kw, sh, sw, ph, pw, dh, dw, oh, o
                     continue
                 lo = min(max(lo_j[jj], b_lo), b_hi)
                 hi = max(min(hi_j[jj], b_hi), lo)
+                # (the run of _patch_rows_by_row, written out: a shared kernel for it, called per
+                # column, took 1.17-1.29x the time of both loops)
                 for b in range(b_lo, lo):
                     out[o + b * rs] = -sv
-                # unsigned indices: no wraparound checks in the loop that reads the image
                 d = np.uint64(o + lo * rs)
                 q = np.uint64((plane + hh) * w + lo * sw + off)
                 for _ in range(hi - lo):

@@ -1145,10 +1145,10 @@ def _coupled_pipeline_two(A, b, width, eps, rel, n_inverse, n_power, v0, spectra
 
 
 @jit
-def _count_clean(info_i, b, end):
-    """How many of the matrices ``b .. end - 1`` the pipeline found clean (``info_i[:, 4]``)."""
+def _count_clean(info_i):
+    """How many matrices the pipeline found clean (``info_i[:, 4]``)."""
     count = 0
-    for i in range(b, min(end, info_i.shape[0])):
+    for i in range(info_i.shape[0]):
         count += info_i[i, 4]
     return count
 
@@ -1161,13 +1161,11 @@ def _coupled_pipeline_parallel(A, width, eps, rel, n_inverse, n_power, spectral,
     Returns the number of clean matrices (``info_i[:, 4]``, :func:`_pipeline_solve`)."""
     v0 = np.empty(A.shape[1])
     _inverse_start(v0)
-    n_clean = 0
     for p in prange((A.shape[0] + width - 1) // width):
         _coupled_pipeline_two(A, width * p, width, eps, rel, n_inverse, n_power, v0, spectral, want_sqrt, coefs,
                               n_max, record, stop_early, tol, asym_rel, sing_rel, A64, stats, probe, c, out, hist,
                               info_i, info_f)
-        n_clean += _count_clean(info_i, width * p, width * p + width)
-    return n_clean
+    return _count_clean(info_i)
 
 
 @jit
@@ -1180,7 +1178,7 @@ def _coupled_pipeline_serial(A, width, eps, rel, n_inverse, n_power, spectral, w
         _coupled_pipeline_two(A, b, width, eps, rel, n_inverse, n_power, v0, spectral, want_sqrt, coefs, n_max,
                               record, stop_early, tol, asym_rel, sing_rel, A64, stats, probe, c, out, hist, info_i,
                               info_f)
-    return _count_clean(info_i, 0, A.shape[0])
+    return _count_clean(info_i)
 
 
 @jit

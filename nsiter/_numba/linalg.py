@@ -240,17 +240,15 @@ def _coupled_pipeline(A3, eps, rel, n_inverse, n_power, spectral, dtype, want, n
     pool = _use_thread_pool(n, nb)
     # L matrices per step (their probes in the lanes of one vector), or two (their probes in
     # lockstep), where that still gives every thread work; the probe's bits are the same (the
-    # thread count is asked only where the batch could be too small for the lanes)
-    if n <= LANES_MAX_N and nb >= _LANES64 * numba.config.NUMBA_NUM_THREADS:
+    # thread count is asked only where the batch could be too small for the lanes at the most)
+    most = numba.config.NUMBA_NUM_THREADS
+    threads = (most if nb >= _LANES64 * most else numba.get_num_threads()) if pool else 1
+    if n <= LANES_MAX_N and nb >= _LANES64 * threads:
         width = _LANES64
+    elif not pool or nb >= PAIRED_MIN_PER_THREAD * threads:
+        width = 2
     else:
-        threads = numba.get_num_threads() if pool else 1
-        if n <= LANES_MAX_N and nb >= _LANES64 * threads:
-            width = _LANES64
-        elif not pool or nb >= PAIRED_MIN_PER_THREAD * threads:
-            width = 2
-        else:
-            width = 1
+        width = 1
     n_clean = (_coupled_pipeline_parallel if pool else _coupled_pipeline_serial)(
         src, width, float(eps), float(rel), int(n_inverse), int(n_power), bool(spectral), want == "sqrt",
         _classic_coefs(dtype, n_max), n_max, record, stop_early, float(tol or 0.0), float(asym_rel), float(sing_rel),

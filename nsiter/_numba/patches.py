@@ -235,9 +235,9 @@ def _patch_shift(imgs: np.ndarray, g, plan: Plan):
     return shift_col, shift_col.reshape(plan.groups, plan.fb)
 
 
-def _fill_plan(base: np.ndarray, plan: Plan, ow: int) -> tuple[np.ndarray, int]:
-    """``(order, band)`` of :func:`_patch_rows` for columns with destinations ``base``: the fill
-    order of the columns and the output rows filled per pass.
+def _fill_plan(plan: Plan, ow: int) -> tuple[np.ndarray, int]:
+    """``(order, band)`` of :func:`_patch_rows`: the fill order of the im2col columns and the output
+    rows filled per pass.
 
     im2col order (channel by channel), with bands of at least :data:`_FILL_RUN` patches (several
     output rows on a narrow grid), so that a column reads its channel plane down the band while
@@ -248,8 +248,8 @@ def _fill_plan(base: np.ndarray, plan: Plan, ow: int) -> tuple[np.ndarray, int]:
     takes 0.72-0.95x the time of the row-by-row buffer order (4 groups of 576 on an 11-patch grid:
     bands of 4 rows, 0.57x); with 9-36 it takes 1.2-1.35x."""
     if plan.mode == "reference" and plan.fb < _SOURCE_ORDER_MIN_FEATURES:
-        return np.argsort(base, kind="stable"), 1
-    return np.arange(base.size, dtype=np.int64), max(1, -(-_FILL_RUN // ow))
+        return np.lexsort((plan.feat, plan.grp)), 1  # by group, then feature: the buffer's order
+    return np.arange(plan.n_features, dtype=np.int64), max(1, -(-_FILL_RUN // ow))
 
 
 def _fill_columns(kh: int, kw: int, base: np.ndarray, shift_col: np.ndarray, order: np.ndarray):
@@ -274,17 +274,16 @@ def _gemm_moments(imgs: np.ndarray, g, plan: Plan):
     tmp = _scratch("tmp", (plan.groups, fb1, fb1), bdt)
     acc = _scratch("acc", (plan.groups, fb1, fb1), np.float64, zero=True)
     x = np.ascontiguousarray(imgs)
+    order, band = _fill_plan(plan, g.ow)
     if stacked:  # (R, G, fb1): row stride lanes*fb1
         base = plan.grp * fb1 + plan.feat
         ones = np.arange(lanes, dtype=np.int64) * fb1 + plan.fb
-        order, band = _fill_plan(base, plan, g.ow)
         cols, cshift = _fill_columns(g.kh, g.kw, base, shift_col, order)
     for p0 in range(0, total, rows):
         r = min(rows, total - p0)
         if not stacked:  # (G, R, fb1): group stride r*fb1, row stride fb1
             base = plan.grp * (r * fb1) + plan.feat
             ones = np.arange(lanes, dtype=np.int64) * (r * fb1) + plan.fb
-            order, band = _fill_plan(base, plan, g.ow)
             cols, cshift = _fill_columns(g.kh, g.kw, base, shift_col, order)
         _patch_rows(x, cols, cshift, ones, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.oh, g.ow,
                     p0, r, lanes * fb1 if stacked else fb1, band, flat)
@@ -371,7 +370,7 @@ def _narrow_gram(imgs: np.ndarray, g, plan: Plan):
                    limit=_NARROW_ACC_BYTES)
     base = plan.grp * lay.gs + plan.feat
     ones = np.arange(lanes, dtype=np.int64) * lay.gs + fb
-    order, band = _fill_plan(base, plan, g.ow)
+    order, band = _fill_plan(plan, g.ow)
     cols, cshift = _fill_columns(g.kh, g.kw, base, shift_col, order)
     work = _scratch("narrow", (lay.parts, lay.rows * lay.rs if stacked else lanes * lay.gs), bdt)
     tmp = _scratch("narrow_gram", acc.shape, bdt)
